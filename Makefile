@@ -1,0 +1,32 @@
+# The two commands of README.md: `make run` (default workflow) and `make test`.
+# Both build .venv first when it is missing or requirements changed.
+VENV ?= .venv
+STAMP := $(VENV)/.tunesmith-installed
+CORES ?= 1
+GPUS ?= 1
+
+.PHONY: setup run test test-fast report dag clean
+
+$(STAMP): requirements.txt tools/setup_env.sh pyproject.toml
+	bash tools/setup_env.sh $(VENV)
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/snakemake --cores $(CORES) --resources gpu=$(GPUS) --workflow-profile workflow/profiles/local
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/python -m pytest -ra tests
+
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/python -m pytest -ra -m "not slow and not slurm" tests
+
+report: $(STAMP)
+	$(VENV)/bin/snakemake --report report.html
+
+dag: $(STAMP)
+	$(VENV)/bin/snakemake --rulegraph | dot -Tsvg > docs/rulegraph.svg
+
+clean:
+	rm -rf results logs benchmarks mlflow.db mlflow.db.lock mlartifacts report.html

@@ -1,0 +1,29 @@
+# tunesmith: recipe -> curated data -> fine-tuned, evaluated, quantized model, tracked in MLflow.
+# Run:  snakemake --cores 1 --resources gpu=1      (see README.md)
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/export.smk"
+
+
+rule all:
+    input:
+        final_targets(),
+    default_target: True
+
+
+onsuccess:
+    close_tracking("FINISHED")
+
+
+onerror:
+    close_tracking("FAILED")

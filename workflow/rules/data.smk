@@ -1,0 +1,166 @@
+# Data curation: download -> tokenize_count -> filter -> dedupe -> select -> format.
+# All CPU rules; outputs under results/{recipe}/data/.
+
+
+rule prepare_model:
+    """Bring a base model to resources/models/<slug> as safetensors (hub snapshot, local dir, or a GGUF converted once)."""
+    output:
+        directory("resources/models/{model}"),
+    params:
+        model=prepare_model_params,
+        offline=CFG["offline"],
+    log:
+        "logs/models/{model}.log",
+    benchmark:
+        "benchmarks/models/{model}.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    conda:
+        "../../envs/data.yaml"
+    script:
+        "../../scripts/prepare_model.py"
+
+
+rule download:
+    """Read the dataset (local file, URL or hub id) and map its columns onto canonical rows."""
+    output:
+        raw=f"{RESULTS}/{{recipe}}/data/raw.parquet",
+        source=f"{RESULTS}/{{recipe}}/data/source.json",
+    params:
+        section=stage_params("dataset"),
+        offline=CFG["offline"],
+        recipe="{recipe}",
+    log:
+        "logs/{recipe}/download.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../../envs/data.yaml"
+    script:
+        "../../scripts/download.py"
+
+
+rule tokenize_count:
+    """Count instruction, output and combined tokens with the model's fast tokenizer, in batches."""
+    input:
+        raw=rules.download.output.raw,
+        tokenizer=tokenizer_input,
+    output:
+        counts=f"{RESULTS}/{{recipe}}/data/token_counts.parquet",
+        stats=f"{RESULTS}/{{recipe}}/data/token_stats.json",
+        hist=report(f"{RESULTS}/{{recipe}}/data/token_hist.png", caption="../report/token_hist.rst", category="Data", subcategory="{recipe}"),
+    params:
+        section=stage_params("tokenize"),
+        recipe="{recipe}",
+    log:
+        "logs/{recipe}/tokenize_count.log",
+    benchmark:
+        "benchmarks/{recipe}/tokenize_count.tsv"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../../envs/data.yaml"
+    script:
+        "../../scripts/tokenize_count.py"
+
+
+rule filter:
+    """Drop empty, too short, too long and regex-matched rows; count every drop by reason."""
+    input:
+        raw=rules.download.output.raw,
+        counts=rules.tokenize_count.output.counts,
+    output:
+        filtered=f"{RESULTS}/{{recipe}}/data/filtered.parquet",
+        report=f"{RESULTS}/{{recipe}}/data/filter_report.json",
+    params:
+        section=stage_params("filter"),
+        recipe="{recipe}",
+    log:
+        "logs/{recipe}/filter.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=20,
+    conda:
+        "../../envs/data.yaml"
+    script:
+        "../../scripts/filter.py"
+
+
+rule dedupe:
+    """Exact then near-duplicate removal (sentence-transformers embeddings + faiss inner product)."""
+    input:
+        filtered=rules.filter.output.filtered,
+    output:
+        deduped=f"{RESULTS}/{{recipe}}/data/deduped.parquet",
+        report=f"{RESULTS}/{{recipe}}/data/dedupe_report.json",
+        hist=report(f"{RESULTS}/{{recipe}}/data/dedupe_sim_hist.png", caption="../report/dedupe_sim_hist.rst", category="Data", subcategory="{recipe}"),
+    params:
+        section=stage_params("dedupe"),
+        offline=CFG["offline"],
+        recipe="{recipe}",
+    log:
+        "logs/{recipe}/dedupe.log",
+    benchmark:
+        "benchmarks/{recipe}/dedupe.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    conda:
+        "../../envs/data.yaml"
+    script:
+        "../../scripts/dedupe.py"
+
+
+rule select:
+    """Keep all rows, the top-k longest, or a seeded random k."""
+    input:
+        deduped=rules.dedupe.output.deduped,
+    output:
+        selected=f"{RESULTS}/{{recipe}}/data/selected.parquet",
+        report=f"{RESULTS}/{{recipe}}/data/select_report.json",
+    params:
+        section=stage_params("select"),
+        recipe="{recipe}",
+    log:
+        "logs/{recipe}/select.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../../envs/data.yaml"
+    script:
+        "../../scripts/select.py"
+
+
+rule format:
+    """Render prompt/completion conversations with the chosen chat template; split off a held-out set."""
+    input:
+        selected=rules.select.output.selected,
+        tokenizer=base_model_input,
+    output:
+        train=f"{RESULTS}/{{recipe}}/data/train.jsonl",
+        eval=f"{RESULTS}/{{recipe}}/data/eval.jsonl",
+        preview=f"{RESULTS}/{{recipe}}/data/preview.txt",
+        template=f"{RESULTS}/{{recipe}}/data/chat_template.jinja",
+    params:
+        section=stage_params("format", "model"),
+        recipe="{recipe}",
+    log:
+        "logs/{recipe}/format.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../../envs/data.yaml"
+    script:
+        "../../scripts/format.py"

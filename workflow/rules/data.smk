@@ -5,7 +5,7 @@
 rule prepare_model:
     """Bring a base model to resources/models/<slug> as safetensors (hub snapshot, local dir, or a GGUF converted once)."""
     output:
-        directory("resources/models/{model}"),
+        model=directory("resources/models/{model}"),
     params:
         model=prepare_model_params,
         offline=CFG["offline"],

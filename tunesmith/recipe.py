@@ -59,20 +59,25 @@ def validate(data: Any, schema_name: str, source: str) -> None:
         raise RecipeError(f"{source} is not a valid {schema_name}:\n{lines}")
 
 
+def _resolve(schema: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
+    if "$ref" not in schema:
+        return schema
+    target: Any = root
+    for part in schema["$ref"].removeprefix("#/").split("/"):
+        target = target[part]
+    return {**target, **{k: v for k, v in schema.items() if k != "$ref"}}
+
+
 def fill_defaults(data: dict[str, Any], schema: dict[str, Any], root: dict[str, Any] | None = None) -> dict[str, Any]:
     """Return a copy of data with every missing key set to the schema's default, recursively."""
     root = root or schema
-    if "$ref" in schema:
-        ref = schema["$ref"].removeprefix("#/")
-        target = root
-        for part in ref.split("/"):
-            target = target[part]
-        schema = {**target, **{k: v for k, v in schema.items() if k != "$ref"}}
+    schema = _resolve(schema, root)
     out = copy.deepcopy(data)
     for key, sub in schema.get("properties", {}).items():
+        sub = _resolve(sub, root)
         if key not in out and "default" in sub:
             out[key] = copy.deepcopy(sub["default"])
-        if isinstance(out.get(key), dict) and ("properties" in sub or "$ref" in sub):
+        if isinstance(out.get(key), dict) and "properties" in sub:
             out[key] = fill_defaults(out[key], sub, root)
     return out
 

@@ -1,0 +1,135 @@
+"""Recipes and config.yaml: every shipped recipe validates and plans; bad ones stop before any
+job runs, with the file and key named."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tunesmith.errors import RecipeError
+from tunesmith.recipe import load_config, load_recipe, variants
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
+
+
+def test_five_seed_recipes_and_the_default_ship():
+    names = {p.stem for p in RECIPES}
+    assert {"platypus-llama2-qlora", "alpaca-gpt2-lora", "dolly-pirate-llama3.2-unsloth",
+            "scratch-llama", "gsm8k-smollm2-lora", "demo-reverse-lora"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert recipe["name"] == path.stem
+    # Defaults are filled from the schema, so every stage can index its section directly.
+    assert recipe["train"]["args"]["seed"] is not None
+    assert recipe["dedupe"]["threshold"] > 0
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_header_says_how_to_run_it(path):
+    head = path.read_text().splitlines()[:8]
+    assert head[0].startswith(f"# {path.stem}")
+    assert any("snakemake" in line for line in head), "header comment must give the command"
+
+
+def test_default_config_validates_and_names_existing_recipes():
+    cfg = load_config(REPO / "config.yaml")
+    for name in cfg["recipes"]:
+        assert (REPO / "recipes" / f"{name}.yaml").is_file()
+
+
+def _write(tmp_path, data) -> Path:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_unknown_key_is_named_with_a_suggestion(tmp_path):
+    path = _write(tmp_path, {"dataset": {"source": "x.jsonl"}, "train": {"lora": {"rr": 8}}})
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    msg = str(err.value)
+    assert str(path) in msg and "train.lora.rr" in msg and "did you mean 'r'" in msg
+
+
+def test_wrong_type_is_named(tmp_path):
+    path = _write(tmp_path, {"dataset": {"source": "x.jsonl"}, "train": {"args": {"learning_rate": "fast"}}})
+    with pytest.raises(RecipeError, match=r"train\.args\.learning_rate.*number"):
+        load_recipe(path)
+
+
+def test_bad_enum_lists_allowed_values(tmp_path):
+    path = _write(tmp_path, {"dataset": {"source": "x.jsonl"}, "train": {"method": "qlorax"}})
+    with pytest.raises(RecipeError, match=r"train\.method.*full, lora, qlora, unsloth"):
+        load_recipe(path)
+
+
+def test_missing_dataset_source_is_named(tmp_path):
+    path = _write(tmp_path, {"kind": "sft"})
+    with pytest.raises(RecipeError, match=r"dataset\.source.*required"):
+        load_recipe(path)
+
+
+def test_trust_remote_code_needs_a_reason(tmp_path):
+    path = _write(tmp_path, {"dataset": {"source": "x.jsonl"}, "model": {"trust_remote_code": True}})
+    with pytest.raises(RecipeError, match="trust_remote_code_reason"):
+        load_recipe(path)
+
+
+def test_sweep_expands_into_named_variants(tmp_path):
+    path = _write(tmp_path, {"dataset": {"source": "x.jsonl"},
+                             "sweep": {"train.lora.r": [8, 16], "train.args.learning_rate": [0.0001, 0.0002]}})
+    out = variants(load_recipe(path))
+    assert len(out) == 4
+    assert out["learning_rate-0.0001__r-16"]["train"]["lora"]["r"] == 16
+
+
+def test_sweep_key_outside_train_is_refused(tmp_path):
+    path = _write(tmp_path, {"dataset": {"source": "x.jsonl"}, "sweep": {"dedupe.threshold": [0.9]}})
+    with pytest.raises(RecipeError, match="dedupe.threshold"):
+        load_recipe(path)
+
+
+def _snakemake(*args, cwd=REPO):
+    return subprocess.run([SNAKEMAKE, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_bad_recipe_stops_the_workflow_before_any_job(tmp_path):
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "broken.yaml").write_text("dataset:\n  source: x.jsonl\nfilter:\n  max_tokenz: 5\n")
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump({"recipes": ["broken"], "recipes_dir": str(recipes)}))
+    proc = _snakemake("-n", "--configfile", str(cfg), "--directory", str(tmp_path),
+                      "--snakefile", str(REPO / "Snakefile"))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "broken.yaml" in out and "filter.max_tokenz" in out and "did you mean 'max_tokens'" in out
+    assert "jobid" not in out  # nothing was scheduled
+
+
+def test_bad_config_key_stops_the_workflow(tmp_path):
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump({"recipes": ["demo-reverse-lora"], "trackin": {"uri": None}}))
+    proc = _snakemake("-n", "--configfile", str(cfg))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "trackin" in out and "did you mean 'tracking'" in out
+
+
+def test_dry_run_plans_every_recipe():
+    names = ",".join(p.stem for p in RECIPES)
+    proc = _snakemake("-n", "--cores", "1", "--config", f"recipes=[{names}]")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for path in RECIPES:
+        assert f"results/{path.stem}/" in proc.stdout
+    for rule in ("download", "tokenize_count", "filter", "dedupe", "select", "format", "train",
+                 "merge", "evaluate", "quantize", "train_tokenizer", "pretrain"):
+        assert f"rule {rule}:" in proc.stdout or f"localrule {rule}:" in proc.stdout, rule

@@ -1,0 +1,81 @@
+"""The whole default workflow through snakemake on CPU, offline: every stage runs for real and
+its outcome is checked (rows removed, loss down, tuned beats base, GGUFs load), not just files."""
+
+from __future__ import annotations
+
+import pytest
+
+from workflow_helpers import failure_text, make_workdir, mlflow_runs, read_json, snakemake, write_config
+
+pytestmark = pytest.mark.slow
+RECIPE = "demo-reverse-lora"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    work = make_workdir(tmp_path_factory.mktemp("default"))
+    config = write_config(work, {"recipes": [RECIPE]})
+    proc = snakemake(work, config)
+    assert proc.returncode == 0, failure_text(proc, work)
+    return work, config
+
+
+def test_data_stages_remove_planted_rows_and_reports_add_up(run):
+    work, _ = run
+    data = work / "results" / RECIPE / "data"
+    source = read_json(data / "source.json")
+    filt = read_json(data / "filter_report.json")
+    assert filt["rows_in"] == source["rows"]
+    assert filt["rows_in"] == filt["rows_out"] + sum(filt["dropped"].values())
+    assert filt["rows_out"] < filt["rows_in"]  # the demo file plants empty and over-long rows
+    dedupe = read_json(data / "dedupe_report.json")
+    assert dedupe["rows_in"] == filt["rows_out"]
+    assert dedupe["exact_removed"] > 0 and dedupe["near_removed"] > 0
+    assert (data / "token_hist.png").read_bytes()[:4] == b"\x89PNG"
+    assert "<|im_start|>assistant" in (data / "preview.txt").read_text()
+
+
+def test_training_lowers_the_loss_and_merge_is_exact(run):
+    work, _ = run
+    out = work / "results" / RECIPE / "main"
+    metrics = read_json(out / "train" / "metrics.json")
+    history = metrics["loss_history"]
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert read_json(out / "merge" / "merge_check.json")["passed"] is True
+    assert (out / "merge" / "samples.txt").read_text().strip()
+
+
+def test_tuned_model_beats_base_on_heldout_task(run):
+    work, _ = run
+    compare = read_json(work / "results" / RECIPE / "main" / "eval" / "compare.json")
+    heldout = compare["tasks"]["heldout"]
+    assert heldout["tuned"] > heldout["base"] + 0.2, heldout
+
+
+def test_every_gguf_loads_and_generates(run):
+    work, _ = run
+    report = read_json(work / "results" / RECIPE / "main" / "gguf" / "report.json")
+    files = report["files"]
+    assert {"F16", "Q8_0", "Q4_K_M"} <= set(files)
+    for name, info in files.items():
+        assert info["size_bytes"] > 1_000_000, name
+        assert info["smoke_text"].strip(), name
+        assert info["tokenization_agreement"] >= 0.99, name
+
+
+def test_mlflow_holds_one_parent_with_a_child_per_stage(run):
+    work, _ = run
+    runs = [r for r in mlflow_runs(work / "mlflow.db") if r["experiment"] == RECIPE]
+    parents = [r for r in runs if r["tags"].get("tunesmith.role") == "parent"]
+    assert len(parents) == 1
+    children = {r["tags"]["tunesmith.stage"] for r in runs
+                if r["tags"].get("mlflow.parentRunId") == parents[0]["run_id"]}
+    assert {"download", "tokenize_count", "filter", "dedupe", "select", "format", "train", "merge",
+            "quantize", "evaluate_base", "evaluate"} <= children
+
+
+def test_rerun_has_nothing_to_do(run):
+    work, config = run
+    proc = snakemake(work, config, "-n")
+    assert proc.returncode == 0
+    assert "Nothing to be done" in proc.stdout + proc.stderr

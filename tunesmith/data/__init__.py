@@ -1,0 +1,8 @@
+"""The data half of tunesmith: download -> tokenize_count -> filter -> dedupe -> select -> format.
+
+Each module holds plain typed functions over pandas DataFrames of canonical rows (see
+tunesmith.data.load for the schema); the thin entries in scripts/ do the file and MLflow work.
+"""
+
+CANONICAL_COLUMNS = ("id", "instruction", "input", "output", "system", "messages", "text")
+COUNT_COLUMNS = ("n_instruction_tokens", "n_output_tokens", "n_tokens")

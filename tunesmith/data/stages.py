@@ -1,0 +1,144 @@
+"""The data stages as functions of paths: read inputs, do the work, write outputs atomically,
+return the stage's figures. scripts/<rule>.py wraps each in MLflow tracking; bench/ and tests
+call them directly.
+
+Every function returns metrics with ``load_seconds`` (tokenizer / model load) and
+``work_seconds`` (the rest), so start-up and work can be told apart.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+
+from tunesmith import fileio
+from tunesmith.data import dedupe as dedupe_mod
+from tunesmith.data import filters, formatting, load, plots, tokens
+from tunesmith.data import select as select_mod
+
+log = logging.getLogger("tunesmith.data")
+
+
+def download(section: dict[str, Any], raw_path: str, source_path: str, *, offline: bool,
+             cache_dir: str = "resources/downloads") -> dict[str, Any]:
+    started = time.perf_counter()
+    loaded = load.load(section, offline=offline, cache_dir=cache_dir)
+    fileio.write_parquet(raw_path, loaded.frame)
+    info = dict(loaded.info)
+    info["raw_sha256"] = load.sha256_file(raw_path)
+    fileio.write_json(source_path, info)
+    skipped = info["skipped"]
+    log.info("download: %d rows from %s (%d skipped: %s)", info["rows"], info["origin"], skipped["count"],
+             skipped["by_reason"])
+    metrics = {"rows_in": info["records_read"], "rows_out": info["rows"], "skipped": skipped["count"],
+               **{f"skipped_{k}": v for k, v in skipped["by_reason"].items()},
+               "load_seconds": 0.0, "work_seconds": time.perf_counter() - started}
+    return metrics
+
+
+def tokenize_count(raw_path: str, tokenizer_dir: str, section: dict[str, Any], counts_path: str,
+                   stats_path: str, hist_path: str, *, tokenizer: Any = None, recipe: str = "") -> dict[str, Any]:
+    t0 = time.perf_counter()
+    tok = tokenizer if tokenizer is not None else tokens.load_tokenizer(tokenizer_dir)
+    t1 = time.perf_counter()
+    frame = load.read_rows(raw_path)
+    t2 = time.perf_counter()
+    counts = tokens.count_frame(frame, tok, section.get("batch_size", 1000), progress=len(frame) > 50_000)
+    count_seconds = time.perf_counter() - t2
+    stats = tokens.stats(counts)
+    stats["tokenizer"] = str(tokenizer_dir)
+    stats["count_seconds"] = round(count_seconds, 4)
+    stats["rows_per_s"] = round(len(frame) / count_seconds, 1) if count_seconds else None
+    stats["tokens_per_s"] = round(int(counts["n_tokens"].sum()) / count_seconds, 1) if count_seconds else None
+    fileio.write_parquet(counts_path, counts)
+    fileio.write_json(stats_path, stats)
+    plots.token_histogram({"instruction + input": counts["n_instruction_tokens"].to_numpy(),
+                           "output": counts["n_output_tokens"].to_numpy(),
+                           "combined": counts["n_tokens"].to_numpy()}, hist_path,
+                          title=f"{recipe} token counts ({Path(str(tokenizer_dir)).name} tokenizer)".strip())
+    log.info("tokenize_count: %d rows, %d tokens in %.2f s", len(frame), stats["combined"]["sum"], count_seconds)
+    return {"rows_in": len(frame), "rows_out": len(frame), "tokens": stats["combined"]["sum"],
+            "tokens_instruction": stats["instruction"]["sum"], "tokens_output": stats["output"]["sum"],
+            "tokens_p95": stats["combined"]["p95"], "tokens_max": stats["combined"]["max"],
+            "count_seconds": count_seconds, "rows_per_s": stats["rows_per_s"] or 0,
+            "tokens_per_s": stats["tokens_per_s"] or 0,
+            "load_seconds": t1 - t0, "work_seconds": time.perf_counter() - t1}
+
+
+def filter_rows(raw_path: str, counts_path: str, section: dict[str, Any], out_path: str,
+                report_path: str) -> dict[str, Any]:
+    started = time.perf_counter()
+    import pandas as pd
+
+    frame = tokens.attach_counts(load.read_rows(raw_path), pd.read_parquet(counts_path))
+    kept, report = filters.apply(frame, section)
+    fileio.write_parquet(out_path, kept)
+    fileio.write_json(report_path, {**report, "settings": section})
+    log.info("filter: %d -> %d rows; drops %s", report["rows_in"], report["rows_out"], report["drops"])
+    return {"rows_in": report["rows_in"], "rows_out": report["rows_out"], "dropped": report["dropped"],
+            **{f"drop_{k.replace(':', '_')}": v for k, v in report["drops"].items()},
+            "tokens": report["tokens_out"], "load_seconds": 0.0, "work_seconds": time.perf_counter() - started}
+
+
+def dedupe(in_path: str, section: dict[str, Any], out_path: str, report_path: str, hist_path: str, *,
+           offline: bool, model: Any = None, recipe: str = "") -> dict[str, Any]:
+    started = time.perf_counter()
+    frame = load.read_rows(in_path)
+    kept, report, nn_sim = dedupe_mod.run(frame, section, offline=offline, model=model,
+                                          progress=len(frame) > 2000)
+    fileio.write_parquet(out_path, kept)
+    fileio.write_json(report_path, {**report, "settings": section})
+    plots.similarity_histogram(nn_sim, report["threshold"] if section.get("near", True) else None, hist_path,
+                               title=f"{recipe} {report['field']} nearest-neighbour similarity".strip())
+    load_seconds = report.get("model_load_seconds", 0.0)
+    log.info("dedupe: %d -> %d rows (exact %d, near %d at %.2f)", report["rows_in"], report["rows_out"],
+             report["exact_removed"], report["near_removed"], report["threshold"])
+    return {"rows_in": report["rows_in"], "rows_out": report["rows_out"],
+            "exact_removed": report["exact_removed"], "near_removed": report["near_removed"],
+            "threshold": report["threshold"], "embed_seconds": report.get("embed_seconds", 0.0),
+            "embed_rows_per_s": report.get("embed_rows_per_s") or 0.0,
+            "search_seconds": report.get("search_seconds", 0.0), "tokens": int(kept["n_tokens"].sum()),
+            "load_seconds": load_seconds, "work_seconds": time.perf_counter() - started - load_seconds}
+
+
+def select(in_path: str, section: dict[str, Any], out_path: str, report_path: str) -> dict[str, Any]:
+    started = time.perf_counter()
+    frame = load.read_rows(in_path)
+    kept, report = select_mod.apply(frame, section)
+    fileio.write_parquet(out_path, kept)
+    fileio.write_json(report_path, report)
+    log.info("select (%s): %d -> %d rows", report["strategy"], report["rows_in"], report["rows_out"])
+    return {"rows_in": report["rows_in"], "rows_out": report["rows_out"], "tokens": report["tokens_out"],
+            "load_seconds": 0.0, "work_seconds": time.perf_counter() - started}
+
+
+def format_rows(in_path: str, tokenizer_dir: str, section: dict[str, Any], train_path: str, eval_path: str,
+                preview_path: str, template_path: str, *, tokenizer: Any = None) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    tok = tokenizer if tokenizer is not None else tokens.load_tokenizer(tokenizer_dir)
+    t1 = time.perf_counter()
+    frame = load.read_rows(in_path)
+    if (frame["text"].astype(bool) & (frame["instruction"] == "")).all() and len(frame):
+        from tunesmith.errors import DataError
+
+        raise DataError(f"{in_path}: rows are raw text (dataset.schema: text); format makes conversations "
+                        f"and needs the instruction or messages schema")
+    template = formatting.resolve_template(section, tok, tokenizer_dir)
+    label = section.get("template", "model")
+    end_token = formatting.check_end_of_turn(tok, template, label, tokenizer_dir)
+    train, evals = formatting.build(frame, section)
+    fileio.write_jsonl(train_path, train)
+    fileio.write_jsonl(eval_path, evals)
+    fileio.write_text(template_path, template)
+    header = (f"# template: {label}; end of assistant turn: {end_token!r}; {len(train)} train rows, "
+              f"{len(evals)} eval rows\n# Each example is the exact text the model sees; the loss falls on the "
+              f"part between {formatting.COMPLETION_START} and {formatting.COMPLETION_END} (markers not part of "
+              f"the text).\n\n")
+    fileio.write_text(preview_path, header + formatting.preview(tok, template, train, section.get("preview_rows", 3)))
+    log.info("format: %d train, %d eval rows with template %s", len(train), len(evals), label)
+    return {"rows_in": len(frame), "rows_train": len(train), "rows_eval": len(evals),
+            "multi_turn_rows": int(sum(len(r["prompt"]) > 2 for r in train + evals)),
+            "load_seconds": t1 - t0, "work_seconds": time.perf_counter() - t1}

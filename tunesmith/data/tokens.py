@@ -1,0 +1,97 @@
+"""Token counts per row with the model's fast tokenizer, in batches.
+
+The prompt side counted as ``n_instruction_tokens`` is the instruction plus the input (joined
+by a blank line, as format renders them); ``n_output_tokens`` counts the output; ``n_tokens``
+is their sum. Counts exclude special tokens and the chat template's framing.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from tunesmith.errors import DataError
+
+log = logging.getLogger("tunesmith.data.tokens")
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """A fast (Rust) tokenizer from a local model folder."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:  # noqa: BLE001 - name the folder, not transformers' internals
+        raise DataError(f"could not load a tokenizer from {path}: {type(exc).__name__}: {exc}") from None
+    if not getattr(tok, "is_fast", False):
+        raise DataError(f"{path}: the tokenizer is not a fast (Rust) tokenizer; batched counting needs one "
+                        f"(a tokenizer.json file)")
+    return tok
+
+
+def backend(tokenizer: Any) -> Any:
+    """The Rust `tokenizers.Tokenizer` behind a transformers fast tokenizer (or the object itself)."""
+    return getattr(tokenizer, "backend_tokenizer", tokenizer)
+
+
+def prompt_texts(frame: pd.DataFrame) -> list[str]:
+    """instruction + blank line + input (when there is an input), per row."""
+    return [f"{i}\n\n{x}" if x else i for i, x in zip(frame["instruction"].tolist(), frame["input"].tolist())]
+
+
+def count_tokens(texts: Sequence[str], tokenizer: Any, batch_size: int = 1000, progress: bool = False) -> np.ndarray:
+    """Token count of each text. One Rust call per batch (encode_batch_fast skips offsets)."""
+    rust = backend(tokenizer)
+    encode = getattr(rust, "encode_batch_fast", None) or rust.encode_batch
+    out = np.zeros(len(texts), dtype=np.int64)
+    starts = range(0, len(texts), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="tokenize", unit="batch", mininterval=2)
+    for start in starts:
+        batch = list(texts[start:start + batch_size])
+        encodings = encode(batch, add_special_tokens=False)
+        out[start:start + len(batch)] = [len(e.ids) for e in encodings]
+    return out
+
+
+def count_frame(frame: pd.DataFrame, tokenizer: Any, batch_size: int = 1000, progress: bool = False) -> pd.DataFrame:
+    """id + n_instruction_tokens + n_output_tokens + n_tokens for canonical rows."""
+    n_in = count_tokens(prompt_texts(frame), tokenizer, batch_size, progress)
+    n_out = count_tokens(frame["output"].tolist(), tokenizer, batch_size, progress)
+    return pd.DataFrame({"id": frame["id"].to_numpy(), "n_instruction_tokens": n_in,
+                         "n_output_tokens": n_out, "n_tokens": n_in + n_out})
+
+
+def field_stats(values: np.ndarray) -> dict[str, float]:
+    if len(values) == 0:
+        return {"min": 0, "median": 0, "p95": 0, "max": 0, "mean": 0, "sum": 0}
+    return {"min": int(values.min()), "median": float(np.median(values)),
+            "p95": round(float(np.percentile(values, 95)), 2), "max": int(values.max()),
+            "mean": round(float(values.mean()), 2), "sum": int(values.sum())}
+
+
+def stats(counts: pd.DataFrame) -> dict[str, Any]:
+    """min/median/p95/max (+ mean, sum) per field."""
+    return {"rows": len(counts),
+            "instruction": field_stats(counts["n_instruction_tokens"].to_numpy()),
+            "output": field_stats(counts["n_output_tokens"].to_numpy()),
+            "combined": field_stats(counts["n_tokens"].to_numpy())}
+
+
+def attach_counts(frame: pd.DataFrame, counts: pd.DataFrame) -> pd.DataFrame:
+    """Join counts onto rows by id; every row must have its count."""
+    cols = ["id", "n_instruction_tokens", "n_output_tokens", "n_tokens"]
+    merged = frame.drop(columns=[c for c in cols[1:] if c in frame.columns]).merge(
+        counts[cols], on="id", how="left", validate="one_to_one")
+    if merged["n_tokens"].isna().any():
+        missing = merged.loc[merged["n_tokens"].isna(), "id"].head(5).tolist()
+        raise DataError(f"token counts do not cover every row (ids {missing} missing): rerun tokenize_count")
+    for col in cols[1:]:
+        merged[col] = merged[col].astype("int64")
+    return merged

@@ -1,0 +1,122 @@
+"""`tunesmith compare` on stage runs pushed to a scratch SQLite store with the agreed metric names,
+and provenance tags on a child run pushed by tracking.stage_run. No model, no workflow: ~20 s
+(mostly MLflow creating its SQLite schema once)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from tunesmith import cli, tracking
+
+DATA = {"download": (0, 48), "tokenize_count": (48, 48), "filter": (48, 45), "dedupe": (45, 40),
+        "select": (40, 40), "format": (40, 40)}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("compare")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    mp = pytest.MonkeyPatch()
+    mp.setenv(tracking.ENV_URI, uri)
+    mp.setenv(tracking.ENV_ENABLED, "1")
+    mp.setenv(tracking.ENV_INVOCATION, "test-invocation-1")
+    results = tmp / "results"
+
+    def push(recipe, stage, variant=None, metrics=(), params=None, history=()):
+        rec = tracking.StageRecord(recipe=recipe, stage=stage, results_dir=str(results), variant=variant)
+        rec.log_params(params or {"section": {"stage": stage}})
+        for key, value in metrics:
+            rec.log_metric(key, value)
+        for step, value in history:
+            rec.log_metric("train_loss", value, step=step)
+        tracking.finish(rec)
+        assert rec.synced, f"push failed for {recipe}/{stage}"
+        return rec
+
+    for stage, (rows_in, rows_out) in DATA.items():
+        push("tiny-sweep", stage, metrics=[("rows_in", rows_in), ("rows_out", rows_out)])
+    push("tiny-sweep", "evaluate_base", metrics=[("heldout/base", 0.10)])
+    for variant, r, final in (("r-8", 8, 0.9), ("r-16", 16, 0.7)):
+        train = {"method": "lora", "lora": {"r": r, "alpha": 16}, "args": {"learning_rate": 0.001}}
+        push("tiny-sweep", "train", variant, params={"train": train, "model": {"base": "smollm2"}},
+             history=[(1, 2.0), (2, 1.5), (3, final)])
+        push("tiny-sweep", "merge", variant)
+        push("tiny-sweep", "evaluate", variant, metrics=[("heldout/base", 0.10), ("heldout/tuned", 0.5 + r / 100)])
+        push("tiny-sweep", "quantize", variant, metrics=[("gguf/Q8_0/size_bytes", 145e6), ("gguf/Q8_0/agreement", 0.92),
+                                                           ("gguf/F16/size_bytes", 270e6)])
+    # A second recipe with only some stages: the comparison leaves its other cells empty.
+    push("other", "download", metrics=[("rows_out", 100)])
+    push("other", "train", params={"train": {"method": "full"}}, history=[(1, 3.0)])
+    yield uri, tmp
+    mp.undo()
+
+
+def test_compare_writes_markdown_csv_png(store):
+    uri, tmp = store
+    out = tmp / "compare"
+    assert cli.main(["compare", "--tracking-uri", uri, "--out", str(out)]) == 0
+    rows = {(r["recipe"], r["variant"]): r for r in csv.DictReader((out / "compare.csv").open())}
+    assert set(rows) == {("tiny-sweep", "r-8"), ("tiny-sweep", "r-16"), ("other", "main")}
+    r8, r16 = rows[("tiny-sweep", "r-8")], rows[("tiny-sweep", "r-16")]
+    assert r8["method"] == "lora" and r8["lora.r"] == "8" and r16["lora.r"] == "16"
+    # shared data stages appear on both variants
+    for row in (r8, r16):
+        assert [row[f"rows.{s}"] for s in DATA] == [str(v[1]) for v in DATA.values()]
+        assert float(row["train_loss.first"]) == 2.0 and row["train_loss.steps"] == "3"
+        assert float(row["eval.heldout.base"]) == pytest.approx(0.10)
+        assert float(row["gguf.Q8_0.MB"]) == 145.0 and float(row["gguf.Q8_0.agreement"]) == pytest.approx(0.92)
+        assert float(row["seconds.train"]) >= 0
+    assert float(r8["train_loss.last"]) == pytest.approx(0.9) and float(r16["train_loss.last"]) == pytest.approx(0.7)
+    assert float(r16["eval.heldout.delta"]) == pytest.approx(0.56)
+    other = rows[("other", "main")]
+    assert other["rows.download"] == "100" and other["method"] == "full" and other["eval.heldout.base"] == ""
+    md = (out / "compare.md").read_text()
+    assert "## Data rows after each curation stage" in md and "| tiny-sweep | r-16 |" in md
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_selected_experiments_and_missing(store, capsys):
+    uri, tmp = store
+    out = tmp / "only"
+    assert cli.main(["compare", "--tracking-uri", uri, "--out", str(out), "--experiments", "other", "nosuch"]) == 0
+    rows = list(csv.DictReader((out / "compare.csv").open()))
+    assert [(r["recipe"], r["variant"]) for r in rows] == [("other", "main")]
+
+
+def test_child_run_carries_provenance(store):
+    """A stage run pushed through stage_run has input sha256 tags, git commit, library versions,
+    the resolved params of its recipe section, the raw data hash, and a parent run."""
+    uri, tmp = store
+    results = tmp / "results"
+    data = results / "prov" / "data"
+    data.mkdir(parents=True)
+    raw = data / "raw.parquet"
+    raw.write_bytes(b"raw rows")
+    (data / "source.json").write_text(json.dumps({"raw_sha256": "feedface" * 8}))
+    out = data / "filtered.parquet"
+    section = {"filter": {"min_tokens": 4, "max_tokens": 256, "drop_empty": True}}
+    with tracking.stage_run("filter", {"section": section}, {"raw": str(raw)}, {"filtered": str(out)},
+                            recipe="prov", results_dir=str(results), section=section) as rec:
+        out.write_bytes(b"filtered rows")
+        rec.log_metrics({"rows_in": 10, "rows_out": 8})
+    assert rec.synced and rec.run_id
+    db = sqlite3.connect(uri.removeprefix("sqlite:///"))
+    tags = dict(db.execute("select key, value from tags where run_uuid = ?", (rec.run_id,)))
+    params = dict(db.execute("select key, value from params where run_uuid = ?", (rec.run_id,)))
+    db.close()
+    assert tags["tunesmith.input.raw.sha256"] == tracking.sha256_path(raw)
+    assert tags["tunesmith.output.filtered.sha256"] == tracking.sha256_path(out)
+    assert len(tags["tunesmith.git_commit"].split("-")[0]) == 40
+    for lib in ("torch", "transformers", "peft", "trl", "datasets", "lm-eval", "llama-cpp-python", "mlflow"):
+        assert f"tunesmith.version.{lib}" in tags
+    assert tags["tunesmith.version.mlflow"] not in ("", "not installed")
+    assert tags["tunesmith.raw_data_sha256"] == "feedface" * 8
+    assert tags["mlflow.parentRunId"]
+    assert params == {"filter.min_tokens": "4", "filter.max_tokens": "256", "filter.drop_empty": "True"}
+    saved = json.loads((results / "prov" / "tracking" / "filter.json").read_text())
+    assert saved["synced"] is True and saved["run_id"] == rec.run_id

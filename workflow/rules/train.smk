@@ -40,12 +40,14 @@ rule merge:
         metrics=rules.train.output.metrics,
         base=base_model_input,
         template=rules.format.output.template,
+        eval=rules.format.output.eval,
     output:
         merged=directory(f"{RESULTS}/{{recipe}}/{{variant}}/model/merged"),
         samples=f"{RESULTS}/{{recipe}}/{{variant}}/merge/samples.txt",
         check=f"{RESULTS}/{{recipe}}/{{variant}}/merge/merge_check.json",
     params:
         section=stage_params("model", "train"),
+        card=stage_params("description", "dataset"),
         recipe="{recipe}",
         variant="{variant}",
     log:

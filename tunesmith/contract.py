@@ -1,0 +1,147 @@
+"""Tokenising prompt/completion conversations exactly as they are trained, and the template/EOS
+contract gate that runs on those very tokens before the first optimizer step.
+
+Why our own tokenisation rather than trl's: trl silently drops examples that truncation leaves
+fully masked and, with packing, loses the example index. Tokenising here (the same way trl does:
+prompt rendered with the generation prompt, completion = where prompt and prompt+completion
+diverge) lets the gate name the example, and trl trains on exactly the ids the gate checked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+from tunesmith.errors import TunesmithError
+
+IGNORE = -100
+
+
+class ContractError(TunesmithError):
+    """An example violates the template/EOS contract (the 'never stops generating' family of bugs)."""
+
+
+@dataclass
+class Violation:
+    index: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"example {self.index}: {self.reason}"
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _ids(tokenizer: Any, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)
+    return list(out["input_ids"])
+
+
+def tokenize_example(tokenizer: Any, prompt: list[dict[str, Any]], completion: list[dict[str, Any]],
+                     max_length: int | None) -> dict[str, Any]:
+    """input_ids + labels (prompt masked with -100), truncated from the end like trl's keep_start."""
+    prompt_ids = _ids(tokenizer, prompt, add_generation_prompt=True)
+    full_ids = _ids(tokenizer, prompt + completion)
+    start = common_prefix_length(prompt_ids, full_ids)
+    labels = [IGNORE] * start + full_ids[start:]
+    truncated = max_length is not None and len(full_ids) > max_length
+    if truncated:
+        full_ids, labels = full_ids[:max_length], labels[:max_length]
+    return {"input_ids": full_ids, "labels": labels, "truncated": truncated}
+
+
+def tokenize_rows(tokenizer: Any, rows: Iterable[dict[str, Any]], max_length: int | None) -> list[dict[str, Any]]:
+    return [tokenize_example(tokenizer, r["prompt"], r["completion"], max_length) for r in rows]
+
+
+def end_of_turn_ids(tokenizer: Any, generation_config: Any = None) -> set[int]:
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    eos = getattr(generation_config, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif eos:
+        ids.update(int(i) for i in eos)
+    return ids
+
+
+def _is_blank(tokenizer: Any, token_id: int) -> bool:
+    return tokenizer.decode([token_id]).strip() == ""
+
+
+def _collated_labels(collator: Callable[[list[dict[str, Any]]], Any], examples: list[dict[str, Any]]) -> list[list[int]]:
+    """Labels the collator produces for each example, cut back to the example's own length."""
+    batch = collator([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
+    labels = batch["labels"].tolist()
+    return [row[: len(e["input_ids"])] for row, e in zip(labels, examples)]
+
+
+def check_example(index: int, example: dict[str, Any], labels: list[int], tokenizer: Any,
+                  eos_ids: set[int], max_length: int | None) -> Violation | None:
+    ids = example["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
+        return Violation(index, f"starts with a double BOS {tokenizer.bos_token!r}: the chat template writes "
+                                f"BOS and the tokenizer adds another")
+    supervised = [i for i, lab in enumerate(labels) if lab != IGNORE]
+    if not supervised:
+        if example.get("truncated"):
+            return Violation(index, f"no supervised token: the prompt alone fills max_length={max_length}")
+        return Violation(index, "no supervised token: every label is -100 (the chat template renders nothing "
+                                "for the assistant turn, or the mask hides the whole response)")
+    # The response must end with a supervised end-of-turn token; ChatML-style templates put a
+    # newline after it, so trailing blank tokens are skipped.
+    last = supervised[-1]
+    while last > supervised[0] and _is_blank(tokenizer, ids[last]) and ids[last] not in eos_ids:
+        last -= 1
+    if ids[last] in eos_ids and labels[last] != IGNORE:
+        return None
+    eos_name = tokenizer.eos_token
+    pad = tokenizer.pad_token_id
+    masked_eos = [i for i in range(supervised[0], len(ids)) if ids[i] in eos_ids and labels[i] == IGNORE]
+    if masked_eos and pad is not None and pad in eos_ids:
+        return Violation(index, f"pad token equals EOS {eos_name!r} and the collator masks it out of the labels, "
+                                f"so the model never learns to stop; use a distinct pad token")
+    if example.get("truncated"):
+        return Violation(index, f"response cut at max_length={max_length} before its end-of-turn token "
+                                f"{eos_name!r}; raise train.args.max_length or filter long rows")
+    if masked_eos:
+        return Violation(index, f"end-of-turn token {eos_name!r} is in the response but masked (-100) in the labels")
+    return Violation(index, f"response does not end with a supervised end-of-turn token {eos_name!r} "
+                            f"(last supervised token: {tokenizer.decode([ids[supervised[-1]]])!r}); "
+                            f"the chat template must close the assistant turn with EOS")
+
+
+def gate(examples: list[dict[str, Any]], tokenizer: Any, *, collator: Callable | None = None,
+         generation_config: Any = None, max_length: int | None = None, batch_size: int = 8,
+         name: str = "train") -> None:
+    """Raise ContractError naming the first bad examples (index + one-line reason); None when all pass.
+
+    With a collator, labels are taken from its output, batched so that padding happens: that is
+    where a pad token equal to EOS masks EOS away."""
+    if not examples:
+        raise ContractError(f"{name} split is empty: nothing to train on")
+    eos_ids = end_of_turn_ids(tokenizer, generation_config)
+    if not eos_ids:
+        raise ContractError("the tokenizer has no EOS token: generation could never stop")
+    bad: list[Violation] = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        labels = _collated_labels(collator, chunk) if collator is not None else [e["labels"] for e in chunk]
+        for offset, (example, lab) in enumerate(zip(chunk, labels)):
+            violation = check_example(start + offset, example, lab, tokenizer, eos_ids, max_length)
+            if violation:
+                bad.append(violation)
+    if bad:
+        shown = "\n".join(f"  {v}" for v in bad[:5])
+        more = f"\n  ... and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise ContractError(f"template/EOS contract failed for {len(bad)} of {len(examples)} {name} "
+                            f"examples (indices are rows of {name}.jsonl, from 0):\n{shown}{more}")

@@ -13,11 +13,13 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/export.smk"
+include: "workflow/rules/compare.smk"
 
 
 rule all:
     input:
         final_targets(),
+        compare_targets(),
     default_target: True
 
 

@@ -40,17 +40,20 @@ def store(tmp_path_factory):
 
     for stage, (rows_in, rows_out) in DATA.items():
         push("tiny-sweep", stage, metrics=[("rows_in", rows_in), ("rows_out", rows_out)])
-    push("tiny-sweep", "evaluate_base", metrics=[("heldout/base", 0.10)])
+    push("tiny-sweep", "evaluate_base", metrics=[("heldout.base", 0.10), ("heldout.limit", 5)])
     for variant, r, final in (("r-8", 8, 0.9), ("r-16", 16, 0.7)):
         train = {"method": "lora", "lora": {"r": r, "alpha": 16}, "args": {"learning_rate": 0.001}}
         push("tiny-sweep", "train", variant, params={"train": train, "model": {"base": "smollm2"}},
              history=[(1, 2.0), (2, 1.5), (3, final)])
         push("tiny-sweep", "merge", variant)
-        push("tiny-sweep", "evaluate", variant, metrics=[("heldout/base", 0.10), ("heldout/tuned", 0.5 + r / 100)])
-        push("tiny-sweep", "quantize", variant, metrics=[("gguf/Q8_0/size_bytes", 145e6), ("gguf/Q8_0/agreement", 0.92),
-                                                           ("gguf/F16/size_bytes", 270e6)])
+        push("tiny-sweep", "evaluate", variant, metrics=[("heldout.tuned", 0.5 + r / 100), ("heldout.gguf_Q8_0", 0.5),
+                                                           ("heldout.base", 0.10), ("heldout.delta", 0.4 + r / 100)])
+        push("tiny-sweep", "quantize", variant, metrics=[("gguf.Q8_0.size_bytes", 145e6), ("gguf.Q8_0.top1_agreement", 0.92),
+                                                           ("gguf.F16.size_bytes", 270e6), ("gguf.F16.mean_kl", 0.001)])
     # A second recipe with only some stages: the comparison leaves its other cells empty.
+    # (and '/'-separated metric names are read as well)
     push("other", "download", metrics=[("rows_out", 100)])
+    push("other", "evaluate", metrics=[("gsm8k/base", 0.2), ("gsm8k/tuned", 0.3)])
     push("other", "train", params={"train": {"method": "full"}}, history=[(1, 3.0)])
     yield uri, tmp
     mp.undo()
@@ -75,6 +78,8 @@ def test_compare_writes_markdown_csv_png(store):
     assert float(r16["eval.heldout.delta"]) == pytest.approx(0.56)
     other = rows[("other", "main")]
     assert other["rows.download"] == "100" and other["method"] == "full" and other["eval.heldout.base"] == ""
+    assert float(other["eval.gsm8k.delta"]) == pytest.approx(0.1)
+    assert float(r8["eval.heldout.gguf_Q8_0"]) == 0.5 and float(r8["gguf.F16.MB"]) == 270.0
     md = (out / "compare.md").read_text()
     assert "## Data rows after each curation stage" in md and "| tiny-sweep | r-16 |" in md
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -134,7 +134,10 @@ def work(tmp_path_factory):
         "recipes": [RECIPE],
         "recipes_dir": str(REPO / "tests" / "recipes"),
         "tracking": {"enabled": False},
-        "overrides": {RECIPE: {"dataset": {"source": str(REPO / "tests" / "data" / "tiny_reverse.jsonl")}}},
+        # gpus: 1 as a GPU site would set it (LoRA alone asks for none); on this CPU-only node the
+        # train script still picks the CPU from what torch can see.
+        "overrides": {RECIPE: {"dataset": {"source": str(REPO / "tests" / "data" / "tiny_reverse.jsonl")},
+                               "train": {"gpus": 1}}},
     })
     return work, config
 

@@ -1,12 +1,15 @@
 """Compare recipes, sweep variants and runs from MLflow: one row per (recipe, variant), built
 with `mlflow.search_runs` from the stage child runs that tunesmith.tracking pushes.
 
-Metric names agreed with the stages (missing ones leave empty cells, never an error):
-  data stages      rows_in, rows_out                      -> rows.<stage>
-  train            train_loss (step history)              -> train_loss.first / train_loss.last
-  evaluate(_base)  <task>/base, <task>/tuned              -> eval.<task>.base / .tuned / .delta
-  quantize         gguf/<type>/size_bytes, gguf/<type>/agreement -> gguf.<type>.MB / .agreement
-  every stage      stage_seconds                          -> seconds.<stage>
+Metric names as the stages log them (`/` or `.` separators both read; missing ones leave empty
+cells, never an error):
+  data stages      rows_in, rows_out (format: rows_train + rows_eval)  -> rows.<stage>
+  train/pretrain   train_loss (step history)              -> train_loss.first / .last / .steps
+  evaluate(_base)  <task>.base, <task>.tuned, <task>.gguf_<type>  -> eval.<task>.base / .tuned /
+                   .gguf_<type>, and eval.<task>.delta = tuned - base
+  quantize         gguf.<type>.size_bytes, gguf.<type>.top1_agreement (or .agreement)
+                                                          -> gguf.<type>.MB / .agreement
+  every stage      stage_seconds (tracking.finish)        -> seconds.<stage>
 
 Per (recipe, variant, stage) the latest run wins: a later invocation that skipped up-to-date
 data stages still reads them from the earlier one. `by_invocation=True` keeps one row per
@@ -29,8 +32,8 @@ STAGE_ORDER = (*DATA_STAGES, "train_tokenizer", "pretrain", "train", "merge", "e
                "evaluate", "quantize")
 SWEEP_PARAMS = ("train.method", "train.lora.r", "train.lora.alpha", "train.args.learning_rate",
                 "train.args.num_train_epochs", "train.args.max_steps", "model.base")
-_EVAL = re.compile(r"^metrics\.(.+)/(base|tuned)$")
-_GGUF = re.compile(r"^metrics\.gguf/([^/]+)/(size_bytes|agreement)$")
+_EVAL = re.compile(r"^metrics\.(?!gguf[./])(.+)[./](base|tuned|gguf_[A-Za-z0-9_]+)$")
+_GGUF = re.compile(r"^metrics\.gguf[./]([^/.]+)[./](size_bytes|top1_agreement|agreement)$")
 
 
 def search_stage_runs(uri: str, experiments: list[str] | None = None):
@@ -93,8 +96,9 @@ def _row_for(stages: dict[str, Any], uri: str) -> dict[str, Any]:
         run = stages.get(stage)
         if run is not None:
             rows = _num(run.get("metrics.rows_out"))
-            if stage == "download" and rows is None:
-                rows = _num(run.get("metrics.rows_in"))
+            if stage == "format" and rows is None:
+                parts = [_num(run.get(f"metrics.rows_{k}")) for k in ("train", "eval")]
+                rows = sum(p for p in parts if p is not None) if any(p is not None for p in parts) else None
             if rows is not None:
                 row[f"rows.{stage}"] = int(rows)
     if train is not None:
@@ -106,7 +110,7 @@ def _row_for(stages: dict[str, Any], uri: str) -> dict[str, Any]:
             row["train_loss.steps"] = len(history)
         elif last is not None:
             row["train_loss.last"] = last
-    scores: dict[tuple[str, str], float] = {}
+    scores: dict[tuple[str, str], float | None] = {}
     for stage in ("evaluate_base", "evaluate"):  # the tuned run's own base scores win
         run = stages.get(stage)
         if run is None:
@@ -117,10 +121,9 @@ def _row_for(stages: dict[str, Any], uri: str) -> dict[str, Any]:
                 scores[(m.group(1), m.group(2))] = _num(value)
     for task in sorted({t for t, _ in scores}):
         base, tuned = scores.get((task, "base")), scores.get((task, "tuned"))
-        if base is not None:
-            row[f"eval.{task}.base"] = base
-        if tuned is not None:
-            row[f"eval.{task}.tuned"] = tuned
+        for (t, label), value in sorted(scores.items()):
+            if t == task:
+                row[f"eval.{task}.{label}"] = value
         if base is not None and tuned is not None:
             row[f"eval.{task}.delta"] = tuned - base
     quant = stages.get("quantize")
@@ -264,7 +267,8 @@ def plot(frame: Any, path: str | Path) -> None:
     ax.legend(fontsize=7)
 
     ax = axes[1][0]
-    eval_cols = [c for c in frame.columns if c.startswith("eval.") and not c.endswith(".delta")]
+    eval_cols = [c for c in frame.columns if c.startswith("eval.") and not c.endswith(".delta")
+                 and not c.endswith(".limit")]
     width = 0.8 / max(1, len(eval_cols))
     for i, col in enumerate(eval_cols):
         ax.bar(x + (i - (len(eval_cols) - 1) / 2) * width, frame[col].astype(float).fillna(0), width,

@@ -178,3 +178,10 @@ def final_targets():
 
 def close_tracking(status):
     tracking.close_parents(status)
+
+
+def compare_targets():
+    """The MLflow comparison (rule compare) when tracking is on: rule all asks for it then."""
+    if not CFG["tracking"]["enabled"]:
+        return []
+    return [f"{RESULTS}/compare/compare.md", f"{RESULTS}/compare/compare.csv", f"{RESULTS}/compare/compare.png"]

@@ -1,0 +1,42 @@
+"""A two-value sweep (tests/recipes/tiny-sweep.yaml: train.lora.r [8, 16]) plans two train runs that
+share one set of data jobs. Dry run only (snakemake -n): seconds, no model."""
+
+from __future__ import annotations
+
+import re
+
+from workflow_helpers import REPO, make_workdir, snakemake, write_config
+
+DATA_RULES = ("download", "tokenize_count", "filter", "dedupe", "select", "format", "evaluate_base")
+
+
+def _job_counts(out: str) -> dict[str, int]:
+    table = out[out.index("Job stats:"):]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+
+
+def test_two_value_sweep_plans_two_trainings_on_one_dataset(tmp_path):
+    work = make_workdir(tmp_path)
+    config = write_config(work, {
+        "recipes": ["tiny-sweep"],
+        "recipes_dir": str(REPO / "tests" / "recipes"),
+        # gpus: 1 as on a GPU cluster (LoRA alone asks for none): both trainings must carry it.
+        "overrides": {"tiny-sweep": {"dataset": {"source": str(REPO / "tests" / "data" / "tiny_reverse.jsonl")},
+                                     "train": {"gpus": 1}}},
+    })
+    proc = snakemake(work, config, "-n", "--forceall", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    counts = _job_counts(out)
+    for rule in DATA_RULES:
+        assert counts.get(rule) == 1, (rule, counts)
+    for rule in ("train", "merge", "evaluate"):
+        assert counts.get(rule) == 2, (rule, counts)
+    assert counts.get("compare") == 1, counts
+    train_blocks = re.findall(r"^rule train:\n(.*?resources:[^\n]*)", out, re.S | re.M)
+    variants = sorted(re.search(r"variant=([\w.=-]+)", block).group(1) for block in train_blocks)
+    assert variants == ["r-16", "r-8"]
+    for block in train_blocks:
+        assert re.search(r"gpu=1\b", block), block
+    # both variants read the same formatted data
+    assert out.count("results/tiny-sweep/data/train.jsonl") >= 3

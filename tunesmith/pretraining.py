@@ -1,0 +1,298 @@
+"""The pretrain-from-scratch path: a ByteLevel BPE tokenizer trained with `tokenizers`, a Llama
+built from the recipe's config, causal-LM training on a local corpus. The model folder it writes
+is a base model for the SFT chain (`model.base: pretrained`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from tunesmith import trainkit
+from tunesmith.errors import DataError, TunesmithError
+
+log = logging.getLogger("tunesmith.pretrain")
+
+# Role of each well-known special token; the rest become additional special tokens.
+ROLE_OF = {"<s>": "bos_token", "</s>": "eos_token", "<pad>": "pad_token", "<unk>": "unk_token",
+           "<mask>": "mask_token"}
+USER, BOT, END = "<|user|>", "<|bot|>", "<|end|>"
+
+
+def chat_template(user: str = USER, bot: str = BOT, end: str = END) -> str:
+    """Optional leading system message, then strictly alternating user/assistant turns; anything
+    else is refused at render time (raise_exception), not silently mis-rendered."""
+    return (
+        "{{ bos_token }}"
+        "{% if messages and messages[0]['role'] == 'system' %}"
+        "{% set loop_messages = messages[1:] %}{{ messages[0]['content'] + '\\n' }}"
+        "{% else %}{% set loop_messages = messages %}{% endif %}"
+        "{% for message in loop_messages %}"
+        "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/... "
+        "(after an optional system message)') }}"
+        "{% endif %}"
+        f"{{% if message['role'] == 'user' %}}{{{{ '{user}' + message['content'] + '{end}' }}}}"
+        f"{{% else %}}{{{{ '{bot}' + message['content'] + '{end}' }}}}{{% endif %}}"
+        "{% endfor %}"
+        f"{{% if add_generation_prompt %}}{{{{ '{bot}' }}}}{{% endif %}}"
+    )
+
+
+# ---------------------------------------------------------------- corpus
+
+def iter_corpus(corpus: dict[str, Any]) -> Iterator[str]:
+    """Documents from a local .txt (one per line) / .jsonl / .json / .parquet file."""
+    source = corpus.get("source")
+    if not source:
+        raise DataError("pretrain.corpus.source is empty")
+    path = Path(source)
+    if not path.is_file():
+        raise DataError(f"{path}: corpus file not found (pretrain.corpus.source; relative paths start at the "
+                        f"working directory)")
+    column = corpus.get("text_column") or "text"
+    limit = corpus.get("limit")
+    suffix = path.suffix.lower()
+    n = 0
+
+    def take(text: Any, where: str) -> Iterator[str]:
+        nonlocal n
+        if not isinstance(text, str):
+            raise DataError(f"{path}, {where}, field '{column}': expected text, got {type(text).__name__}")
+        if text.strip():
+            n += 1
+            yield text
+
+    if suffix == ".txt":
+        with path.open(encoding="utf-8") as fh:
+            for i, line in enumerate(fh, 1):
+                yield from take(line.rstrip("\n"), f"line {i}")
+                if limit and n >= limit:
+                    return
+    elif suffix in (".jsonl", ".json"):
+        if suffix == ".jsonl":
+            rows = []
+            with path.open(encoding="utf-8") as fh:
+                for i, line in enumerate(fh, 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError as exc:
+                            raise DataError(f"{path}, row {i}: not valid JSON ({exc.msg})") from None
+        else:
+            try:
+                rows = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}: not valid JSON ({exc.msg})") from None
+            if isinstance(rows, dict):
+                rows = next((v for v in rows.values() if isinstance(v, list)), [rows])
+        for i, row in enumerate(rows, 1):
+            if not isinstance(row, dict) or column not in row:
+                raise DataError(f"{path}, row {i}: missing field '{column}' (pretrain.corpus.text_column)")
+            yield from take(row[column], f"row {i}")
+            if limit and n >= limit:
+                return
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if column not in table.column_names:
+            raise DataError(f"{path}: no column '{column}' (has {', '.join(table.column_names)})")
+        for i, text in enumerate(table.column(column).to_pylist(), 1):
+            yield from take(text, f"row {i}")
+            if limit and n >= limit:
+                return
+    else:
+        raise DataError(f"{path}: unsupported corpus format '{suffix}' (use .txt, .jsonl, .json or .parquet)")
+    if n == 0:
+        raise DataError(f"{path}: the corpus has no non-empty documents")
+
+
+# ---------------------------------------------------------------- tokenizer
+
+def train_tokenizer(corpus: dict[str, Any], spec: dict[str, Any], out: str | Path, max_length: int = 512) -> dict[str, Any]:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tunesmith.fileio import replace_dir
+
+    started = time.time()
+    specials = list(spec["special_tokens"])
+    if len(set(specials)) != len(specials):
+        raise TunesmithError("pretrain.tokenizer.special_tokens has duplicates")
+    for needed in ("</s>", "<pad>"):
+        if needed not in specials:
+            raise TunesmithError(f"pretrain.tokenizer.special_tokens must include {needed!r} "
+                                 f"(end of document / padding distinct from it)")
+    tok = Tokenizer(models.BPE(unk_token="<unk>" if "<unk>" in specials else None))
+    # Standard GPT-2-style ByteLevel: llama.cpp's converter maps it with pre-tokenizer 'gpt-2'.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=spec["vocab_size"], min_frequency=spec["min_frequency"],
+                                  special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    docs = list(iter_corpus(corpus))
+    tok.train_from_iterator(docs, trainer=trainer, length=len(docs))
+    roles = {ROLE_OF[t]: t for t in specials if t in ROLE_OF}
+    extra = [t for t in specials if t not in ROLE_OF]
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_length, **roles,
+                                   additional_special_tokens=extra)
+    if all(t in specials for t in (USER, BOT, END)):
+        fast.chat_template = chat_template()
+    else:
+        log.warning("special tokens lack %s/%s/%s: no chat template written", USER, BOT, END)
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    fast.save_pretrained(str(tmp))
+    replace_dir(tmp, out)
+    sample = docs[: min(len(docs), 2000)]
+    n_tokens = sum(len(ids) for ids in fast(sample, add_special_tokens=False)["input_ids"])
+    return {"vocab_size": len(fast), "requested_vocab_size": spec["vocab_size"], "documents": len(docs),
+            "tokens_per_document": n_tokens / max(len(sample), 1),
+            "chars_per_token": sum(map(len, sample)) / max(n_tokens, 1), "seconds": time.time() - started}
+
+
+# ---------------------------------------------------------------- model
+
+def llama_config(spec: dict[str, Any], tokenizer: Any):
+    from transformers import LlamaConfig
+
+    heads = spec["num_attention_heads"]
+    if spec["hidden_size"] % heads:
+        raise TunesmithError(f"pretrain.model.hidden_size {spec['hidden_size']} is not divisible by "
+                             f"num_attention_heads {heads}")
+    kv = spec.get("num_key_value_heads") or heads
+    if heads % kv:
+        raise TunesmithError(f"pretrain.model.num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=spec["hidden_size"], intermediate_size=spec["intermediate_size"],
+        num_hidden_layers=spec["num_hidden_layers"], num_attention_heads=heads, num_key_value_heads=kv,
+        max_position_embeddings=spec["max_position_embeddings"], rms_norm_eps=spec["rms_norm_eps"],
+        tie_word_embeddings=spec["tie_word_embeddings"], bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+def blocks(tokenizer: Any, docs: list[str], block: int) -> list[list[int]]:
+    """Documents as <s> text </s>, concatenated and cut into full blocks (no padding to learn)."""
+    ids: list[int] = []
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    for row in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+        ids.extend(bos + row + [tokenizer.eos_token_id])
+    out = [ids[i:i + block] for i in range(0, len(ids) - block + 1, block)]
+    if not out:
+        raise DataError(f"the corpus has {len(ids)} tokens, fewer than one block of {block} "
+                        f"(pretrain.args.max_length); use a bigger corpus or a shorter max_length")
+    return out
+
+
+def pretrain(*, tokenizer_dir: str | Path, section: dict[str, Any], model_out: str | Path, metrics_path: str | Path,
+             loss_path: str | Path, record: Any = None) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from transformers import (AutoTokenizer, GenerationConfig, LlamaForCausalLM, Trainer, TrainingArguments,
+                              default_data_collator, set_seed)
+
+    from tunesmith.fileio import replace_dir, write_json
+
+    started = time.time()
+    pre = section["pretrain"]
+    args = pre["args"]
+    cuda = trainkit.require_device("full")
+    set_seed(args["seed"])
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise TunesmithError(f"{tokenizer_dir}: the tokenizer needs a pad token distinct from EOS")
+    block = min(args["max_length"], pre["model"]["max_position_embeddings"])
+    all_blocks = blocks(tokenizer, list(iter_corpus(pre["corpus"])), block)
+    n_eval = min(max(1, len(all_blocks) // 20), 64) if len(all_blocks) > 1 else 0
+    eval_blocks, train_blocks = all_blocks[:n_eval], all_blocks[n_eval:]
+    train_ds = Dataset.from_dict({"input_ids": train_blocks, "labels": train_blocks})
+    eval_ds = Dataset.from_dict({"input_ids": eval_blocks, "labels": eval_blocks}) if eval_blocks else None
+
+    config = llama_config(pre["model"], tokenizer)
+    torch.manual_seed(args["seed"])
+    model = LlamaForCausalLM(config)
+    end_ids = [tokenizer.eos_token_id] + [i for i in [tokenizer.convert_tokens_to_ids(END)]
+                                          if i is not None and i != tokenizer.unk_token_id]
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=end_ids,
+                                               pad_token_id=tokenizer.pad_token_id)
+    counts = trainkit.parameter_counts(model)
+    log.info("Llama from scratch: %d parameters, vocab %d, %d train / %d eval blocks of %d tokens",
+             counts["total_params"], config.vocab_size, len(train_blocks), len(eval_blocks), block)
+
+    ckpt_dir = Path(metrics_path).parent / "checkpoints"
+    fp = trainkit.fingerprint(section, {"tokenizer": tokenizer_dir, "corpus": pre["corpus"]["source"]})
+    resume = trainkit.prepare_checkpoints(ckpt_dir, fp) if trainkit.world_rank() == 0 else trainkit.last_checkpoint(ckpt_dir)
+    bf16 = bool(args.get("bf16")) if args.get("bf16") is not None else (cuda and torch.cuda.is_bf16_supported())
+    targs = TrainingArguments(
+        output_dir=str(ckpt_dir), learning_rate=args["learning_rate"], num_train_epochs=args["num_train_epochs"],
+        max_steps=args["max_steps"], per_device_train_batch_size=args["per_device_train_batch_size"],
+        per_device_eval_batch_size=args["per_device_eval_batch_size"],
+        gradient_accumulation_steps=args["gradient_accumulation_steps"], warmup_steps=args["warmup_steps"],
+        lr_scheduler_type=args["lr_scheduler_type"], optim=args.get("optim") or "adamw_torch",
+        weight_decay=args["weight_decay"], max_grad_norm=args["max_grad_norm"],
+        gradient_checkpointing=bool(args["gradient_checkpointing"]), logging_steps=args["logging_steps"],
+        logging_first_step=True, eval_strategy="steps" if (args.get("eval_steps") and eval_ds) else "no",
+        eval_steps=args.get("eval_steps"), save_strategy="steps", save_steps=args["save_steps"],
+        save_total_limit=args["save_total_limit"], seed=args["seed"], data_seed=args["seed"],
+        bf16=bf16 if cuda else False, fp16=bool(args.get("fp16")) if cuda else False, use_cpu=not cuda,
+        report_to="none", include_num_input_tokens_seen="all", disable_tqdm=True)
+    history = trainkit.make_history_callback()
+    trainer = Trainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds,
+                      data_collator=default_data_collator, callbacks=[history])
+    resumed_from = trainkit.checkpoint_step(resume) if resume else 0
+    if resume:
+        log.info("resuming from checkpoint %s (global_step %d)", resume, resumed_from)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    tokens_before = int(json.loads((resume / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0)) if resume else 0
+    t0 = time.time()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    train_seconds = time.time() - t0
+    final_eval = float(trainer.evaluate()["eval_loss"]) if eval_ds is not None else None
+    train_hist, eval_hist = trainkit.full_history(trainer)
+    if final_eval is not None:
+        eval_hist = [e for e in eval_hist if e[0] != trainer.state.global_step] + [(trainer.state.global_step, final_eval)]
+    steps_run = trainer.state.global_step - resumed_from
+    tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0) - tokens_before
+    metrics: dict[str, Any] = {
+        "method": "pretrain", "device": "cuda" if cuda else "cpu",
+        "train_blocks": len(train_blocks), "eval_blocks": len(eval_blocks), "block_size": block,
+        "vocab_size": config.vocab_size, "train_loss": float(result.training_loss),
+        "train_loss_first": train_hist[0][1] if train_hist else None,
+        "train_loss_last": train_hist[-1][1] if train_hist else None,
+        "eval_loss": final_eval, "eval_perplexity": float(torch.exp(torch.tensor(final_eval))) if final_eval else None,
+        "steps": int(trainer.state.global_step), "steps_this_run": int(steps_run), "resumed_from_step": resumed_from,
+        "tokens_this_run": tokens, "tokens_per_second": tokens / train_seconds if train_seconds > 0 else 0.0,
+        "seconds_per_step": train_seconds / steps_run if steps_run else None, "train_seconds": train_seconds,
+        **counts, **trainkit.peak_memory_mb(cuda),
+        "loss_history": [{"step": s, "loss": v} for s, v in train_hist],
+        "eval_history": [{"step": s, "eval_loss": v} for s, v in eval_hist],
+    }
+    out = Path(model_out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    if trainer.is_world_process_zero():
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        trainer.model.to(torch.bfloat16).save_pretrained(str(tmp), safe_serialization=True)
+        trainer.model.generation_config.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "tunesmith_source.json").write_text(json.dumps({"source": "pretrained", "kind": "pretrain",
+                                                               "tokenizer": str(tokenizer_dir)}))
+        replace_dir(tmp, out)
+        metrics["wall_seconds"] = time.time() - started
+        trainkit.plot_loss(train_hist, eval_hist, loss_path, f"pretrain from scratch: {metrics['steps']} steps")
+        write_json(metrics_path, metrics)
+        if record is not None:
+            for s, v in train_hist:
+                record.log_metric("train_loss", v, step=s)
+            for s, v in eval_hist:
+                record.log_metric("eval_loss", v, step=s)
+            record.log_metrics({k: v for k, v in metrics.items() if k != "eval_loss"})
+            record.log_artifact(metrics_path)
+            record.log_artifact(loss_path)
+    return metrics

@@ -1,0 +1,259 @@
+"""Tracking over HTTP against a live `mlflow server` on 127.0.0.1 (as on a cluster), checked
+through MLflow's REST API only (urllib): parent and child runs, params, metric history with
+steps, artifacts. And a server that dies mid-run: the stages finish, their figures stay in
+results/<recipe>/tracking/*.json with synced false, and `tunesmith sync-mlflow` pushes them once
+the server is back.
+
+The workflow tests run the data stages of tests/recipes/tiny-sweep.yaml (and, marked slow, one
+2-step LoRA training for the loss history)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tunesmith import cli, tracking
+from workflow_helpers import REPO, SNAKEMAKE, failure_text, make_workdir, snakemake, write_config
+
+MLFLOW = str(Path(sys.executable).parent / "mlflow")
+RECIPE = "tiny-sweep"
+DATA_STAGES = ("download", "tokenize_count", "filter", "dedupe", "select", "format")
+
+
+# ------------------------------------------------------------------ the server
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`mlflow server` in its own process group; stop() kills that group (by PID), start() again
+    reuses the same SQLite store and artifact folder."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.port = _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait_s: float = 120) -> None:
+        log = open(self.root / "server.log", "a")
+        self.proc = subprocess.Popen(
+            [MLFLOW, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+             "--artifacts-destination", str(self.root / "artifacts")],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root)
+        deadline = time.time() + wait_s
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"mlflow server not up after {wait_s} s: {(self.root / 'server.log').read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=15)
+        self.proc = None
+
+    # ---- REST
+    def get(self, path: str, **query) -> dict:
+        url = f"{self.uri}/api/2.0/mlflow/{path}?{urllib.parse.urlencode(query)}"
+        with urllib.request.urlopen(url, timeout=20) as resp:
+            return json.loads(resp.read() or b"{}")
+
+    def post(self, path: str, body: dict) -> dict:
+        req = urllib.request.Request(f"{self.uri}/api/2.0/mlflow/{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(req, timeout=20) as resp:
+            return json.loads(resp.read() or b"{}")
+
+    def runs(self, experiment: str) -> list[dict]:
+        exp = self.get("experiments/get-by-name", experiment_name=experiment)["experiment"]
+        out, token = [], None
+        while True:
+            body = {"experiment_ids": [exp["experiment_id"]], "max_results": 1000}
+            if token:
+                body["page_token"] = token
+            page = self.post("runs/search", body)
+            out += page.get("runs", [])
+            token = page.get("next_page_token")
+            if not token:
+                return out
+
+
+def tags(run: dict) -> dict[str, str]:
+    return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+
+def params(run: dict) -> dict[str, str]:
+    return {p["key"]: p["value"] for p in run["data"].get("params", [])}
+
+
+def metrics(run: dict) -> dict[str, float]:
+    return {m["key"]: m["value"] for m in run["data"].get("metrics", [])}
+
+
+def by_stage(runs: list[dict]) -> dict[str, dict]:
+    return {tags(r).get("tunesmith.stage"): r for r in runs if tags(r).get("tunesmith.role") == "stage"}
+
+
+@pytest.fixture()
+def server(tmp_path):
+    srv = Server(tmp_path / "mlflow")
+    srv.root.mkdir()
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def _config(work: Path, uri: str, **extra) -> Path:
+    return write_config(work, {
+        "recipes": [RECIPE],
+        "recipes_dir": str(REPO / "tests" / "recipes"),
+        "tracking": {"uri": uri, "timeout_s": 3},
+        "overrides": {RECIPE: {"dataset": {"source": str(REPO / "tests" / "data" / "tiny_reverse.jsonl")}}},
+        **extra,
+    })
+
+
+# ------------------------------------------------------------------ tests
+
+def test_stage_records_over_http(server, tmp_path, monkeypatch):
+    """tracking.stage_run against the server: a parent and a child run, params, a step history,
+    an artifact, all read back through the REST API. No workflow: seconds."""
+    monkeypatch.setenv(tracking.ENV_URI, server.uri)
+    monkeypatch.setenv(tracking.ENV_INVOCATION, "rest-check-1")
+    results = tmp_path / "results"
+    report = tmp_path / "report.json"
+    report.write_text('{"ok": true}')
+    with tracking.stage_run("train", {}, {"report": str(report)}, {}, recipe="http-check", variant="r-8",
+                            results_dir=str(results), section={"train": {"method": "lora", "lora": {"r": 8}}}) as rec:
+        for step, loss in enumerate([2.0, 1.4, 0.9], start=1):
+            rec.log_metric("train_loss", loss, step=step)
+        rec.log_artifact(report)
+    assert rec.synced, (results / "http-check" / "tracking" / "r-8" / "train.json").read_text()
+
+    runs = server.runs("http-check")
+    parents = [r for r in runs if tags(r).get("tunesmith.role") == "parent"]
+    assert len(parents) == 1 and tags(parents[0])["tunesmith.invocation"] == "rest-check-1"
+    child = by_stage(runs)["train"]
+    assert tags(child)["mlflow.parentRunId"] == parents[0]["info"]["run_id"]
+    assert child["info"]["run_name"] == "train[r-8]" and child["info"]["status"] == "FINISHED"
+    assert params(child) == {"train.method": "lora", "train.lora.r": "8"}
+    history = server.get("metrics/get-history", run_id=child["info"]["run_id"], metric_key="train_loss")["metrics"]
+    assert [(m["step"], m["value"]) for m in sorted(history, key=lambda m: m["step"])] == [(1, 2.0), (2, 1.4), (3, 0.9)]
+    files = server.get("artifacts/list", run_id=child["info"]["run_id"]).get("files", [])
+    assert [f["path"] for f in files] == ["report.json"]
+    assert (server.root / "artifacts").is_dir()  # stored by the server, not by the client
+
+
+@pytest.mark.slow
+def test_workflow_tracks_over_http(server, tmp_path):
+    """The data stages and one 2-step training of tiny-sweep, tracked over HTTP; REST checks."""
+    work = make_workdir(tmp_path)
+    config = _config(work, server.uri)
+    proc = snakemake(work, config, f"results/{RECIPE}/r-8/train/metrics.json", timeout=1500)
+    assert proc.returncode == 0, failure_text(proc, work)
+
+    runs = server.runs(RECIPE)
+    parents = [r for r in runs if tags(r).get("tunesmith.role") == "parent"]
+    assert len(parents) == 1
+    assert parents[0]["info"]["status"] == "FINISHED"  # closed by the Snakefile's onsuccess
+    stages = by_stage(runs)
+    assert set(DATA_STAGES) | {"train"} <= set(stages), sorted(stages)
+    for name, run in stages.items():
+        t = tags(run)
+        assert t["mlflow.parentRunId"] == parents[0]["info"]["run_id"], name
+        assert t["tunesmith.invocation"] == tags(parents[0])["tunesmith.invocation"]
+        assert t["tunesmith.git_commit"] and "tunesmith.version.mlflow" in t
+        assert "stage_seconds" in metrics(run)
+    assert params(stages["filter"]).get("filter.max_tokens") == "256"
+    assert params(stages["train"]).get("train.lora.r") == "8"
+    assert metrics(stages["filter"])["rows_in"] >= metrics(stages["filter"])["rows_out"] > 0
+    assert any(k.startswith("tunesmith.input.") for k in tags(stages["filter"]))
+    history = server.get("metrics/get-history", run_id=stages["train"]["info"]["run_id"], metric_key="train_loss")["metrics"]
+    assert len(history) >= 2 and len({m["step"] for m in history}) == len(history)
+    files = server.get("artifacts/list", run_id=stages["filter"]["info"]["run_id"]).get("files", [])
+    assert "filter_report.json" in [f["path"] for f in files]
+
+
+def test_server_down_mid_run_then_sync(server, tmp_path):
+    """Kill the server once download has pushed its run; the later data stages still finish with
+    their figures in results/<recipe>/tracking/*.json (synced false); after a restart,
+    `tunesmith sync-mlflow results/<recipe>` pushes them under the same parent run."""
+    work = make_workdir(tmp_path)
+    config = _config(work, server.uri)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env.pop("TUNESMITH_INVOCATION", None)
+    cmd = [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(work), "--configfile", str(config),
+           "--cores", "1", f"results/{RECIPE}/data/train.jsonl"]
+    proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    record_dir = work / "results" / RECIPE / "tracking"
+    first = record_dir / "download.json"
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if first.is_file() and json.loads(first.read_text()).get("synced"):
+                break
+            time.sleep(0.2)
+        assert first.is_file() and json.loads(first.read_text())["synced"], "download never pushed its run"
+        server.stop()  # mid-run: tokenize_count .. format are still to come
+        out, _ = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, out[-5000:]
+    assert "MLflow tracking failed" in "".join(p.read_text() for p in (work / "logs").rglob("*.log"))
+
+    records = {p.stem: json.loads(p.read_text()) for p in record_dir.glob("*.json")}
+    assert set(DATA_STAGES) <= set(records), sorted(records)
+    unsynced = sorted(s for s, r in records.items() if not r["synced"])
+    assert unsynced and "download" not in unsynced
+    for stage in unsynced:  # every figure of the stage is kept in its file
+        keys = {m["key"] for m in records[stage]["metrics"]}
+        assert {"stage_seconds", "rows_in"} <= keys, (stage, keys)
+        assert records[stage]["status"] == "FINISHED"
+
+    server.start()
+    os.environ.pop(tracking.ENV_URI, None)
+    code = cli.main(["sync-mlflow", "--tracking-uri", server.uri, str(work / "results" / RECIPE)])
+    assert code == 0
+    after = {p.stem: json.loads(p.read_text()) for p in record_dir.glob("*.json")}
+    assert all(r["synced"] for r in after.values()), {s: r["synced"] for s, r in after.items()}
+    runs = server.runs(RECIPE)
+    parents = [r for r in runs if tags(r).get("tunesmith.role") == "parent"]
+    assert len(parents) == 1  # the pushed records found their invocation's parent again
+    stages = by_stage(runs)
+    assert set(DATA_STAGES) <= set(stages)
+    for stage in unsynced:
+        run = stages[stage]
+        assert run["info"]["run_id"] == after[stage]["run_id"]
+        assert metrics(run)["rows_in"] == next(m["value"] for m in records[stage]["metrics"] if m["key"] == "rows_in")
+        assert tags(run)["mlflow.parentRunId"] == parents[0]["info"]["run_id"]
+    # a second sync has nothing left to push
+    assert cli.main(["sync-mlflow", "--tracking-uri", server.uri, str(work / "results" / RECIPE)]) == 0

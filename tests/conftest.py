@@ -178,3 +178,45 @@ def jsonl_file(tmp_path):
     def make(lines: list, name: str = "data.jsonl") -> Path:
         return write_lines(tmp_path / name, lines)
     return make
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate / quantize fixtures (owner: eval+export: tests/test_eval_*.py, tests/test_quantize_*.py)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def llama256_dir(tmp_path_factory, smollm2_dir) -> Path:
+    """A random 2-layer Llama whose rows are multiples of 256 (hidden 256, MLP 512, vocab 49152), so
+    every GGUF K-quant applies without fallback; SmolLM2's tokenizer and ChatML template."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("llama256")
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def eval_split(tmp_path_factory) -> dict[str, str]:
+    """eval.jsonl + chat_template.jinja as the format stage writes them (6 reverse-words rows)."""
+    return write_sft_data(tmp_path_factory.mktemp("eval-split"), n_train=2, n_eval=6)
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch) -> str:
+    """A scratch SQLite MLflow store and results dir for one test; returns the tracking URI."""
+    from tunesmith import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv(tracking.ENV_URI, uri)
+    monkeypatch.setenv(tracking.ENV_ENABLED, "1")
+    monkeypatch.setenv(tracking.ENV_INVOCATION, "test-eval-invocation")
+    monkeypatch.setenv("TUNESMITH_RESULTS", str(tmp_path / "results"))
+    return uri

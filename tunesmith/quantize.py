@@ -260,6 +260,7 @@ def check_gguf(path: str | Path, refs: list[dict[str, Any]], *, smoke_prompt: st
         reply = llm.create_chat_completion(messages=[{"role": "user", "content": smoke_prompt}],
                                            max_tokens=smoke_tokens, temperature=0.0, seed=0)
         text = reply["choices"][0]["message"]["content"] or ""
+        result["smoke_text"] = text
         result["smoke"] = {"chat_format": llm.chat_format, "prompt": smoke_prompt, "reply": text,
                            "tokens": reply["usage"]["completion_tokens"],
                            "tokens_per_s": reply["usage"]["completion_tokens"] / max(1e-6, time.time() - started)}

@@ -111,7 +111,7 @@ def _scontrol(slurm_id: str) -> str:
     return subprocess.run(["scontrol", "show", "job", slurm_id], capture_output=True, text=True, timeout=30).stdout
 
 
-def _assert_all_slurm(out: str, expected_rules: set[str]) -> dict[str, str]:
+def _assert_all_slurm(out: str, expected_rules: set[str], workdir: Path) -> dict[str, str]:
     submitted = dict(SUBMITTED.findall(out))
     rules = _job_rules(out)
     ran = {jobid: rules.get(jobid, "?") for jobid in rules if rules[jobid] != "all"}
@@ -119,9 +119,13 @@ def _assert_all_slurm(out: str, expected_rules: set[str]) -> dict[str, str]:
     assert expected_rules <= set(ran.values()), f"rules run: {sorted(set(ran.values()))}"
     by_rule = {}
     for jobid, slurm_id in submitted.items():
+        rule = ran.get(jobid, "?")
+        # the plugin's per-job SLURM log (slurm-keep-successful-logs) and slurmctld's own record
+        logs = list((workdir / ".snakemake" / "slurm_logs").glob(f"rule_{rule}/**/{slurm_id}.log"))
+        assert logs, f"no SLURM log for job {slurm_id} ({rule})"
         info = _scontrol(slurm_id)
-        assert "JobState=COMPLETED" in info, f"SLURM job {slurm_id} ({ran.get(jobid)}):\n{info}"
-        by_rule[ran.get(jobid, "?")] = slurm_id
+        assert "JobState=COMPLETED" in info, f"SLURM job {slurm_id} ({rule}):\n{info}"
+        by_rule[rule] = slurm_id
     print("SLURM job ids:", by_rule)
     return by_rule
 
@@ -150,7 +154,7 @@ def test_data_stages_run_as_slurm_jobs(cluster, work):
     started = time.time()
     proc = _run(workdir, config, f"results/{RECIPE}/data/train.jsonl", timeout=1200)
     assert proc.returncode == 0, proc.stdout[-8000:]
-    by_rule = _assert_all_slurm(proc.stdout, set(DATA_STAGES))
+    by_rule = _assert_all_slurm(proc.stdout, set(DATA_STAGES), workdir)
     for rule in DATA_STAGES:
         assert "-p cpu" in _sbatch_calls(proc.stdout)[rule]
     print(f"data stages on SLURM in {time.time() - started:.0f} s")
@@ -168,7 +172,7 @@ def test_train_job_asks_for_a_gpu(cluster, work):
     assert "train" in calls, proc.stdout[-6000:]
     assert "--gpus=1" in calls["train"] and "-p gpu" in calls["train"], calls["train"]
     assert proc.returncode == 0, proc.stdout[-8000:]
-    by_rule = _assert_all_slurm(proc.stdout, {"train"})
+    by_rule = _assert_all_slurm(proc.stdout, {"train"}, workdir)
     info = _scontrol(by_rule["train"])
     assert "Partition=gpu" in info
     assert re.search(r"gres/gpu[:=]1|gpu:1", info), info

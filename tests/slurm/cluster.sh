@@ -54,8 +54,9 @@ SelectTypeParameters=CR_Core
 GresTypes=gpu
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
-# squeue must still see finished jobs when the Snakemake plugin asks (it polls every 40 s+).
-MinJobAge=300
+# squeue must still see finished jobs when the Snakemake plugin asks (it polls every 40 s+,
+# needs >= 120); the test also reads each finished job back with scontrol within the hour.
+MinJobAge=3600
 KillWait=5
 SlurmctldPort=6817
 SlurmdPort=6818

@@ -1,0 +1,85 @@
+"""lm-eval through the evaluate rules' script on local tasks with a tiny model: scores, limits and
+deltas land in compare.json, lm-eval's own result files are kept, and MLflow gets the metrics."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from tunesmith import evaluate
+from tunesmith.recipe import fill_defaults, load_schema
+from tunesmith.stage import StageIO
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("evaluate_script", REPO / "scripts" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _section(**evaluate_keys):
+    schema = load_schema("recipe")
+    return {"evaluate": fill_defaults(evaluate_keys, schema["properties"]["evaluate"], schema),
+            "model": fill_defaults({}, schema["properties"]["model"], schema)}
+
+
+@pytest.mark.slow
+def test_local_task_scores_land_in_compare_json_and_mlflow(tmp_path, tiny_llama_dir, eval_split, mlflow_store):
+    script = _script()
+    section = _section(tasks=["heldout"], limit=4, max_gen_toks=8, batch_size=4, log_samples=True)
+    results = tmp_path / "results" / "r"
+    base_json = results / "eval_base" / "base.json"
+    script.main(StageIO(input={"base": str(tiny_llama_dir), "eval": eval_split["eval"], "template": eval_split["template"]},
+                        output={"scores": str(base_json)}, params={"section": section, "recipe": "r"}, threads=2))
+    out = results / "main" / "eval"
+    script.main(StageIO(input={"tuned": str(tiny_llama_dir), "base_scores": str(base_json), "eval": eval_split["eval"],
+                               "template": eval_split["template"], "gguf": []},
+                        output={"scores": str(out / "tuned.json"), "compare": str(out / "compare.json"),
+                                "plot": str(out / "compare.png")},
+                        params={"section": section, "recipe": "r", "variant": "main"}, threads=2))
+
+    heldout = json.loads((out / "compare.json").read_text())["tasks"]["heldout"]
+    assert heldout["metric"] == "exact_match,none" and heldout["limit"] == 4
+    assert 0 <= heldout["base"] <= 1 and heldout["delta"] == pytest.approx(heldout["tuned"] - heldout["base"])
+    assert heldout["tuned"] == heldout["base"]  # same model, greedy: same answers
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    # lm-eval's own results and samples are kept; the samples show the training chat format
+    assert json.loads((out / "lm_eval" / "tuned" / "results_heldout.json").read_text())["results"]["heldout"]
+    sample = json.loads((out / "lm_eval" / "tuned" / "samples_heldout.jsonl").read_text().splitlines()[0])
+    assert sample["arguments"][0][0].endswith("<|im_end|>\n<|im_start|>assistant\n")
+    task_yaml = (out / "tasks" / "tuned" / "heldout.yaml").read_text()
+    assert str((out / "tasks" / "tuned" / "heldout.jsonl").resolve()) in task_yaml  # absolute data_files
+
+    db = sqlite3.connect(mlflow_store.removeprefix("sqlite:///"))
+    metrics = {(stage, key): value for stage, key, value in db.execute(
+        "select t.value, m.key, m.value from metrics m join tags t on t.run_uuid = m.run_uuid "
+        "where t.key = 'tunesmith.stage'")}
+    assert metrics[("evaluate_base", "heldout.base")] == heldout["base"]
+    assert metrics[("evaluate", "heldout.tuned")] == heldout["tuned"]
+    assert metrics[("evaluate", "heldout.delta")] == pytest.approx(heldout["delta"])
+    assert metrics[("evaluate", "heldout.limit")] == 4
+
+
+def test_compare_keeps_limits_and_gguf_scores_in_order():
+    base = {"model": "b", "tasks": {"heldout": {"metric": "exact_match,none", "score": 0.1, "limit": 50}}}
+    tuned = {"model": "t", "tasks": {"heldout": {"metric": "exact_match,none", "score": 0.7, "limit": 50}},
+             "gguf": {"Q8_0": {"tasks": {"heldout": {"score": 0.7}}}, "Q4_K_M": {"tasks": {"heldout": {"score": 0.6}}}}}
+    c = evaluate.compare(base, tuned)["tasks"]["heldout"]
+    assert c["delta"] == pytest.approx(0.6) and c["limit"] == 50 and c["base_limit"] == 50
+    assert list(c["gguf"]) == ["Q8_0", "Q4_K_M"] and c["gguf_delta_vs_tuned"]["Q4_K_M"] == pytest.approx(-0.1)
+
+
+def test_bad_eval_row_names_file_and_line(tmp_path, eval_split, smollm2_dir):
+    from transformers import AutoTokenizer
+
+    bad = tmp_path / "eval.jsonl"
+    bad.write_text(Path(eval_split["eval"]).read_text() + '{"id": 9, "prompt": "not a list", "answer": "x"}\n')
+    with pytest.raises(evaluate.TunesmithError, match=r"eval.jsonl:7: bad eval row"):
+        evaluate.render_heldout(bad, eval_split["template"], AutoTokenizer.from_pretrained(smollm2_dir))

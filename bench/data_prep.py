@@ -95,7 +95,7 @@ def run_stage(script: str, inputs: dict, outputs: dict, params: dict, work: Path
     wall = time.perf_counter() - t
     if proc.returncode:
         raise SystemExit(f"{script} failed:\n{proc.stderr[-2000:]}\n{(work / 'logs' / f'{script}.log').read_text()[-3000:]}")
-    stage = "tokenize_count" if script == "tokenize_count" else script
+    stage = "select" if script == "select_rows" else script
     record = json.loads((work / "results" / "bench" / "tracking" / f"{stage}.json").read_text())
     metrics = {m["key"]: m["value"] for m in record["metrics"]}
     return {"wall": wall, **metrics}
@@ -122,7 +122,7 @@ def bench_stages(shared: Path) -> dict:
          {"filtered": d / "filtered.parquet", "report": d / "filter_report.json"}, ("filter",)),
         ("dedupe", {"filtered": d / "filtered.parquet"},
          {"deduped": d / "deduped.parquet", "report": d / "dedupe_report.json", "hist": d / "sim.png"}, ("dedupe",)),
-        ("select", {"deduped": d / "deduped.parquet"}, {"selected": d / "selected.parquet", "report": d / "select.json"},
+        ("select_rows", {"deduped": d / "deduped.parquet"}, {"selected": d / "selected.parquet", "report": d / "select.json"},
          ("select",)),
         ("format", {"selected": d / "selected.parquet", "tokenizer": MODEL},
          {"train": d / "train.jsonl", "eval": d / "eval.jsonl", "preview": d / "preview.txt", "template": d / "t.jinja"},

@@ -1,14 +1,10 @@
-"""Entry for the select rule: all rows, the top-k longest, or a seeded random k."""
-import sys
-from pathlib import Path
+"""Entry for the select rule: all rows, the top-k longest, or a seeded random k.
 
-# Run by hand as `python scripts/select.py`, this folder comes first on sys.path and this file
-# would shadow the standard library's `select` (imported by subprocess): drop the folder.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-from tunesmith import settings, tracking  # noqa: E402
-from tunesmith.data import stages  # noqa: E402
-from tunesmith.stage import StageIO, run  # noqa: E402
+Not named scripts/select.py: run by hand, scripts/ comes first on sys.path, and a select.py there
+shadows the standard library's `select` module for every entry script (subprocess imports it)."""
+from tunesmith import settings, tracking
+from tunesmith.data import stages
+from tunesmith.stage import StageIO, run
 
 
 def main(io: StageIO) -> None:

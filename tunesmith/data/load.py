@@ -374,7 +374,8 @@ def canonicalise(records: Iterator[tuple[str, Any]], *, file: str, schema: str, 
             skipped.add(bad)
     if records_read == 0:
         raise DataError(f"{file}: the file holds no records")
-    _check_columns(file, schema, columns, seen_columns, None)
+    if seen_columns:  # with no readable row at all, the skip report below says more
+        _check_columns(file, schema, columns, seen_columns, None)
     missing_optional = [columns[c] for c in OPTIONAL[schema] if columns.get(c) and columns[c] not in seen_columns]
     if missing_optional:
         log.warning("%s: optional mapped column(s) %s not found; left empty", file, missing_optional)

@@ -138,7 +138,7 @@ rule select:
     conda:
         "../../envs/data.yaml"
     script:
-        "../../scripts/select.py"
+        "../../scripts/select_rows.py"
 
 
 rule format:

@@ -94,7 +94,8 @@ def run_stage(script: str, inputs: dict, outputs: dict, params: dict, work: Path
     proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
     if proc.returncode:
-        raise SystemExit(f"{script} failed:\n{proc.stderr[-2000:]}\n{(work / 'logs' / f'{script}.log').read_text()[-3000:]}")
+        log = work / "logs" / f"{script}.log"
+        raise SystemExit(f"{script} failed:\n{proc.stderr[-2000:]}\n{log.read_text()[-3000:] if log.is_file() else ''}")
     stage = "select" if script == "select_rows" else script
     record = json.loads((work / "results" / "bench" / "tracking" / f"{stage}.json").read_text())
     metrics = {m["key"]: m["value"] for m in record["metrics"]}

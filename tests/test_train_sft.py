@@ -31,7 +31,8 @@ def _env(tmp_path: Path) -> dict[str, str]:
 def _stage(script: str, tmp_path: Path, inputs: dict, outputs: dict, params: dict, log: Path, **popen):
     pfile = tmp_path / f"{script}.params.json"
     pfile.write_text(json.dumps(params))
-    cmd = [sys.executable, str(REPO / "scripts" / f"{script}.py"), "--params", str(pfile), "--log", str(log)]
+    # -P: scripts/select.py would shadow the stdlib select module if scripts/ were on sys.path.
+    cmd = [sys.executable, "-P", str(REPO / "scripts" / f"{script}.py"), "--params", str(pfile), "--log", str(log)]
     cmd += [f"--input={k}={v}" for k, v in inputs.items()] + [f"--output={k}={v}" for k, v in outputs.items()]
     return subprocess.Popen(cmd, cwd=tmp_path, env=_env(tmp_path), start_new_session=True, **popen)
 

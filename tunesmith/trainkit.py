@@ -78,7 +78,10 @@ def relaunch_multi_gpu(script: str | Path, gpus: int, io: Any) -> None:
     for k, v in io.output.items():
         cmd += ["--output", f"{k}={v}"]
     log.info("multi-GPU: relaunching under accelerate with %d processes", gpus)
-    rc = subprocess.run(cmd, check=False).returncode
+    # PYTHONSAFEPATH: the script's folder must not go on sys.path (scripts/select.py would shadow
+    # the stdlib select module in every rank).
+    env = dict(os.environ, PYTHONSAFEPATH="1")
+    rc = subprocess.run(cmd, check=False, env=env).returncode
     if rc != 0:
         raise TunesmithError(f"accelerate launch with {gpus} processes failed (exit {rc}); see the log above")
 

@@ -125,3 +125,26 @@ def test_child_run_carries_provenance(store):
     assert params == {"filter.min_tokens": "4", "filter.max_tokens": "256", "filter.drop_empty": "True"}
     saved = json.loads((results / "prov" / "tracking" / "filter.json").read_text())
     assert saved["synced"] is True and saved["run_id"] == rec.run_id
+
+
+def test_sync_pushes_unsynced_records_in_place(store, tmp_path, monkeypatch):
+    """A record written with tracking off (as when the server is down) under a relative
+    results_dir is pushed by `tunesmith sync-mlflow` run from another directory, and marked
+    synced in the same file."""
+    uri, _ = store
+    job_cwd = tmp_path / "job"
+    job_cwd.mkdir()
+    monkeypatch.chdir(job_cwd)
+    monkeypatch.setenv(tracking.ENV_ENABLED, "0")
+    rec = tracking.StageRecord(recipe="later", stage="filter", results_dir="results")
+    rec.log_metrics({"rows_in": 5, "rows_out": 4})
+    tracking.finish(rec)
+    path = job_cwd / "results" / "later" / "tracking" / "filter.json"
+    assert json.loads(path.read_text())["synced"] is False
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(tracking.ENV_ENABLED, "1")
+    assert cli.main(["sync-mlflow", "--tracking-uri", uri, str(job_cwd / "results" / "later")]) == 0
+    saved = json.loads(path.read_text())
+    assert saved["synced"] is True and saved["run_id"]
+    assert not (tmp_path / "results").exists()
+    assert cli.main(["sync-mlflow", "--tracking-uri", uri, str(job_cwd / "results" / "later")]) == 0

@@ -178,8 +178,9 @@ class StageRecord:
             sub = sub / self.variant
         return sub / f"{self.stage}.json"
 
-    def save(self) -> Path:
-        path = self.record_path
+    def save(self, path: str | Path | None = None) -> Path:
+        """Write the record to path (default: its record_path under results_dir, relative to the CWD)."""
+        path = Path(path) if path is not None else self.record_path
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.__dict__, indent=2, default=str))
@@ -363,7 +364,7 @@ def sync(recipe_results: str | Path) -> tuple[int, int]:
         try:
             record.run_id = push(record)
             record.synced = True
-            record.save()
+            record.save(path)  # back where it was read: results_dir in it may be relative to another CWD
             pushed += 1
         except Exception as exc:  # noqa: BLE001
             log.warning("could not push %s: %s", path, exc)

@@ -133,7 +133,7 @@ def _config(work: Path, uri: str, **extra) -> Path:
     return write_config(work, {
         "recipes": [RECIPE],
         "recipes_dir": str(REPO / "tests" / "recipes"),
-        "tracking": {"uri": uri, "timeout_s": 3},
+        "tracking": {"uri": uri, "timeout_s": 30},  # a loaded machine answers slowly; a dead server refuses at once
         "overrides": {RECIPE: {"dataset": {"source": str(REPO / "tests" / "data" / "tiny_reverse.jsonl")}}},
         **extra,
     })

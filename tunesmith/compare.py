@@ -162,7 +162,7 @@ def table(uri: str, experiments: list[str] | None = None, by_invocation: bool = 
     groups = sorted({(r, i) for r, i, _, _ in latest})
     rows = []
     for recipe, inv in groups:
-        variants = sorted({v for r, i, v, _ in latest if (r, i) == (recipe, inv) and v}) or ["main"]
+        variants = sorted({v for r, i, v, _ in latest if (r, i) == (recipe, inv) and v}, key=_natural) or ["main"]
         shared = {s: run for (r, i, v, s), run in latest.items() if (r, i) == (recipe, inv) and not v}
         for variant in variants:
             stages = dict(shared)
@@ -181,6 +181,12 @@ def table(uri: str, experiments: list[str] | None = None, by_invocation: bool = 
     order = {"rows": 0, "train_loss": 1, "eval": 2, "gguf": 3, "seconds": 4}
     rest.sort(key=lambda c: (order.get(c.split(".")[0], -1), _stage_rank(c)))
     return frame[front + rest]
+
+
+def _natural(text: str) -> list:
+    """r-8 before r-16: digits compare as numbers."""
+    return [(0, float(p), "") if re.fullmatch(r"\d+(\.\d+)?", p) else (1, 0.0, p)
+            for p in re.split(r"(\d+(?:\.\d+)?)", text) if p]
 
 
 def _stage_rank(column: str) -> int:

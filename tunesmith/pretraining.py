@@ -292,7 +292,8 @@ def pretrain(*, tokenizer_dir: str | Path, section: dict[str, Any], model_out: s
                 record.log_metric("train_loss", v, step=s)
             for s, v in eval_hist:
                 record.log_metric("eval_loss", v, step=s)
-            record.log_metrics({k: v for k, v in metrics.items() if k != "eval_loss"})
+            record.log_metrics({k: v for k, v in metrics.items() if k not in ("eval_loss", "train_loss")})
+            record.log_metric("train_loss_mean", metrics["train_loss"])
             record.log_artifact(metrics_path)
             record.log_artifact(loss_path)
     return metrics

@@ -467,7 +467,9 @@ def train_sft(paths: SFTPaths, section: dict[str, Any], record: Any = None) -> d
             record.log_metric("train_loss", v, step=s)
         for s, v in eval_hist:
             record.log_metric("eval_loss", v, step=s)
-        record.log_metrics({k: v for k, v in metrics.items() if k not in ("eval_loss",)})
+        # train_loss / eval_loss are step histories in MLflow; the run average goes under its own key.
+        record.log_metrics({k: v for k, v in metrics.items() if k not in ("eval_loss", "train_loss")})
+        record.log_metric("train_loss_mean", metrics["train_loss"])
         record.set_tag("tunesmith.train.method", method)
         record.set_tag("tunesmith.train.device", metrics["device"])
         record.log_artifact(paths.metrics)

@@ -69,8 +69,12 @@ def train_section(method: str = "lora", **args) -> dict:
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
+    # On a fresh clone nothing has converted the GGUF yet: do it once here (≈1 min), exactly as
+    # the prepare_model rule does, rather than skip every test that needs the model.
     if not (SMOLLM2_DIR / "model.safetensors").is_file():
-        pytest.skip("resources/models/smollm2-135m-instruct is not prepared (run the prepare_model rule)")
+        from tunesmith.models import BUILTIN_SMOLLM2, prepare
+
+        prepare(BUILTIN_SMOLLM2, SMOLLM2_DIR, max_length=2048)
     return SMOLLM2_DIR
 
 

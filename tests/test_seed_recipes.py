@@ -1,0 +1,70 @@
+"""The seed recipes outside their home hardware: hub-only inputs and GPU-only methods stop with
+messages a person can act on, and the two CPU-feasible recipes run end to end (reduced by
+tests/configs/cpu.yaml, never by editing the recipes)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from workflow_helpers import REPO, SHARED, failure_text, make_workdir, read_json, snakemake, write_config
+
+TINY = str(REPO / "tests" / "data" / "tiny_reverse.jsonl")
+
+
+def test_hub_dataset_and_model_offline_say_what_and_how(tmp_path):
+    work = make_workdir(tmp_path)
+    config = write_config(work, {"recipes": ["platypus-llama2-qlora"], "offline": True})
+    proc = snakemake(work, config, "--keep-going", "results/platypus-llama2-qlora/data/raw.parquet",
+                     "resources/models/NousResearch--Llama-2-7b-hf", timeout=600)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr + "".join(p.read_text() for p in (work / "logs").rglob("*.log"))
+    assert "garage-bAInd/Open-Platypus" in out and "offline" in out
+    assert "dataset.source" in out  # how to point the recipe at a local copy
+    assert "NousResearch/Llama-2-7b-hf" in out and "model.base" in out
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_gpu_methods_without_cuda_name_the_method_and_the_cpu_alternative(tmp_path):
+    """qlora and unsloth recipes, pointed at local data and the local model, reach train and stop there."""
+    work = make_workdir(tmp_path)
+    local = {"dataset": {"source": TINY, "format": "auto", "columns": {"input": None, "system": None}},
+             "tokenize": {"tokenizer": None}, "dedupe": {"model": "default", "near": False},
+             "model": {"base": "smollm2-135m-instruct"}, "format": {"template": "model"}}
+    config = write_config(work, {"recipes": ["platypus-llama2-qlora", "dolly-pirate-llama3.2-unsloth"],
+                                 "overrides": {"platypus-llama2-qlora": local,
+                                               "dolly-pirate-llama3.2-unsloth": local}})
+    proc = snakemake(work, config, "--keep-going", "results/platypus-llama2-qlora/main/model/trained",
+                     "results/dolly-pirate-llama3.2-unsloth/main/model/trained", timeout=1500)
+    assert proc.returncode != 0
+    for recipe, method in (("platypus-llama2-qlora", "qlora"), ("dolly-pirate-llama3.2-unsloth", "unsloth")):
+        log = (work / "logs" / recipe / "main" / "train.log").read_text()
+        assert "CUDA" in log and method in log and "method: lora" in log, log[-2000:]
+        assert not (work / "results" / recipe / "main" / "model" / "trained").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED.is_dir(), reason=f"real datasets not available: {SHARED} is absent")
+def test_gsm8k_and_scratch_llama_run_end_to_end_on_cpu(tmp_path):
+    work = make_workdir(tmp_path)
+    cfg = yaml.safe_load((REPO / "tests" / "configs" / "cpu.yaml").read_text())
+    cfg["tracking"] = {"enabled": False}
+    config = write_config(work, cfg)
+    proc = snakemake(work, config, timeout=3600)
+    assert proc.returncode == 0, failure_text(proc, work)
+    for recipe in ("gsm8k-smollm2-lora", "scratch-llama"):
+        out = work / "results" / recipe / "main"
+        compare = read_json(out / "eval" / "compare.json")
+        assert compare["tasks"], recipe
+        for task in compare["tasks"].values():
+            assert task["base"] is not None and task["tuned"] is not None
+        report = read_json(out / "gguf" / "report.json")
+        assert report["files"], recipe
+        for name, info in report["files"].items():
+            assert info["size_bytes"] > 0 and info["smoke_text"] is not None, (recipe, name)
+    gsm = read_json(work / "results" / "gsm8k-smollm2-lora" / "main" / "eval" / "compare.json")
+    assert "gsm8k_local" in gsm["tasks"] and gsm["tasks"]["gsm8k_local"]["limit"] == 5
+    print(json.dumps(gsm, indent=1))

@@ -9,13 +9,14 @@ from workflow_helpers import failure_text, make_workdir, mlflow_runs, read_json,
 
 pytestmark = pytest.mark.slow
 RECIPE = "demo-reverse-lora"
+FAKE_TOKEN = "hf_tunesmithWORKFLOWfake0123456789abcdef"
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     work = make_workdir(tmp_path_factory.mktemp("default"))
     config = write_config(work, {"recipes": [RECIPE]})
-    proc = snakemake(work, config)
+    proc = snakemake(work, config, env={"HF_TOKEN": FAKE_TOKEN})
     assert proc.returncode == 0, failure_text(proc, work)
     return work, config
 
@@ -26,7 +27,7 @@ def test_data_stages_remove_planted_rows_and_reports_add_up(run):
     source = read_json(data / "source.json")
     filt = read_json(data / "filter_report.json")
     assert filt["rows_in"] == source["rows"]
-    assert filt["rows_in"] == filt["rows_out"] + sum(filt["dropped"].values())
+    assert filt["rows_in"] == filt["rows_out"] + sum(filt["drops"].values())
     assert filt["rows_out"] < filt["rows_in"]  # the demo file plants empty and over-long rows
     dedupe = read_json(data / "dedupe_report.json")
     assert dedupe["rows_in"] == filt["rows_out"]
@@ -79,3 +80,13 @@ def test_rerun_has_nothing_to_do(run):
     proc = snakemake(work, config, "-n")
     assert proc.returncode == 0
     assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_hub_token_reaches_no_log_output_or_mlflow_store(run):
+    """HF_TOKEN is read from the environment only: no log, result, MLflow param/tag/artifact holds it."""
+    work, _ = run
+    needle = FAKE_TOKEN.encode()
+    leaks = [str(p) for folder in ("results", "logs", "mlartifacts", ".snakemake/log")
+             for p in (work / folder).rglob("*") if p.is_file() and needle in p.read_bytes()]
+    leaks += [str(work / "mlflow.db")] if needle in (work / "mlflow.db").read_bytes() else []
+    assert not leaks, f"HF_TOKEN leaked into {leaks}"

@@ -78,23 +78,26 @@ def smollm2_dir() -> Path:
     return SMOLLM2_DIR
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory, smollm2_dir) -> Path:
-    """A random 2-layer Llama (hidden 64) with SmolLM2's tokenizer and ChatML template: loads in ms."""
+def random_llama(out: Path, tokenizer_dir: Path, **sizes: int) -> Path:
+    """A randomly initialised bf16 Llama with the given sizes and SmolLM2's tokenizer + ChatML."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = LlamaConfig(vocab_size=len(tok), num_hidden_layers=2, num_attention_heads=4,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+                      pad_token_id=tok.pad_token_id, tie_word_embeddings=True, **sizes)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    model.save_pretrained(out, safe_serialization=True)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smollm2_dir) -> Path:
+    """A random 2-layer Llama (hidden 64): loads in ms."""
+    return random_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_dir, hidden_size=64,
+                        intermediate_size=128, num_key_value_heads=2, max_position_embeddings=256)
 
 
 @pytest.fixture
@@ -191,20 +194,9 @@ def jsonl_file(tmp_path):
 @pytest.fixture(scope="session")
 def llama256_dir(tmp_path_factory, smollm2_dir) -> Path:
     """A random 2-layer Llama whose rows are multiples of 256 (hidden 256, MLP 512, vocab 49152), so
-    every GGUF K-quant applies without fallback; SmolLM2's tokenizer and ChatML template."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("llama256")
-    tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return out
+    every GGUF K-quant applies without fallback."""
+    return random_llama(tmp_path_factory.mktemp("llama256"), smollm2_dir, hidden_size=256,
+                        intermediate_size=512, num_key_value_heads=4, max_position_embeddings=512)
 
 
 @pytest.fixture(scope="session")

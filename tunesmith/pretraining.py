@@ -288,12 +288,5 @@ def pretrain(*, tokenizer_dir: str | Path, section: dict[str, Any], model_out: s
         trainkit.plot_loss(train_hist, eval_hist, loss_path, f"pretrain from scratch: {metrics['steps']} steps")
         write_json(metrics_path, metrics)
         if record is not None:
-            for s, v in train_hist:
-                record.log_metric("train_loss", v, step=s)
-            for s, v in eval_hist:
-                record.log_metric("eval_loss", v, step=s)
-            record.log_metrics({k: v for k, v in metrics.items() if k not in ("eval_loss", "train_loss")})
-            record.log_metric("train_loss_mean", metrics["train_loss"])
-            record.log_artifact(metrics_path)
-            record.log_artifact(loss_path)
+            trainkit.log_training(record, metrics, train_hist, eval_hist, [metrics_path, loss_path])
     return metrics

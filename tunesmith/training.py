@@ -463,15 +463,7 @@ def train_sft(paths: SFTPaths, section: dict[str, Any], record: Any = None) -> d
                        f"{method} on {Path(paths.base).name}: {metrics['steps']} steps")
     write_json(paths.metrics, metrics)
     if record is not None:
-        for s, v in train_hist:
-            record.log_metric("train_loss", v, step=s)
-        for s, v in eval_hist:
-            record.log_metric("eval_loss", v, step=s)
-        # train_loss / eval_loss are step histories in MLflow; the run average goes under its own key.
-        record.log_metrics({k: v for k, v in metrics.items() if k not in ("eval_loss", "train_loss")})
-        record.log_metric("train_loss_mean", metrics["train_loss"])
+        trainkit.log_training(record, metrics, train_hist, eval_hist, [paths.metrics, paths.loss])
         record.set_tag("tunesmith.train.method", method)
         record.set_tag("tunesmith.train.device", metrics["device"])
-        record.log_artifact(paths.metrics)
-        record.log_artifact(paths.loss)
     return metrics

@@ -232,3 +232,17 @@ def plot_loss(train: list[tuple[int, float]], evals: list[tuple[int, float]], pa
         ax.text(0.5, 0.5, "no logged steps", ha="center", va="center", transform=ax.transAxes)
     save_figure(fig, path)
     plt.close(fig)
+
+
+def log_training(record: Any, metrics: dict[str, Any], train: list[tuple[int, float]],
+                 evals: list[tuple[int, float]], artifacts: list[str | Path]) -> None:
+    """Loss curves as MLflow step metrics, the scalar figures beside them, and the files."""
+    for step, value in train:
+        record.log_metric("train_loss", value, step=step)
+    for step, value in evals:
+        record.log_metric("eval_loss", value, step=step)
+    # train_loss / eval_loss are step histories in MLflow; the run average goes under its own key.
+    record.log_metrics({k: v for k, v in metrics.items() if k not in ("eval_loss", "train_loss")})
+    record.log_metric("train_loss_mean", metrics["train_loss"])
+    for path in artifacts:
+        record.log_artifact(path)

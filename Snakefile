@@ -9,6 +9,22 @@ configfile: "config.yaml"
 
 
 include: "workflow/rules/common.smk"
+# Declared so that Snakemake forwards them to jobs on other nodes (SLURM): every stage of one
+# invocation then finds the same MLflow parent run.
+envvars:
+    "TUNESMITH_INVOCATION",
+    "TUNESMITH_TRACKING_URI",
+    "TUNESMITH_TRACKING",
+    "TUNESMITH_TRACKING_TIMEOUT",
+    "TUNESMITH_RESULTS",
+    "TUNESMITH_OFFLINE",
+
+
+wildcard_constraints:
+    recipe="|".join(RECIPES) or "NONE",
+    variant="[A-Za-z0-9._=-]+",
+
+
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"

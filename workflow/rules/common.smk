@@ -34,22 +34,6 @@ RESULTS = CFG["results_dir"]
 configure_environment(CFG)
 
 
-# Declared so that Snakemake forwards them to jobs on other nodes (SLURM): every stage of one
-# invocation then finds the same MLflow parent run.
-envvars:
-    "TUNESMITH_INVOCATION",
-    "TUNESMITH_TRACKING_URI",
-    "TUNESMITH_TRACKING",
-    "TUNESMITH_TRACKING_TIMEOUT",
-    "TUNESMITH_RESULTS",
-    "TUNESMITH_OFFLINE",
-
-
-wildcard_constraints:
-    recipe="|".join(RECIPES) or "NONE",
-    variant="[A-Za-z0-9._=-]+",
-
-
 def R(name):
     return RECIPES[name]
 
@@ -181,7 +165,7 @@ def close_tracking(status):
 
 
 def compare_targets():
-    """The MLflow comparison (rule compare) when tracking is on: rule all asks for it then."""
+    """Targets of the MLflow comparison when tracking is on (the all target then asks for them)."""
     if not CFG["tracking"]["enabled"]:
         return []
     return [f"{RESULTS}/compare/compare.md", f"{RESULTS}/compare/compare.csv", f"{RESULTS}/compare/compare.png"]

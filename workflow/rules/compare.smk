@@ -18,12 +18,13 @@ rule compare:
         png=report(f"{RESULTS}/compare/compare.png", caption="../report/compare_runs.rst", category="Comparison"),
     params:
         experiments=list(RECIPES),
-        out_dir=f"{RESULTS}/compare",
     log:
         "logs/compare.log",
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
+    conda:
+        "../../envs/eval.yaml"
     script:
         "../../scripts/compare.py"

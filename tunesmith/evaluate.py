@@ -343,7 +343,9 @@ def plot(comparison: dict[str, Any], path: str | Path, title: str = "") -> None:
                                         key=lambda q: ("Q8" not in q, q))
     fig, ax = plt.subplots(figsize=(max(4.5, 1.6 * len(tasks) * len(series) / 2), 3.6))
     width = 0.8 / len(series)
-    colors = {"base": "#9e9e9e", "tuned": "#1f77b4"}
+    # Fixed colours: matplotlib's cycle would paint the first GGUF bar the same blue as "tuned".
+    palette = ["#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2"]
+    colors = {"base": "#9e9e9e", "tuned": "#1f77b4", **{q: palette[i % len(palette)] for i, q in enumerate(series[2:])}}
     for i, s in enumerate(series):
         values = [(t.get(s) if s in ("base", "tuned") else t.get("gguf", {}).get(s)) for t in comparison["tasks"].values()]
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(tasks))]
@@ -354,7 +356,7 @@ def plot(comparison: dict[str, Any], path: str | Path, title: str = "") -> None:
                             ha="center", va="bottom", fontsize=7)
     labels = [f"{n}\n{t['metric'].split(',')[0]}, n={t['limit']}" for n, t in comparison["tasks"].items()]
     ax.set_xticks(range(len(tasks)), labels, fontsize=8)
-    ax.set_ylim(0, 1.1)
+    ax.set_ylim(0, 1.3)  # headroom for the legend above bars at 1.0
     ax.set_ylabel("score")
     ax.set_title(title or "base vs tuned" + (" vs GGUF" if len(series) > 2 else ""), fontsize=9)
     ax.legend(fontsize=7, ncol=len(series), loc="upper left")

@@ -31,7 +31,8 @@ def test_hub_dataset_and_model_offline_say_what_and_how(tmp_path):
 def test_gpu_methods_without_cuda_name_the_method_and_the_cpu_alternative(tmp_path):
     """qlora and unsloth recipes, pointed at local data and the local model, reach train and stop there."""
     work = make_workdir(tmp_path)
-    local = {"dataset": {"source": TINY, "format": "auto", "columns": {"input": None, "system": None}},
+    local = {"dataset": {"source": TINY, "format": "auto", "columns": {"instruction": "instruction", "input": None,
+                                                                     "system": None, "output": "output"}},
              "tokenize": {"tokenizer": None}, "dedupe": {"model": "default", "near": False},
              "model": {"base": "smollm2-135m-instruct"}, "format": {"template": "model"}}
     config = write_config(work, {"recipes": ["platypus-llama2-qlora", "dolly-pirate-llama3.2-unsloth"],

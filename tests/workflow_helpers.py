@@ -43,8 +43,10 @@ def snakemake(work: Path, config: Path, *args: str, timeout: int = 3000,
               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
     full_env.pop("TUNESMITH_INVOCATION", None)
-    cmd = [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(work),
-           "--configfile", str(config), "--cores", "2", "--resources", "gpu=1", *args]
+    # Targets and extra flags go first: --resources takes any number of values and would swallow
+    # a target written after it.
+    cmd = [SNAKEMAKE, *args, "--snakefile", str(REPO / "Snakefile"), "--directory", str(work),
+           "--configfile", str(config), "--cores", "2", "--resources", "gpu=1"]
     return subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 

@@ -133,3 +133,17 @@ def test_dry_run_plans_every_recipe():
     for rule in ("download", "tokenize_count", "filter", "dedupe", "select", "format", "train",
                  "merge", "evaluate", "quantize", "train_tokenizer", "pretrain"):
         assert f"rule {rule}:" in proc.stdout or f"localrule {rule}:" in proc.stdout, rule
+
+
+def test_gpt2_recipe_targets_c_attn_and_q_proj_lists_what_gpt2_has():
+    """GPT-2 fuses q/k/v into Conv1D c_attn: the recipe's targets fit a GPT-2 architecture, q_proj does not."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tunesmith.errors import TunesmithError
+    from tunesmith.training import check_target_modules
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
+    recipe = load_recipe(REPO / "recipes" / "alpaca-gpt2-lora.yaml")
+    assert check_target_modules(gpt2, recipe["train"]["lora"]["target_modules"]) == ["c_attn"]
+    with pytest.raises(TunesmithError, match=r"q_proj.*c_attn, c_fc, c_proj"):
+        check_target_modules(gpt2, ["q_proj", "v_proj"])

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from tunesmith.errors import RecipeError
-from tunesmith.recipe import load_config, load_recipe, variants
+from tunesmith.recipe import check_config, load_config, load_recipe, variants
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -84,6 +84,47 @@ def test_trust_remote_code_needs_a_reason(tmp_path):
         load_recipe(path)
 
 
+def test_defaults_fill_list_items_too(tmp_path):
+    """filter.regex rules get their field and action from the schema like every other key."""
+    path = _write(tmp_path, {"dataset": {"source": "x.jsonl"}, "filter": {"regex": [{"name": "n", "pattern": "x"}]}})
+    assert load_recipe(path)["filter"]["regex"] == [{"name": "n", "pattern": "x", "field": "output", "action": "drop"}]
+
+
+def test_whitespace_reason_for_remote_code_is_refused(tmp_path):
+    path = _write(tmp_path, {"dataset": {"source": "x.jsonl"},
+                             "model": {"trust_remote_code": True, "trust_remote_code_reason": "  \t "}})
+    with pytest.raises(RecipeError, match="trust_remote_code_reason"):
+        load_recipe(path)
+    path = _write(tmp_path, {"dataset": {"source": "x.jsonl"},
+                             "model": {"trust_remote_code": True, "trust_remote_code_reason": "custom MoE layers"}})
+    assert load_recipe(path)["model"]["trust_remote_code"] is True
+
+
+def test_duplicate_recipe_key_names_the_key_and_both_lines(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("dataset:\n  source: x.jsonl\ntrain:\n  method: lora\n  args: {seed: 1}\n  method: full\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    msg = str(err.value)
+    assert str(path) in msg and "'method'" in msg and "lines 4 and 6" in msg
+    # The same key under two different parents is fine.
+    path.write_text("dataset:\n  source: x.jsonl\nformat:\n  seed: 1\nselect:\n  seed: 2\n")
+    assert load_recipe(path)["select"]["seed"] == 2
+
+
+def test_duplicate_key_in_flow_mapping_and_config(tmp_path):
+    path = tmp_path / "flow.yaml"
+    path.write_text("dataset: {source: x.jsonl, source: y.jsonl}\n")
+    with pytest.raises(RecipeError, match=r"key 'source' is written twice, at lines 1 and 1"):
+        load_recipe(path)
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("recipes: [demo-reverse-lora]\noffline: true\nresults_dir: out\noffline: false\n")
+    with pytest.raises(RecipeError, match=r"config.yaml: key 'offline' is written twice, at lines 2 and 4"):
+        load_config(cfg)
+    with pytest.raises(RecipeError, match=r"key 'offline' is written twice"):
+        check_config({"recipes": ["demo-reverse-lora"]}, "config.yaml", files=[cfg])
+
+
 def test_sweep_expands_into_named_variants(tmp_path):
     path = _write(tmp_path, {"dataset": {"source": "x.jsonl"},
                              "sweep": {"train.lora.r": [8, 16], "train.args.learning_rate": [0.0001, 0.0002]}})
@@ -140,7 +181,7 @@ def test_gpt2_recipe_targets_c_attn_and_q_proj_lists_what_gpt2_has():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from tunesmith.errors import TunesmithError
-    from tunesmith.training import check_target_modules
+    from tunesmith.methods import check_target_modules
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
     recipe = load_recipe(REPO / "recipes" / "alpaca-gpt2-lora.yaml")

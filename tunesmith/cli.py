@@ -31,14 +31,14 @@ def _uri(args: argparse.Namespace) -> str:
     if config.is_file():
         from tunesmith.recipe import load_config
 
-        uri = load_config(config)["tracking"].get("uri")
+        uri = load_config(config)["tracking"]["uri"]
         if uri:
             return uri
     return tracking.default_uri(".")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from tunesmith.recipe import load_config, load_recipe
+    from tunesmith.recipe import fill_defaults, load_config, load_recipe, load_schema, variants
 
     failed = 0
     cfg = None
@@ -52,9 +52,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     elif not args.recipes:
         print(f"ERROR {args.config}: file not found (give --config, or name recipes to check)")
         return 1
-    recipes_dir = Path(args.recipes_dir or (cfg or {}).get("recipes_dir") or "recipes")
-    overrides = (cfg or {}).get("overrides", {})
-    targets = args.recipes or ([*cfg["recipes"]] if cfg else [])
+    # Without a usable config.yaml: the config schema's defaults, and only the recipes named here.
+    settings = cfg or fill_defaults({"recipes": []}, load_schema("config"))
+    recipes_dir = Path(args.recipes_dir or settings["recipes_dir"])
+    overrides = settings["overrides"]
+    targets = args.recipes or [*settings["recipes"]]
     if args.all:
         targets = sorted({*targets, *(p.stem for p in recipes_dir.glob("*.yaml"))})
     for target in targets:
@@ -63,8 +65,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
             path = recipes_dir / f"{target}.yaml"
         try:
             recipe = load_recipe(path, overrides.get(path.stem))
-            from tunesmith.recipe import variants
-
             names = list(variants(recipe))
             extra = f" (variants: {', '.join(names)})" if names != ["main"] else ""
             print(f"OK    {path}{extra}")
@@ -77,8 +77,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_sync(args: argparse.Namespace) -> int:
     from tunesmith import tracking
 
-    uri = _uri(args)
-    os.environ[tracking.ENV_URI] = uri
+    # Each record remembers the store it was meant for; --tracking-uri sends them elsewhere.
+    uri = args.tracking_uri
     os.environ.setdefault(tracking.ENV_TIMEOUT, str(args.timeout))
     total_failed = 0
     for folder in args.results:
@@ -87,8 +87,9 @@ def cmd_sync(args: argparse.Namespace) -> int:
             print(f"ERROR {path}: no tracking/ folder here (expected results/<recipe>)", file=sys.stderr)
             total_failed += 1
             continue
-        pushed, failed = tracking.sync(path)
-        print(f"{path}: pushed {pushed} stage record(s) to {uri}" + (f", {failed} failed" if failed else ""))
+        pushed, failed = tracking.sync(path, uri)
+        print(f"{path}: pushed {pushed} stage record(s) to {uri or 'the store each was meant for'}"
+              + (f", {failed} failed" if failed else ""))
         total_failed += failed
     return 1 if total_failed else 0
 

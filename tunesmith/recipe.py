@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import itertools
+from collections.abc import Iterable
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +17,18 @@ import yaml
 
 from tunesmith.errors import RecipeError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SCHEMA_DIR = REPO_ROOT / "workflow" / "schemas"
 DEFAULT_VARIANT = "main"
 
 
+@functools.cache
+def _schema_text(name: str) -> str:
+    # The schemas ship inside the package (tunesmith/schemas/), so an installed wheel finds them.
+    return resources.files("tunesmith").joinpath("schemas", f"{name}.schema.yaml").read_text(encoding="utf-8")
+
+
 def load_schema(name: str) -> dict[str, Any]:
-    return yaml.safe_load((SCHEMA_DIR / f"{name}.schema.yaml").read_text())
+    """The named JSON Schema ('recipe' or 'config'), a fresh copy the caller may change."""
+    return yaml.safe_load(_schema_text(name))
 
 
 def _dotted(path: Any) -> str:
@@ -79,7 +87,16 @@ def fill_defaults(data: dict[str, Any], schema: dict[str, Any], root: dict[str, 
             out[key] = copy.deepcopy(sub["default"])
         if isinstance(out.get(key), dict) and "properties" in sub:
             out[key] = fill_defaults(out[key], sub, root)
+        items = _resolve(sub.get("items", {}), root)
+        if isinstance(out.get(key), list) and "properties" in items:  # a list of objects, e.g. filter.regex
+            out[key] = [fill_defaults(item, items, root) if isinstance(item, dict) else item for item in out[key]]
     return out
+
+
+def section_defaults(name: str, values: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Recipe section `name` (dataset, filter, evaluate, ...) with the given values, the rest from the schema."""
+    schema = load_schema("recipe")
+    return fill_defaults(values or {}, schema["properties"][name], schema)
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -92,13 +109,49 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first: int, second: int) -> None:
+        super().__init__(key, first, second)
+        self.key, self.first, self.second = key, first, second
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key written twice in one mapping (plain YAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # '<<: *anchor' may be overridden on purpose
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(key, seen[key], line)
+                    seen[key] = line
+                except TypeError:
+                    continue  # unhashable key: SafeLoader's own check reports it below
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse one YAML file; a key written twice in a mapping is a RecipeError naming both lines."""
+    path = Path(path)
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506 (SafeLoader subclass)
+    except _DuplicateKey as dup:
+        raise RecipeError(
+            f"{path}: key '{dup.key}' is written twice, at lines {dup.first} and {dup.second}; keep one"
+        ) from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise RecipeError(f"{path}: file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    data = read_yaml(path)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -113,8 +166,13 @@ def load_config(path: str | Path) -> dict[str, Any]:
     return fill_defaults(data, load_schema("config"))
 
 
-def check_config(data: dict[str, Any], source: str) -> dict[str, Any]:
-    """Validate an already-loaded config (Snakemake merges --config into it) and fill defaults."""
+def check_config(data: dict[str, Any], source: str, files: Iterable[str | Path] = ()) -> dict[str, Any]:
+    """Validate an already-loaded config (Snakemake merges --config into it) and fill defaults.
+
+    files: the YAML files it was read from (Snakemake's loader keeps the last of two equal keys);
+    each is re-read only to refuse duplicate keys."""
+    for path in files:
+        read_yaml(path)
     validate(data, "config", source)
     return fill_defaults(data, load_schema("config"))
 
@@ -143,7 +201,7 @@ def _check_semantics(recipe: dict[str, Any], source: str) -> None:
         raise RecipeError(f"{source}: model.base 'pretrained' needs kind: pretrain")
     if recipe["format"]["template"] == "custom" and not recipe["format"]["custom_template"]:
         raise RecipeError(f"{source}: format.template is 'custom' but format.custom_template is empty")
-    if recipe["model"]["trust_remote_code"] and not recipe["model"]["trust_remote_code_reason"]:
+    if recipe["model"]["trust_remote_code"] and not (recipe["model"]["trust_remote_code_reason"] or "").strip():
         raise RecipeError(
             f"{source}: model.trust_remote_code is on; say why in model.trust_remote_code_reason"
         )

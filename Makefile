@@ -14,7 +14,7 @@ $(STAMP): requirements.txt tools/setup_env.sh pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/snakemake --cores $(CORES) --resources gpu=$(GPUS) --workflow-profile workflow/profiles/local
+	$(VENV)/bin/snakemake --cores $(CORES) --resources gpu=$(GPUS)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/python -m pytest -ra tests

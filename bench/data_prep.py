@@ -39,10 +39,10 @@ DATASETS = {
 
 
 def dataset_section(shared: Path, name: str) -> dict:
+    from tunesmith.recipe import section_defaults
+
     path, cols = DATASETS[name]
-    return {"source": str(shared / path), "format": "auto", "schema": "instruction",
-            "columns": {**cols, "system": None, "messages": "messages", "text": "text"}, "on_bad_rows": "error",
-            "limit": None}
+    return section_defaults("dataset", {"source": str(shared / path), "columns": dict(cols)})
 
 
 def bench_counting(shared: Path, tok) -> None:

@@ -1,17 +1,12 @@
-"""Entry for the compare rule: the MLflow comparison across this config's recipes and variants.
+"""compare: the MLflow comparison across this config's recipes and variants.
 By hand: tunesmith compare [--experiments ...] [--out results/compare]."""
-from pathlib import Path
-
 from tunesmith import compare, tracking
-from tunesmith.stage import StageIO, run
+from tunesmith.stage import run
 
 
-def main(io: StageIO) -> None:
-    experiments = io.params.get("experiments") or None
-    paths = compare.write(tracking.tracking_uri(), Path(io.output["md"]).parent, experiments)
-    for kind, path in paths.items():
-        print(f"{kind}: {path}")
+def main(io):
+    return compare.stage(tracking.tracking_uri(), io.output, io.params["experiments"] or None)
 
 
 if __name__ == "__main__":
-    run(main, "compare")
+    run(main)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tunesmith import cli, tracking
+from tunesmith.result import Result
 
 DATA = {"download": (0, 48), "tokenize_count": (48, 48), "filter": (48, 45), "dedupe": (45, 40),
         "select": (40, 40), "format": (40, 40)}
@@ -27,11 +28,13 @@ def store(tmp_path_factory):
     mp.setenv(tracking.ENV_INVOCATION, "test-invocation-1")
     results = tmp / "results"
 
-    def push(recipe, stage, variant=None, metrics=(), params=None, history=()):
+    def push(recipe, stage, variant=None, metrics=(), params=None, history=(), figures=None):
         rec = tracking.StageRecord(recipe=recipe, stage=stage, results_dir=str(results), variant=variant)
         rec.log_params(params or {"section": {"stage": stage}})
         for key, value in metrics:
             rec.log_metric(key, value)
+        if figures:
+            rec.take(Result(figures=figures))
         for step, value in history:
             rec.log_metric("train_loss", value, step=step)
         tracking.finish(rec)
@@ -40,20 +43,19 @@ def store(tmp_path_factory):
 
     for stage, (rows_in, rows_out) in DATA.items():
         push("tiny-sweep", stage, metrics=[("rows_in", rows_in), ("rows_out", rows_out)])
-    push("tiny-sweep", "evaluate_base", metrics=[("heldout.base", 0.10), ("heldout.limit", 5)])
+    push("tiny-sweep", "evaluate_base", figures={"tasks": {"heldout": {"base": 0.10, "limit": 5}}})
     for variant, r, final in (("r-8", 8, 0.9), ("r-16", 16, 0.7)):
         train = {"method": "lora", "lora": {"r": r, "alpha": 16}, "args": {"learning_rate": 0.001}}
         push("tiny-sweep", "train", variant, params={"train": train, "model": {"base": "smollm2"}},
              history=[(1, 2.0), (2, 1.5), (3, final)])
         push("tiny-sweep", "merge", variant)
-        push("tiny-sweep", "evaluate", variant, metrics=[("heldout.tuned", 0.5 + r / 100), ("heldout.gguf_Q8_0", 0.5),
-                                                           ("heldout.base", 0.10), ("heldout.delta", 0.4 + r / 100)])
-        push("tiny-sweep", "quantize", variant, metrics=[("gguf.Q8_0.size_bytes", 145e6), ("gguf.Q8_0.top1_agreement", 0.92),
-                                                           ("gguf.F16.size_bytes", 270e6), ("gguf.F16.mean_kl", 0.001)])
+        push("tiny-sweep", "evaluate", variant, figures={"tasks": {"heldout": {
+            "tuned": 0.5 + r / 100, "Q8_0": 0.5, "base": 0.10, "delta": 0.4 + r / 100, "limit": 5}}})
+        push("tiny-sweep", "quantize", variant, figures={"gguf": {
+            "Q8_0": {"size_bytes": 145e6, "top1_agreement": 0.92}, "F16": {"size_bytes": 270e6, "mean_kl": 0.001}}})
     # A second recipe with only some stages: the comparison leaves its other cells empty.
-    # (and '/'-separated metric names are read as well)
     push("other", "download", metrics=[("rows_out", 100)])
-    push("other", "evaluate", metrics=[("gsm8k/base", 0.2), ("gsm8k/tuned", 0.3)])
+    push("other", "evaluate", figures={"tasks": {"gsm8k": {"base": 0.2, "tuned": 0.3}}})
     push("other", "train", params={"train": {"method": "full"}}, history=[(1, 3.0)])
     yield uri, tmp
     mp.undo()
@@ -79,7 +81,7 @@ def test_compare_writes_markdown_csv_png(store):
     other = rows[("other", "main")]
     assert other["rows.download"] == "100" and other["method"] == "full" and other["eval.heldout.base"] == ""
     assert float(other["eval.gsm8k.delta"]) == pytest.approx(0.1)
-    assert float(r8["eval.heldout.gguf_Q8_0"]) == 0.5 and float(r8["gguf.F16.MB"]) == 270.0
+    assert float(r8["eval.heldout.Q8_0"]) == 0.5 and float(r8["gguf.F16.MB"]) == 270.0
     md = (out / "compare.md").read_text()
     assert "## Data rows after each curation stage" in md and "| tiny-sweep | r-16 |" in md
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -105,7 +107,7 @@ def test_child_run_carries_provenance(store):
     (data / "source.json").write_text(json.dumps({"raw_sha256": "feedface" * 8}))
     out = data / "filtered.parquet"
     section = {"filter": {"min_tokens": 4, "max_tokens": 256, "drop_empty": True}}
-    with tracking.stage_run("filter", {"section": section}, {"raw": str(raw)}, {"filtered": str(out)},
+    with tracking.stage_run("filter", {"raw": str(raw)}, {"filtered": str(out)},
                             recipe="prov", results_dir=str(results), section=section) as rec:
         out.write_bytes(b"filtered rows")
         rec.log_metrics({"rows_in": 10, "rows_out": 8})
@@ -148,3 +150,31 @@ def test_sync_pushes_unsynced_records_in_place(store, tmp_path, monkeypatch):
     assert saved["synced"] is True and saved["run_id"]
     assert not (tmp_path / "results").exists()
     assert cli.main(["sync-mlflow", "--tracking-uri", uri, str(job_cwd / "results" / "later")]) == 0
+
+
+def test_sync_pushes_to_the_records_own_store_and_closes_the_parent(tmp_path, monkeypatch):
+    """The server is down when the workflow ends: the record keeps its target store, the final
+    status waits in a file, and sync (given no --tracking-uri) pushes there and closes the parent
+    run with that status instead of leaving it RUNNING."""
+    meant = f"sqlite:///{tmp_path / 'meant.db'}"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(tracking.ENV_INVOCATION, "inv-down")
+    monkeypatch.setenv(tracking.ENV_URI, meant)
+    monkeypatch.setenv(tracking.ENV_ENABLED, "0")  # the server is down: nothing is pushed
+    rec = tracking.StageRecord(recipe="down", stage="train", results_dir="results")
+    rec.log_metric("train_loss", 1.0, step=1)
+    tracking.finish(rec)
+    monkeypatch.setenv(tracking.ENV_ENABLED, "1")
+    tracking.close_parents("FAILED", ["down"], "results")  # no stage reached the store: no parent yet
+    state = json.loads((tmp_path / "results/down/tracking/invocations/inv-down.json").read_text())
+    assert state["status"] == "FAILED" and state["closed"] is False
+
+    monkeypatch.setenv(tracking.ENV_URI, f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    assert cli.main(["sync-mlflow", "results/down"]) == 0
+    assert not (tmp_path / "elsewhere.db").exists()
+    db = sqlite3.connect(tmp_path / "meant.db")
+    statuses = dict(db.execute("select t.value, r.status from runs r join tags t on t.run_uuid = r.run_uuid "
+                               "where t.key = 'tunesmith.role'"))
+    db.close()
+    assert statuses == {"parent": "FAILED", "stage": "FINISHED"}
+    assert json.loads((tmp_path / "results/down/tracking/invocations/inv-down.json").read_text())["closed"] is True

@@ -9,6 +9,7 @@ import pytest
 
 from tunesmith.data import dedupe, load
 from tunesmith.errors import EnvironmentNotSupported
+from tunesmith.recipe import section_defaults
 
 
 def canon(outputs, instructions=None):
@@ -88,10 +89,9 @@ def test_stage_at_two_thresholds_reports_pairs(tmp_path, embedder, threshold):
     frame = canon(TEXTS + [TEXTS[0]], [f"q{i}" for i in range(len(TEXTS))] + ["q0"])
     src = tmp_path / "f.parquet"
     frame.to_parquet(src)
-    section = {"exact": True, "near": True, "field": "output", "threshold": threshold, "batch_size": 8,
-               "index": "auto", "neighbors": 5, "sample_pairs": 10}
+    section = section_defaults("dedupe", {"threshold": threshold, "batch_size": 8, "neighbors": 5, "sample_pairs": 10})
     metrics = stage(str(src), section, str(tmp_path / "d.parquet"), str(tmp_path / "r.json"), str(tmp_path / "h.png"),
-                    offline=True, model=embedder)
+                    offline=True, model=embedder).metrics
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["exact_removed"] == 1 and report["near_removed"] >= 1
     assert report["rows_in"] == report["rows_out"] + report["exact_removed"] + report["near_removed"] == metrics["rows_in"]
@@ -102,3 +102,21 @@ def test_stage_at_two_thresholds_reports_pairs(tmp_path, embedder, threshold):
     assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
     removed = {p["removed_id"] for p in report["pairs_sample"]}
     assert 8 not in removed and 5 not in removed  # unrelated texts stay
+
+
+def test_exact_dedupe_folds_unicode_variants():
+    """Six spellings of one row that differ only in Unicode form hash alike (issue: exact dedupe
+    missed zero-width spaces, BOMs, NFD accents and fullwidth letters)."""
+    from tunesmith.data.dedupe import normalise
+
+    base = "Café au lait, please"
+    variants = [
+        base,
+        "Caf\u00e9 au\u200b lait, please",           # zero-width space
+        "\ufeffCafé au lait, please",                # BOM at the start
+        "Café au\ufeff lait, please",                # embedded U+FEFF
+        "Cafe\u0301 au lait, please",                # NFD accent
+        "Ｃａｆé ａｕ ｌａｉｔ, ｐｌｅａｓｅ",           # fullwidth letters
+    ]
+    assert len({normalise(v) for v in variants}) == 1
+    assert normalise("Café au lait, please!") != normalise(base)  # real differences stay

@@ -10,6 +10,12 @@ import pytest
 from tunesmith.data import formatting, load
 from tunesmith.data.stages import format_rows
 from tunesmith.errors import DataError
+from tunesmith.recipe import section_defaults
+
+def fmt(**values):
+    """The format section as the stage gets it (schema defaults filled)."""
+    return section_defaults("format", values)
+
 
 CONV = [{"role": "user", "content": "Reverse: a, b"}, {"role": "assistant", "content": "b, a"}]
 
@@ -27,7 +33,7 @@ def rows(n=20):
 
 @pytest.mark.parametrize("name", ["model", "chatml", "alpaca"])
 def test_templates_end_assistant_turns_with_eos(name, data_tokenizer, smollm2_dir):
-    template = formatting.resolve_template({"template": name}, data_tokenizer)
+    template = formatting.resolve_template(fmt(template=name), data_tokenizer)
     assert formatting.check_end_of_turn(data_tokenizer, template, name, smollm2_dir) == "<|im_end|>"
     text = formatting.render(data_tokenizer, template, CONV)
     assert "b, a<|im_end|>" in text
@@ -49,10 +55,10 @@ def test_llama3_needs_its_own_end_of_turn_token(data_tokenizer):
 
 def test_custom_template_text_and_file(tmp_path, data_tokenizer):
     custom = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
-    assert formatting.resolve_template({"template": "custom", "custom_template": custom}, data_tokenizer) == custom
+    assert formatting.resolve_template(fmt(template="custom", custom_template=custom), data_tokenizer) == custom
     path = tmp_path / "t.jinja"
     path.write_text(custom)
-    text = formatting.resolve_template({"template": "custom", "custom_template": str(path)}, data_tokenizer)
+    text = formatting.resolve_template(fmt(template="custom", custom_template=str(path)), data_tokenizer)
     formatting.check_end_of_turn(data_tokenizer, text, "custom")
     with pytest.raises(DataError, match="does not end an assistant turn"):
         formatting.check_end_of_turn(data_tokenizer, "{% for m in messages %}{{ m['content'] }}{% endfor %}", "custom")
@@ -87,10 +93,9 @@ def test_stage_outputs(tmp_path, data_tokenizer, smollm2_dir):
     rows().to_parquet(selected)
     out = {k: str(tmp_path / f) for k, f in [("train", "train.jsonl"), ("eval", "eval.jsonl"),
                                               ("preview", "preview.txt"), ("template", "t.jinja")]}
-    section = {"template": "model", "system_prompt": "You reverse.", "eval_fraction": 0.2, "eval_max_rows": 3,
-               "seed": 1, "preview_rows": 2}
+    section = fmt(system_prompt="You reverse.", eval_fraction=0.2, eval_max_rows=3, seed=1, preview_rows=2)
     metrics = format_rows(str(selected), str(smollm2_dir), section, out["train"], out["eval"], out["preview"],
-                          out["template"], tokenizer=data_tokenizer)
+                          out["template"], str(tmp_path / "format_report.json"), tokenizer=data_tokenizer).metrics
     train = [json.loads(line) for line in open(out["train"])]
     evals = [json.loads(line) for line in open(out["eval"])]
     assert metrics["rows_train"] == 18 and metrics["rows_eval"] == 3 == len(evals)
@@ -112,5 +117,5 @@ def test_text_rows_cannot_be_formatted(tmp_path, data_tokenizer, smollm2_dir):
                             "messages": [], "text": "doc"}])
     frame.to_parquet(tmp_path / "s.parquet")
     with pytest.raises(DataError, match="dataset.schema: text"):
-        format_rows(str(tmp_path / "s.parquet"), str(smollm2_dir), {"template": "model"}, *(str(tmp_path / f) for f in "abcd"),
+        format_rows(str(tmp_path / "s.parquet"), str(smollm2_dir), fmt(), *(str(tmp_path / f) for f in "abcde"),
                     tokenizer=data_tokenizer)

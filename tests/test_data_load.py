@@ -10,16 +10,14 @@ import pytest
 from tunesmith.data import load
 from tunesmith.data.stages import download
 from tunesmith.errors import DataError
+from tunesmith.recipe import section_defaults
 
 ROWS = [{"instruction": "Say hi", "output": "hi"}, {"instruction": "Add 1+1", "input": "numbers", "output": "2"}]
 
 
 def section(source, **kw):
-    cols = kw.pop("columns", {})
-    return {"source": str(source), "format": "auto", "schema": kw.pop("schema", "instruction"),
-            "columns": {"instruction": "instruction", "input": "input", "output": "output", "system": None,
-                        "messages": "messages", "text": "text", **cols},
-            "on_bad_rows": kw.pop("on_bad_rows", "error"), "limit": kw.pop("limit", None), **kw}
+    """The dataset section as the stage gets it (schema defaults filled)."""
+    return section_defaults("dataset", {"source": str(source), **kw})
 
 
 def test_jsonl_to_canonical_rows(jsonl_file):
@@ -61,7 +59,7 @@ def test_sharegpt_conversations_become_messages(tmp_path):
 
 def test_download_stage_writes_source_json(tmp_path, jsonl_file):
     raw, src = tmp_path / "raw.parquet", tmp_path / "source.json"
-    metrics = download(section(jsonl_file(ROWS)), str(raw), str(src), offline=True)
+    metrics = download(section(jsonl_file(ROWS)), str(raw), str(src), offline=True).metrics
     info = json.loads(src.read_text())
     assert metrics["rows_out"] == 2
     assert info["raw_sha256"] == load.sha256_file(raw) and info["rows"] == 2

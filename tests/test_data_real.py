@@ -8,6 +8,7 @@ import json
 import pytest
 
 from tunesmith.data import stages
+from tunesmith.recipe import section_defaults
 
 
 def run_until_filter(tmp_path, dataset, smollm2_dir, tokenizer, filter_section):
@@ -15,7 +16,7 @@ def run_until_filter(tmp_path, dataset, smollm2_dir, tokenizer, filter_section):
                                            ("stats", "s.json"), ("hist", "h.png"), ("filtered", "f.parquet"),
                                            ("report", "filter_report.json")]}
     stages.download(dataset, d["raw"], d["source"], offline=True)
-    stages.tokenize_count(d["raw"], str(smollm2_dir), {"batch_size": 1000}, d["counts"], d["stats"], d["hist"],
+    stages.tokenize_count(d["raw"], str(smollm2_dir), section_defaults("tokenize"), d["counts"], d["stats"], d["hist"],
                           tokenizer=tokenizer)
     stages.filter_rows(d["raw"], d["counts"], filter_section, d["filtered"], d["report"])
     return d
@@ -70,7 +71,7 @@ def test_gsm8k_train_to_alpaca_conversations(tmp_path, shared_data, data_tokeniz
     assert report["rows_in"] == 7473 == report["rows_out"] + sum(report["drops"].values())
     m = stages.format_rows(d["filtered"], str(smollm2_dir), s["format"], str(tmp_path / "train.jsonl"),
                            str(tmp_path / "eval.jsonl"), str(tmp_path / "preview.txt"), str(tmp_path / "t.jinja"),
-                           tokenizer=data_tokenizer)
+                           str(tmp_path / "format_report.json"), tokenizer=data_tokenizer).metrics
     assert m["rows_eval"] == 100 and m["rows_train"] == report["rows_out"] - 100
     first = json.loads(open(tmp_path / "eval.jsonl").readline())
     assert "####" in first["answer"]
@@ -84,7 +85,7 @@ def test_sharegpt_multi_turn(tmp_path, shared_data, data_tokenizer, smollm2_dir,
     assert json.loads(open(d["source"]).read())["rows"] == 500
     m = stages.format_rows(d["filtered"], str(smollm2_dir), s["format"], str(tmp_path / "train.jsonl"),
                            str(tmp_path / "eval.jsonl"), str(tmp_path / "preview.txt"), str(tmp_path / "t.jinja"),
-                           tokenizer=data_tokenizer)
+                           str(tmp_path / "format_report.json"), tokenizer=data_tokenizer).metrics
     assert m["multi_turn_rows"] > 0
     rows = [json.loads(line) for line in open(tmp_path / "train.jsonl")]
     multi = next(r for r in rows if len(r["prompt"]) > 1)

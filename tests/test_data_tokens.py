@@ -10,6 +10,7 @@ import pytest
 
 from tunesmith.data import load, tokens
 from tunesmith.data.stages import tokenize_count
+from tunesmith.recipe import section_defaults
 
 
 def frame(n=25):
@@ -54,8 +55,8 @@ def test_stats_fields():
 def test_stage_writes_counts_stats_and_png(tmp_path, data_tokenizer, smollm2_dir):
     raw = tmp_path / "raw.parquet"
     frame().to_parquet(raw)
-    metrics = tokenize_count(str(raw), str(smollm2_dir), {"batch_size": 8}, str(tmp_path / "c.parquet"),
-                             str(tmp_path / "s.json"), str(tmp_path / "h.png"), tokenizer=data_tokenizer)
+    metrics = tokenize_count(str(raw), str(smollm2_dir), section_defaults("tokenize", {"batch_size": 8}), str(tmp_path / "c.parquet"),
+                             str(tmp_path / "s.json"), str(tmp_path / "h.png"), tokenizer=data_tokenizer).metrics
     assert metrics["rows_out"] == 25 and metrics["tokens"] > 0
     stats = json.loads((tmp_path / "s.json").read_text())
     assert {"min", "median", "p95", "max"} <= set(stats["output"])

@@ -12,7 +12,7 @@ import pytest
 
 from tunesmith import evaluate
 from tunesmith.recipe import fill_defaults, load_schema
-from tunesmith.stage import StageIO
+from tunesmith.stage import StageIO, call_stage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,14 +36,17 @@ def test_local_task_scores_land_in_compare_json_and_mlflow(tmp_path, tiny_llama_
     section = _section(tasks=["heldout"], limit=4, max_gen_toks=8, batch_size=4, log_samples=True)
     results = tmp_path / "results" / "r"
     base_json = results / "eval_base" / "base.json"
-    script.main(StageIO(input={"base": str(tiny_llama_dir), "eval": eval_split["eval"], "template": eval_split["template"]},
-                        output={"scores": str(base_json)}, params={"section": section, "recipe": "r"}, threads=2))
+    call_stage(script.main, StageIO(input={"base": str(tiny_llama_dir), "eval": eval_split["eval"],
+                                           "template": eval_split["template"]},
+                                    output={"scores": str(base_json)}, params={"section": section}, threads=2,
+                                    wildcards={"recipe": "r"}, stage="evaluate_base"))
     out = results / "main" / "eval"
-    script.main(StageIO(input={"tuned": str(tiny_llama_dir), "base_scores": str(base_json), "eval": eval_split["eval"],
-                               "template": eval_split["template"], "gguf": []},
-                        output={"scores": str(out / "tuned.json"), "compare": str(out / "compare.json"),
-                                "plot": str(out / "compare.png")},
-                        params={"section": section, "recipe": "r", "variant": "main"}, threads=2))
+    call_stage(script.main, StageIO(input={"tuned": str(tiny_llama_dir), "base_scores": str(base_json),
+                                           "eval": eval_split["eval"], "template": eval_split["template"], "gguf": []},
+                                    output={"scores": str(out / "tuned.json"), "compare": str(out / "compare.json"),
+                                            "plot": str(out / "compare.png")},
+                                    params={"section": section}, threads=2, wildcards={"recipe": "r", "variant": "main"},
+                                    stage="evaluate"))
 
     heldout = json.loads((out / "compare.json").read_text())["tasks"]["heldout"]
     assert heldout["metric"] == "exact_match,none" and heldout["limit"] == 4
@@ -61,10 +64,10 @@ def test_local_task_scores_land_in_compare_json_and_mlflow(tmp_path, tiny_llama_
     metrics = {(stage, key): value for stage, key, value in db.execute(
         "select t.value, m.key, m.value from metrics m join tags t on t.run_uuid = m.run_uuid "
         "where t.key = 'tunesmith.stage'")}
-    assert metrics[("evaluate_base", "heldout.base")] == heldout["base"]
-    assert metrics[("evaluate", "heldout.tuned")] == heldout["tuned"]
-    assert metrics[("evaluate", "heldout.delta")] == pytest.approx(heldout["delta"])
-    assert metrics[("evaluate", "heldout.limit")] == 4
+    assert metrics[("evaluate_base", "tasks.heldout.base")] == heldout["base"]
+    assert metrics[("evaluate", "tasks.heldout.tuned")] == heldout["tuned"]
+    assert metrics[("evaluate", "tasks.heldout.delta")] == pytest.approx(heldout["delta"])
+    assert metrics[("evaluate", "tasks.heldout.limit")] == 4
 
 
 def test_compare_keeps_limits_and_gguf_scores_in_order():

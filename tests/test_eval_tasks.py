@@ -7,6 +7,7 @@ import pytest
 
 from tunesmith import evaluate
 from tunesmith.errors import TunesmithError
+from tunesmith.recipe import section_defaults
 
 
 def _no_model():
@@ -54,7 +55,7 @@ def test_builtin_task_offline_error_names_task_and_local_alternative(tmp_path, m
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("TUNESMITH_OFFLINE", "1")
     tm = TaskManager(include_path=str(tmp_path))
-    spec = evaluate.task_specs({"tasks": ["arc_easy"], "limit": 2})[0]
+    spec = evaluate.task_specs(section_defaults("evaluate", {"tasks": ["arc_easy"], "limit": 2}))[0]
     with pytest.raises(TunesmithError) as err:
         evaluate.run_task(_no_model(), spec, tm, tmp_path, label="base")  # fails at the dataset, before the model
     text = str(err.value)
@@ -65,7 +66,7 @@ def test_builtin_task_offline_error_names_task_and_local_alternative(tmp_path, m
 def test_unknown_task_name_is_clear(tmp_path):
     from lm_eval.tasks import TaskManager
 
-    spec = evaluate.task_specs({"tasks": ["no_such_task_xyz"], "limit": 2})[0]
+    spec = evaluate.task_specs(section_defaults("evaluate", {"tasks": ["no_such_task_xyz"], "limit": 2}))[0]
     with pytest.raises(TunesmithError, match="unknown task 'no_such_task_xyz'"):
         evaluate.run_task(_no_model(), spec, TaskManager(include_path=str(tmp_path)), tmp_path, label="base")
 

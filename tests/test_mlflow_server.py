@@ -27,7 +27,7 @@ from workflow_helpers import REPO, SNAKEMAKE, failure_text, make_workdir, snakem
 
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
 RECIPE = "tiny-sweep"
-DATA_STAGES = ("download", "tokenize_count", "filter", "dedupe", "select", "format")
+from tunesmith.pipeline import DATA_STAGES  # noqa: E402
 
 
 # ------------------------------------------------------------------ the server
@@ -149,7 +149,7 @@ def test_stage_records_over_http(server, tmp_path, monkeypatch):
     results = tmp_path / "results"
     report = tmp_path / "report.json"
     report.write_text('{"ok": true}')
-    with tracking.stage_run("train", {}, {"report": str(report)}, {}, recipe="http-check", variant="r-8",
+    with tracking.stage_run("train", {"report": str(report)}, {}, recipe="http-check", variant="r-8",
                             results_dir=str(results), section={"train": {"method": "lora", "lora": {"r": 8}}}) as rec:
         for step, loss in enumerate([2.0, 1.4, 0.9], start=1):
             rec.log_metric("train_loss", loss, step=step)

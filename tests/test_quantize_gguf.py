@@ -18,7 +18,7 @@ from tunesmith.errors import EnvironmentNotSupported, TunesmithError
 def exported(tmp_path_factory, llama256_dir, eval_split):
     out = tmp_path_factory.mktemp("gguf") / "gguf"
     report = quantize.export(llama256_dir, out, types=["Q8_0", "Q4_K_M"], smoke_prompt="Say hello.",
-                             eval_jsonl=eval_split["eval"], n_texts=6, max_tokens=64)
+                             eval_jsonl=eval_split["eval"], n_texts=6, max_tokens=64, pre_tokenizer_fallback="gpt-2")
     return out, report
 
 

@@ -49,10 +49,14 @@ def test_gpu_methods_without_cuda_name_the_method_and_the_cpu_alternative(tmp_pa
 
 @pytest.mark.slow
 @pytest.mark.skipif(not SHARED.is_dir(), reason=f"real datasets not available: {SHARED} is absent")
-def test_gsm8k_and_scratch_llama_run_end_to_end_on_cpu(tmp_path):
+def test_gsm8k_and_scratch_llama_run_end_to_end_on_cpu(tmp_path, llama256_dir):
+    """A plumbing check of both recipes' whole chains: GSM8K's data, its lm-eval task and its
+    GGUF on a random 2-layer Llama with SmolLM2's tokenizer (the default workflow's test is the one
+    real SmolLM2 run); scratch-llama's tokenizer, pretraining and SFT as the recipe has them."""
     work = make_workdir(tmp_path)
     cfg = yaml.safe_load((REPO / "tests" / "configs" / "cpu.yaml").read_text())
     cfg["tracking"] = {"enabled": False}
+    cfg["overrides"]["gsm8k-smollm2-lora"]["model"] = {"base": str(llama256_dir)}
     config = write_config(work, cfg)
     proc = snakemake(work, config, timeout=3600)
     assert proc.returncode == 0, failure_text(proc, work)

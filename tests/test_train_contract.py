@@ -11,9 +11,11 @@ from tunesmith.errors import EnvironmentNotSupported
 
 @pytest.fixture(scope="module")
 def tokenizer(smollm2_dir):
+    from conftest import train_section
+
     from tunesmith.training import load_tokenizer
 
-    tok, added = load_tokenizer(smollm2_dir, None, {"max_length": 256})
+    tok, added = load_tokenizer(smollm2_dir, None, {**train_section()["model"], "max_length": 256})
     assert not added
     return tok
 
@@ -100,7 +102,7 @@ def test_unknown_target_modules_list_what_the_model_has(tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
     from tunesmith.errors import TunesmithError
-    from tunesmith.training import check_target_modules
+    from tunesmith.methods import check_target_modules
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     with pytest.raises(TunesmithError, match=r"\['c_attn'\].*q_proj.*v_proj"):
@@ -110,7 +112,7 @@ def test_unknown_target_modules_list_what_the_model_has(tiny_llama_dir):
 
 def test_bad_row_names_file_row_and_field(tmp_path):
     from tunesmith.errors import DataError
-    from tunesmith.training import read_conversations
+    from tunesmith.data.formatting import read_split as read_conversations
 
     bad = tmp_path / "train.jsonl"
     bad.write_text('{"prompt": [{"role": "user", "content": "x"}], "completion": [{"role": "assistant", "content": "y"}]}\n'

@@ -45,9 +45,10 @@ def pretrained(tmp_path_factory):
     section = _section(_corpus(tmp / "corpus.txt"))
     info = train_tokenizer(section["pretrain"]["corpus"], section["pretrain"]["tokenizer"], tmp / "tokenizer",
                            max_length=64)
-    metrics = pretrain(tokenizer_dir=tmp / "tokenizer", section=section, model_out=tmp / "model",
-                       metrics_path=tmp / "metrics.json", loss_path=tmp / "loss.png")
-    return tmp, info, metrics
+    result = pretrain(tokenizer_dir=tmp / "tokenizer", section=section, model_out=tmp / "model",
+                      metrics_path=tmp / "metrics.json", loss_path=tmp / "loss.png")
+    assert [s for s, _ in result.histories["train_loss"]][:2] == [1, 2]  # the curve MLflow gets
+    return tmp, info, json.loads((tmp / "metrics.json").read_text())
 
 
 def test_tokenizer_has_specials_and_alternating_template(pretrained):
@@ -93,7 +94,7 @@ def test_sft_chain_runs_on_the_pretrained_model(pretrained, section_factory):
     section = section_factory("full", max_steps=2, max_length=256)
     paths = SFTPaths(base=str(tmp / "model"), model=str(tmp / "sft/out/model"), metrics=str(tmp / "sft/out/m.json"),
                      loss=str(tmp / "sft/out/loss.png"), **data)
-    metrics = train_sft(paths, section)
+    metrics = train_sft(paths, section).metrics
     assert metrics["steps"] == 2 and metrics["pad_token"] == "<pad>"
 
 

@@ -31,8 +31,9 @@ def _env(tmp_path: Path) -> dict[str, str]:
 def _stage(script: str, tmp_path: Path, inputs: dict, outputs: dict, params: dict, log: Path, **popen):
     pfile = tmp_path / f"{script}.params.json"
     pfile.write_text(json.dumps(params))
-    # -P: scripts/select.py would shadow the stdlib select module if scripts/ were on sys.path.
-    cmd = [sys.executable, "-P", str(REPO / "scripts" / f"{script}.py"), "--params", str(pfile), "--log", str(log)]
+    # -P keeps scripts/ off sys.path, as Snakemake's script runner does.
+    cmd = [sys.executable, "-P", str(REPO / "scripts" / f"{script}.py"), "--params", str(pfile), "--log", str(log),
+           "--recipe", "t", "--variant", "main"]
     cmd += [f"--input={k}={v}" for k, v in inputs.items()] + [f"--output={k}={v}" for k, v in outputs.items()]
     return subprocess.Popen(cmd, cwd=tmp_path, env=_env(tmp_path), start_new_session=True, **popen)
 
@@ -47,7 +48,7 @@ def test_lora_on_smollm2_trains_merges_and_keeps_the_token_secret(tmp_path, smol
     section = section_factory("lora", max_steps=8, learning_rate=2e-3, save_steps=4)
     section["train"]["sample_eval_rows"] = 4
     run_dir = tmp_path / "results/t/main"
-    params = {"section": section, "recipe": "t", "variant": "main"}
+    params = {"section": section}
     log = tmp_path / "logs/train.log"
     proc = _stage("train", tmp_path, {**sft_data, "base": str(smollm2_dir)}, _outputs(run_dir), params, log)
     assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
@@ -120,7 +121,7 @@ def test_lora_on_smollm2_trains_merges_and_keeps_the_token_secret(tmp_path, smol
 def test_kill_9_mid_training_then_rerun_resumes(tmp_path, tiny_llama_dir, sft_data, section_factory):
     section = section_factory("lora", max_steps=10, save_steps=2, logging_steps=1)
     run_dir = tmp_path / "results/t/main"
-    params = {"section": section, "recipe": "t", "variant": "main"}
+    params = {"section": section}
     inputs = {**sft_data, "base": str(tiny_llama_dir)}
     ckpts = run_dir / "train/checkpoints"
     log1 = tmp_path / "logs/train1.log"
@@ -169,11 +170,12 @@ def test_full_finetune_and_packing_on_tiny_model(tmp_path, tiny_llama_dir, sft_d
     run = tmp_path / "r"
     paths = SFTPaths(base=str(tiny_llama_dir), model=str(run / "model/trained"), metrics=str(run / "train/metrics.json"),
                      loss=str(run / "train/loss.png"), **sft_data)
-    metrics = train_sft(paths, section)
+    metrics = train_sft(paths, section).metrics
     assert metrics["method"] == "full" and metrics["packing"] and metrics["trainable_share"] == 1.0
     assert (run / "model/trained/model.safetensors").is_file()
-    check = merge(trained=paths.model, base=paths.base, template=paths.template, merged=str(run / "model/merged"),
-                  samples_path=str(run / "merge/samples.txt"), check_path=str(run / "merge/check.json"),
-                  section=section, eval_path=paths.eval, recipe="t")
+    merge(trained=paths.model, base=paths.base, template=paths.template, merged=str(run / "model/merged"),
+          samples_path=str(run / "merge/samples.txt"), check_path=str(run / "merge/check.json"),
+          section=section, eval_path=paths.eval, recipe="t")
+    check = json.loads((run / "merge/check.json").read_text())
     assert check["passed"] and check["method"] == "full"
     assert (run / "model/merged/model.safetensors").is_file()

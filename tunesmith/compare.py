@@ -1,15 +1,15 @@
 """Compare recipes, sweep variants and runs from MLflow: one row per (recipe, variant), built
 with `mlflow.search_runs` from the stage child runs that tunesmith.tracking pushes.
 
-Metric names as the stages log them (`/` or `.` separators both read; missing ones leave empty
-cells, never an error):
-  data stages      rows_in, rows_out (format: rows_train + rows_eval)  -> rows.<stage>
-  train/pretrain   train_loss (step history)              -> train_loss.first / .last / .steps
-  evaluate(_base)  <task>.base, <task>.tuned, <task>.gguf_<type>  -> eval.<task>.base / .tuned /
-                   .gguf_<type>, and eval.<task>.delta = tuned - base
-  quantize         gguf.<type>.size_bytes, gguf.<type>.top1_agreement (or .agreement)
-                                                          -> gguf.<type>.MB / .agreement
-  every stage      stage_seconds (tracking.finish)        -> seconds.<stage>
+What each stage contributes (missing figures leave empty cells, never an error):
+  data stages      metrics.rows_out                           -> rows.<stage>
+  train/pretrain   train_loss (step history)                  -> train_loss.first / .last / .steps
+  evaluate(_base)  the figures tag: tasks -> {base | tuned | <GGUF type>: score}
+                                                              -> eval.<task>.<label>, eval.<task>.delta
+  quantize         the figures tag: gguf -> {<type>: {size_bytes, top1_agreement, ...}}
+                                                              -> gguf.<type>.MB / .agreement
+  every stage      stage_seconds (tracking.finish)            -> seconds.<stage>
+Structured figures are read as JSON (tunesmith.result); no metric name is parsed back.
 
 Per (recipe, variant, stage) the latest run wins: a later invocation that skipped up-to-date
 data stages still reads them from the earlier one. `by_invocation=True` keeps one row per
@@ -18,6 +18,7 @@ invocation instead (only stages that invocation ran).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -25,15 +26,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from tunesmith.pipeline import DATA_STAGES, STAGE_ORDER
+
 log = logging.getLogger("tunesmith.compare")
 
-DATA_STAGES = ("download", "tokenize_count", "filter", "dedupe", "select", "format")
-STAGE_ORDER = (*DATA_STAGES, "train_tokenizer", "pretrain", "train", "merge", "evaluate_base",
-               "evaluate", "quantize")
 SWEEP_PARAMS = ("train.method", "train.lora.r", "train.lora.alpha", "train.args.learning_rate",
                 "train.args.num_train_epochs", "train.args.max_steps", "model.base")
-_EVAL = re.compile(r"^metrics\.(?!gguf[./])(.+)[./](base|tuned|gguf_[A-Za-z0-9_]+)$")
-_GGUF = re.compile(r"^metrics\.gguf[./]([^/.]+)[./](size_bytes|top1_agreement|agreement)$")
 
 
 def search_stage_runs(uri: str, experiments: list[str] | None = None):
@@ -73,6 +71,20 @@ def _num(value: Any) -> float | None:
     return None if math.isnan(out) else out
 
 
+def _figures(run: Any) -> dict[str, Any]:
+    """A stage run's structured figures (the tunesmith.figures tag), {} when it has none."""
+    if run is None:
+        return {}
+    text = run.get("tags.tunesmith.figures")
+    if not isinstance(text, str) or not text:
+        return {}
+    try:
+        return json.loads(text)
+    except ValueError:
+        log.warning("run %s: its figures tag is not JSON (truncated?)", run.get("run_id"))
+        return {}
+
+
 def _loss_history(uri: str, run_id: str) -> list[float]:
     from mlflow import MlflowClient
 
@@ -110,31 +122,21 @@ def _row_for(stages: dict[str, Any], uri: str) -> dict[str, Any]:
             row["train_loss.steps"] = len(history)
         elif last is not None:
             row["train_loss.last"] = last
-    scores: dict[tuple[str, str], float | None] = {}
-    for stage in ("evaluate_base", "evaluate"):  # the tuned run's own base scores win
-        run = stages.get(stage)
-        if run is None:
-            continue
-        for col, value in run.items():
-            m = _EVAL.match(str(col))
-            if m and _num(value) is not None:
-                scores[(m.group(1), m.group(2))] = _num(value)
-    for task in sorted({t for t, _ in scores}):
-        base, tuned = scores.get((task, "base")), scores.get((task, "tuned"))
-        for (t, label), value in sorted(scores.items()):
-            if t == task:
-                row[f"eval.{task}.{label}"] = value
-        if base is not None and tuned is not None:
-            row[f"eval.{task}.delta"] = tuned - base
-    quant = stages.get("quantize")
-    if quant is not None:
-        for col, value in quant.items():
-            m = _GGUF.match(str(col))
-            if m and _num(value) is not None:
-                if m.group(2) == "size_bytes":
-                    row[f"gguf.{m.group(1)}.MB"] = round(_num(value) / 1e6, 2)
-                else:
-                    row[f"gguf.{m.group(1)}.agreement"] = _num(value)
+    base_scores = _figures(stages.get("evaluate_base")).get("tasks", {})
+    tuned_scores = _figures(stages.get("evaluate")).get("tasks", {})
+    for task in sorted({*base_scores, *tuned_scores}):
+        # The tuned run's own base scores (copied from evaluate_base's file) win.
+        values = {"base": base_scores.get(task, {}).get("base"), **tuned_scores.get(task, {})}
+        for label, value in values.items():
+            if label not in ("limit", "metric", "delta") and _num(value) is not None:
+                row[f"eval.{task}.{label}"] = _num(value)
+        if _num(values.get("base")) is not None and _num(values.get("tuned")) is not None:
+            row[f"eval.{task}.delta"] = _num(values["tuned"]) - _num(values["base"])
+    for qtype, g in _figures(stages.get("quantize")).get("gguf", {}).items():
+        if _num(g.get("size_bytes")) is not None:
+            row[f"gguf.{qtype}.MB"] = round(_num(g["size_bytes"]) / 1e6, 2)
+        if _num(g.get("top1_agreement")) is not None:
+            row[f"gguf.{qtype}.agreement"] = _num(g["top1_agreement"])
     for stage in STAGE_ORDER:
         run = stages.get(stage)
         if run is not None and _num(run.get("metrics.stage_seconds")) is not None:
@@ -236,10 +238,9 @@ def _redact(uri: str) -> str:
 
 def plot(frame: Any, path: str | Path) -> None:
     """Four panels: rows through curation, loss first/last, eval base/tuned, seconds per stage."""
-    import matplotlib
+    from tunesmith.fileio import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     from tunesmith.fileio import save_figure
@@ -316,3 +317,11 @@ def write(uri: str, out_dir: str | Path, experiments: list[str] | None = None,
     plot(frame, paths["png"])
     log.info("compared %d row(s) from %s into %s", len(frame), _redact(uri), out)
     return paths
+
+
+def stage(uri: str, outputs: dict[str, str], experiments: list[str] | None = None):
+    """The compare rule: write() into the folder of its outputs."""
+    from tunesmith.result import Result
+
+    paths = write(uri, Path(outputs["md"]).parent, experiments)
+    return Result(summary=", ".join(f"{kind}: {path}" for kind, path in paths.items()))

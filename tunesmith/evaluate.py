@@ -43,15 +43,16 @@ def default_gsm8k_file() -> Path:
 
 
 def task_specs(section: dict[str, Any]) -> list[dict[str, Any]]:
-    """Recipe evaluate.tasks (names or objects) -> one dict per task with every setting filled."""
+    """Recipe evaluate.tasks (names or objects) -> one dict per task with every setting filled.
+    section: the resolved evaluate section (schema defaults filled)."""
     specs = []
-    for item in section.get("tasks") or []:
+    for item in section["tasks"]:
         spec = {"name": item} if isinstance(item, str) else dict(item)
-        spec.setdefault("limit", section.get("limit"))
+        spec.setdefault("limit", section["limit"])
         if spec["name"] == "gsm8k_local":
             # Chain-of-thought answers need room: lm-eval's gsm8k default, not the recipe's short one.
             spec.setdefault("max_gen_toks", 256)
-        spec.setdefault("max_gen_toks", section.get("max_gen_toks", 64))
+        spec.setdefault("max_gen_toks", section["max_gen_toks"])
         spec["local"] = spec["name"] in LOCAL_TASKS
         specs.append(spec)
     return specs
@@ -61,24 +62,15 @@ def task_specs(section: dict[str, Any]) -> list[dict[str, Any]]:
 
 def render_heldout(eval_jsonl: str | Path, template_path: str | Path, tokenizer: Any) -> list[dict[str, Any]]:
     """eval.jsonl rows -> {id, prompt_text, answer}, the prompt rendered with the training template."""
+    from tunesmith.data.formatting import read_split
+
     template = Path(template_path).read_text(encoding="utf-8")
     rows = []
-    with open(eval_jsonl, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                messages, answer = row["prompt"], row["answer"]
-                if not isinstance(messages, list) or not isinstance(answer, str):
-                    raise TypeError("'prompt' must be a message list and 'answer' a string")
-            except (ValueError, KeyError, TypeError) as exc:
-                raise TunesmithError(f"{eval_jsonl}:{lineno}: bad eval row ({type(exc).__name__}: {exc})") from None
-            text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                                 add_generation_prompt=True)
-            rows.append({"id": row.get("id", lineno), "prompt_text": text, "answer": answer})
-    if not rows:
-        raise TunesmithError(f"{eval_jsonl}: no rows for the heldout task")
+    for i, row in enumerate(read_split(eval_jsonl), 1):
+        text = tokenizer.apply_chat_template(row["prompt"], chat_template=template, tokenize=False,
+                                             add_generation_prompt=True)
+        rows.append({"id": row.get("id", i), "prompt_text": text,
+                     "answer": row.get("answer") or row["completion"][-1]["content"]})
     return rows
 
 
@@ -270,20 +262,23 @@ def score(lm: Any, specs: list[dict[str, Any]], task_dir: str | Path, out_dir: s
     return out
 
 
-def score_model(model_dir: str | Path, tasks: list[Any], out_dir: str | Path, *, limit: int | None = 50,
-                eval_jsonl: str | None = None, template: str | None = None, batch_size: int = 8,
-                max_gen_toks: int = 64, label: str = "model", log_samples: bool = False) -> dict[str, Any]:
+def score_model(model_dir: str | Path, tasks: list[Any], out_dir: str | Path, *, eval_jsonl: str | None = None,
+                template: str | None = None, label: str = "model", **settings: Any) -> dict[str, Any]:
     """Score one HF model folder on the named tasks (used by the rules and to score by hand, e.g.
-    `score_model(dir, [{"name": "gsm8k_local"}], out, limit=20)`)."""
+    `score_model(dir, [{"name": "gsm8k_local"}], out, limit=20)`). settings: evaluate-section keys
+    (limit, batch_size, max_gen_toks, log_samples); the rest come from the recipe schema."""
     from transformers import AutoTokenizer
 
-    specs = task_specs({"tasks": tasks, "limit": limit, "max_gen_toks": max_gen_toks})
+    from tunesmith.recipe import section_defaults
+
+    section = section_defaults("evaluate", {**settings, "tasks": tasks})
+    specs = task_specs(section)
     task_dir = Path(out_dir) / "tasks" / label
     prepare_tasks(specs, task_dir, tokenizer=AutoTokenizer.from_pretrained(model_dir),
                   eval_jsonl=eval_jsonl, template=template)
-    lm = hf_lm(model_dir, batch_size=batch_size)
+    lm = hf_lm(model_dir, batch_size=section["batch_size"])
     return {"model": str(model_dir), "label": label,
-            "tasks": score(lm, specs, task_dir, out_dir, label=label, log_samples=log_samples)}
+            "tasks": score(lm, specs, task_dir, out_dir, label=label, log_samples=section["log_samples"])}
 
 
 def score_gguf_files(gguf_dir: str | Path, specs: list[dict[str, Any]], task_dir: str | Path,
@@ -333,10 +328,7 @@ def compare(base: dict[str, Any], tuned: dict[str, Any]) -> dict[str, Any]:
 
 
 def plot(comparison: dict[str, Any], path: str | Path, title: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = fileio.pyplot()
 
     tasks = list(comparison["tasks"])
     series = ["base", "tuned"] + sorted({q for t in comparison["tasks"].values() for q in t.get("gguf", {})},
@@ -370,3 +362,65 @@ def env_threads(threads: int) -> None:
 
     torch.set_num_threads(max(1, threads))
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, threads)))
+
+
+# ---------------------------------------------------------------- the stages
+
+def stage(name: str, inputs: dict[str, Any], outputs: dict[str, str], section: dict[str, Any], *, recipe: str,
+          variant: str | None, threads: int = 2):
+    """evaluate_base (the base model: writes `scores`) or evaluate (the tuned model and each GGUF:
+    also writes `compare` and `plot`). Figures: tasks -> {base | tuned | <GGUF type>: score}."""
+    from transformers import AutoTokenizer
+
+    from tunesmith.result import Result
+
+    def one(key: str) -> str | None:
+        value = inputs.get(key)
+        if isinstance(value, (list, tuple)):
+            return str(value[0]) if value else None
+        return str(value) if value else None
+
+    ev, model = section["evaluate"], section["model"]
+    tuned_rule = name == "evaluate"
+    model_dir = inputs["tuned"] if tuned_rule else inputs["base"]
+    label = "tuned" if tuned_rule else "base"
+    out_dir = Path(outputs["scores"]).parent
+    env_threads(threads)
+    specs = task_specs(ev)
+    task_dir = out_dir / "tasks" / label
+    prepare_tasks(specs, task_dir, tokenizer=AutoTokenizer.from_pretrained(model_dir),
+                  eval_jsonl=one("eval"), template=one("template"))
+    lm = hf_lm(model_dir, batch_size=ev["batch_size"], trust_remote_code=bool(model["trust_remote_code"]))
+    scores: dict[str, Any] = {"model": model_dir, "label": label,
+                              "tasks": score(lm, specs, task_dir, out_dir, label=label, log_samples=ev["log_samples"])}
+    del lm
+    gguf_dir = one("gguf")
+    if tuned_rule and gguf_dir and ev["gguf"] and any(s["local"] for s in specs):
+        scores["gguf"] = score_gguf_files(gguf_dir, specs, task_dir, out_dir, types=ev["gguf_types"],
+                                          threads=threads, log_samples=ev["log_samples"])
+    fileio.write_json(outputs["scores"], scores)
+    artifacts = [outputs["scores"], *(t["results_file"] for t in scores["tasks"].values())]
+    for g in (scores.get("gguf") or {}).values():
+        artifacts += [t["results_file"] for t in g["tasks"].values()]
+    tasks = {n: {label: t["score"], "limit": t["limit"], "metric": t["metric"]} for n, t in scores["tasks"].items()}
+    for qtype, g in (scores.get("gguf") or {}).items():
+        for n, t in g["tasks"].items():
+            tasks[n][qtype] = t["score"]
+    tags = {f"gguf.{q}.path": g["file"] for q, g in (scores.get("gguf") or {}).items()}
+    if not tuned_rule:
+        return Result(figures={"tasks": tasks}, artifacts=artifacts, tags=tags, summary="; ".join(
+            f"{n} ({t['metric']}, limit {t['limit']}): base {t['score']:.3f}" for n, t in scores["tasks"].items()))
+
+    comparison = compare(json.loads(Path(inputs["base_scores"]).read_text()), scores)
+    comparison.update(recipe=recipe, variant=variant)
+    fileio.write_json(outputs["compare"], comparison)
+    plot(comparison, outputs["plot"], title=f"{recipe} [{variant}]: base vs tuned" + (" vs GGUF" if scores.get("gguf") else ""))
+    for n, c in comparison["tasks"].items():
+        tasks[n].update(base=c["base"], delta=c["delta"])
+    lines = []
+    for n, c in comparison["tasks"].items():
+        gg = "".join(f" -> {q} {s:.3f}" for q, s in (c.get("gguf") or {}).items())
+        base = "-" if c["base"] is None else f"{c['base']:.3f}"
+        lines.append(f"{n} ({c['metric']}, limit {c['limit']}): base {base} -> tuned {c['tuned']:.3f}{gg}")
+    return Result(figures={"tasks": tasks}, artifacts=[*artifacts, outputs["compare"], outputs["plot"]], tags=tags,
+                  summary="; ".join(lines))

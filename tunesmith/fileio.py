@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -62,3 +63,31 @@ def save_figure(fig: Any, path: str | Path) -> None:
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
     tmp.replace(path)
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (jobs have no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def sha256(path: str | Path) -> str:
+    """sha256 of a file, or of a directory as the hash of its sorted (relative path, file hash) list;
+    "missing" when there is nothing at path."""
+    path = Path(path)
+    if path.is_file():
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for sub in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(f"{sub.relative_to(path)}\0{sha256(sub)}\n".encode())
+        return digest.hexdigest()
+    return "missing"

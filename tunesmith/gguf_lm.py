@@ -16,14 +16,9 @@ import numpy as np
 from lm_eval.api.model import LM
 
 from tunesmith.errors import TunesmithError
+from tunesmith.quantize import log_softmax
 
 log = logging.getLogger("tunesmith.gguf_lm")
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
 def open_llama(path: str | Path, *, n_ctx: int = 2048, threads: int = 2, logits_all: bool = True) -> Any:
@@ -73,7 +68,7 @@ class LlamaCppLM(LM):
             tokens = tokens[-self.n_ctx:]
         self.llm.reset()
         self.llm.eval(tokens)
-        return _log_softmax(np.asarray(self.llm.scores[: len(tokens)]))
+        return log_softmax(np.asarray(self.llm.scores[: len(tokens)]))
 
     def _score(self, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
         full = (ctx + cont)[-self.n_ctx:]

@@ -13,12 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tunesmith import methods
+from tunesmith.contract import end_of_turn_ids
 from tunesmith.errors import TunesmithError
+from tunesmith.result import Result
 
 log = logging.getLogger("tunesmith.merge")
-
-DEFAULT_TOLERANCE = 1e-3
-
 
 class MergeCheckFailed(TunesmithError):
     """Merged logits differ from base+adapter logits by more than the tolerance."""
@@ -73,9 +73,7 @@ def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]
     import torch
 
     tokenizer.padding_side = "left"
-    eos = {tokenizer.eos_token_id}
-    gen_eos = getattr(model.generation_config, "eos_token_id", None)
-    eos.update([gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))
+    eos = end_of_turn_ids(tokenizer, model.generation_config)
     answers = []
     for i in range(0, len(conversations), batch_size):
         texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
@@ -83,7 +81,7 @@ def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]
         batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         with torch.no_grad():
             out = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
-                                 eos_token_id=sorted(e for e in eos if e is not None),
+                                 eos_token_id=sorted(eos),
                                  pad_token_id=tokenizer.pad_token_id)
         for row in out[:, batch["input_ids"].shape[1]:]:
             answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
@@ -91,32 +89,22 @@ def generate(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]
     return answers
 
 
-def _report_rows(data_dir: Path) -> list[tuple[str, dict[str, Any]]]:
-    """Row counts from the data stages' reports, whatever their exact keys: every top-level
-    number whose key mentions rows/kept/removed/dropped."""
+def _report_rows(reports: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """Rows kept after each data stage, from the row reports the merge rule declares as inputs
+    (tunesmith.pipeline.rows_reports: in stage order)."""
     out = []
-    order = ["source.json", "filter_report.json", "dedupe_report.json", "select_report.json", "format_report.json"]
-    files = [data_dir / n for n in order if (data_dir / n).is_file()]
-    files += sorted(p for p in data_dir.glob("*_report.json") if p not in files)
-    for path in files:
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        figures = {k: v for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                   and any(w in k for w in ("row", "kept", "removed", "dropped", "selected"))}
+    for path in map(Path, reports):
+        data = json.loads(path.read_text())
+        figures = {k: v for k, v in data.items() if isinstance(v, int) and not isinstance(v, bool)
+                   and k.startswith("rows")}
         if figures:
             out.append((path.name.removesuffix(".json"), figures))
-    for name in ("train.jsonl", "eval.jsonl"):
-        path = data_dir / name
-        if path.is_file():
-            with path.open() as fh:
-                out.append((name, {"rows": sum(1 for line in fh if line.strip())}))
     return out
 
 
 def model_card(*, recipe: str, base_source: str, method: str, section: dict[str, Any], card: dict[str, Any],
-               train_metrics: dict[str, Any], check: dict[str, Any], data_dir: Path, samples: list[tuple[str, str]]) -> str:
+               train_metrics: dict[str, Any], check: dict[str, Any], reports: list[str],
+               samples: list[tuple[str, str]]) -> str:
     import yaml
 
     lines = ["---", f"base_model: {base_source}", "library_name: transformers", "tags:", "- tunesmith",
@@ -129,14 +117,14 @@ def model_card(*, recipe: str, base_source: str, method: str, section: dict[str,
     lines += ["## Data", ""]
     if card.get("dataset"):
         lines += [f"Source: `{card['dataset'].get('source')}`", ""]
-    rows = _report_rows(data_dir)
+    rows = _report_rows(reports)
     if rows:
         lines += ["Rows after each curation stage:", "", "| stage | figures |", "|---|---|"]
         for name, figures in rows:
             lines.append(f"| {name} | {', '.join(f'{k}={v}' for k, v in figures.items())} |")
         lines.append("")
     else:
-        lines += [f"(no data reports found under {data_dir})", ""]
+        lines += ["(no data reports)", ""]
     lines += ["## Training", "", "| metric | value |", "|---|---|"]
     for key in ("train_rows", "eval_rows", "steps", "epochs", "train_loss_first", "train_loss_last",
                 "eval_loss_initial", "eval_loss", "tokens_per_second", "seconds_per_step", "train_seconds",
@@ -158,16 +146,9 @@ def model_card(*, recipe: str, base_source: str, method: str, section: dict[str,
 
 
 def _eval_rows(path: str | Path | None, limit: int) -> list[dict[str, Any]]:
-    if not path or not Path(path).is_file():
-        return []
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                rows.append(json.loads(line))
-            if len(rows) >= limit:
-                break
-    return rows
+    from tunesmith.data.formatting import read_split
+
+    return read_split(path, limit) if path and Path(path).is_file() else []
 
 
 def _system_prompt(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
@@ -184,8 +165,7 @@ def _norm(text: str) -> str:
 def merge(*, trained: str | Path, base: str | Path, template: str | Path, merged: str | Path,
           samples_path: str | Path, check_path: str | Path, section: dict[str, Any],
           eval_path: str | Path | None = None, recipe: str = "", card: dict[str, Any] | None = None,
-          train_metrics_path: str | Path | None = None, data_dir: str | Path | None = None,
-          record: Any = None) -> dict[str, Any]:
+          train_metrics_path: str | Path | None = None, reports: list[str] | None = None) -> Result:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -196,19 +176,19 @@ def merge(*, trained: str | Path, base: str | Path, template: str | Path, merged
     train_cfg, model_cfg = section["train"], section["model"]
     info = _train_info(trained)
     method = info["method"]
-    trust = bool(model_cfg.get("trust_remote_code"))
+    trust = bool(model_cfg["trust_remote_code"])
     device = _device()
-    tolerance = float(train_cfg.get("merge_tolerance") or DEFAULT_TOLERANCE)
+    tolerance = float(train_cfg["merge_tolerance"])
 
     tokenizer = AutoTokenizer.from_pretrained(str(trained))
     original_template = Path(template).read_text(encoding="utf-8")
     tokenizer.chat_template = original_template
-    eval_rows = _eval_rows(eval_path, max(int(train_cfg.get("sample_eval_rows", 0)), 4))
+    eval_rows = _eval_rows(eval_path, max(int(train_cfg["sample_eval_rows"]), 4))
     batch = check_inputs(tokenizer, [r["prompt"] for r in eval_rows],
                          [r["completion"][0]["content"] for r in eval_rows])
 
     # fp32 for the comparison: the check is about the merge, not about bf16 rounding.
-    if method == "full":
+    if not methods.get(method).adapter:
         model = AutoModelForCausalLM.from_pretrained(str(trained), dtype=torch.float32, trust_remote_code=trust,
                                                      use_safetensors=True).to(device)
         model.eval()
@@ -242,9 +222,7 @@ def merge(*, trained: str | Path, base: str | Path, template: str | Path, merged
     shutil.rmtree(tmp, ignore_errors=True)
     model.to(torch.bfloat16).save_pretrained(str(tmp), safe_serialization=True)
     gen = model.generation_config
-    eos_ids = {tokenizer.eos_token_id}
-    eos_ids.update([gen.eos_token_id] if isinstance(gen.eos_token_id, int) else (gen.eos_token_id or []))
-    gen.eos_token_id = sorted(e for e in eos_ids if e is not None)
+    gen.eos_token_id = sorted(end_of_turn_ids(tokenizer, gen))
     if len(gen.eos_token_id) == 1:
         gen.eos_token_id = gen.eos_token_id[0]
     gen.pad_token_id = tokenizer.pad_token_id
@@ -266,11 +244,11 @@ def merge(*, trained: str | Path, base: str | Path, template: str | Path, merged
     check["reload_argmax_agreement"] = float(
         (reload_logits.argmax(-1)[mask] == ref_logits.argmax(-1)[mask]).float().mean())
 
-    max_new = int(train_cfg.get("sample_max_new_tokens", 64))
+    max_new = int(train_cfg["sample_max_new_tokens"])
     system = _system_prompt(eval_rows)
-    prompts = list(train_cfg.get("sample_prompts") or [])
+    prompts = list(train_cfg["sample_prompts"])
     answers = generate(reloaded, reload_tok, [system + [{"role": "user", "content": p}] for p in prompts], max_new)
-    n_eval = int(train_cfg.get("sample_eval_rows", 0))
+    n_eval = int(train_cfg["sample_eval_rows"])
     held = [r for r in eval_rows[:n_eval] if r.get("completion")]
     held_answers = generate(reloaded, reload_tok, [r["prompt"] for r in held], max_new) if held else []
     base_held: list[str] = []
@@ -308,8 +286,8 @@ def merge(*, trained: str | Path, base: str | Path, template: str | Path, merged
     source = json.loads((base / "tunesmith_source.json").read_text()).get("source") \
         if (base / "tunesmith_source.json").is_file() else str(base)
     card_text = model_card(recipe=recipe, base_source=source, method=method, section=section, card=card or {},
-                           train_metrics=train_metrics, check=check,
-                           data_dir=Path(data_dir) if data_dir else Path("."), samples=list(zip(prompts, answers)))
+                           train_metrics=train_metrics, check=check, reports=list(reports or []),
+                           samples=list(zip(prompts, answers)))
     (tmp / "README.md").write_text(card_text, encoding="utf-8")
     replace_dir(tmp, merged)
     check["heldout_rows"] = len(held)
@@ -318,9 +296,8 @@ def merge(*, trained: str | Path, base: str | Path, template: str | Path, merged
     check["seconds"] = time.time() - started
     write_text(samples_path, samples_text + "\n")
     write_json(check_path, check)
-    if record is not None:
-        record.log_metrics({k: v for k, v in check.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        record.set_tag("tunesmith.merge.passed", check["passed"])
-        for path in (check_path, samples_path, merged / "README.md"):
-            record.log_artifact(path)
-    return check
+    return Result(metrics={k: v for k, v in check.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+                  tags={"tunesmith.merge.passed": str(check["passed"])},
+                  artifacts=[str(check_path), str(samples_path), str(merged / "README.md")],
+                  summary=f"merged ({method}): max logit diff {max_diff:.3g}, held-out exact match tuned "
+                          f"{tuned_em}/{len(held)} vs base {base_em}/{len(held)}")

@@ -16,11 +16,6 @@ from tunesmith.errors import EnvironmentNotSupported, TunesmithError
 log = logging.getLogger("tunesmith.models")
 
 BUILTIN_SMOLLM2 = "smollm2-135m-instruct"
-GPU_METHODS = ("qlora", "unsloth")
-
-
-def needs_gpu(method: str) -> bool:
-    return method in GPU_METHODS
 
 
 def builtin_gguf(name: str) -> Path | None:
@@ -119,3 +114,13 @@ def prepare(source: str, out: str | Path, *, revision: str | None = None, max_le
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
     return {"seconds": time.time() - started, "path": str(out)}
+
+
+def prepare_stage(spec: dict[str, Any], out: str | Path, *, offline: bool):
+    """The prepare_model stage: spec is one entry of the workflow's model sources."""
+    from tunesmith.result import Result
+
+    info = prepare(spec["source"], out, revision=spec["revision"], max_length=spec["max_length"],
+                   trust_remote_code=spec["trust_remote_code"], offline=offline)
+    return Result(metrics={"seconds": info["seconds"]},
+                  summary=f"{spec['source']} -> {info['path']} in {info['seconds']:.1f} s")

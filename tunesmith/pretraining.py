@@ -12,6 +12,7 @@ from typing import Any, Iterator
 
 from tunesmith import trainkit
 from tunesmith.errors import DataError, TunesmithError
+from tunesmith.result import Result
 
 log = logging.getLogger("tunesmith.pretrain")
 
@@ -188,19 +189,24 @@ def blocks(tokenizer: Any, docs: list[str], block: int) -> list[list[int]]:
     return out
 
 
+def train_tokenizer_stage(pre: dict[str, Any], out: str | Path) -> Result:
+    info = train_tokenizer(pre["corpus"], pre["tokenizer"], out, max_length=pre["model"]["max_position_embeddings"])
+    return Result(metrics=info, summary=f"vocab {info['vocab_size']} from {info['documents']} documents, "
+                                        f"{info['chars_per_token']:.2f} chars/token")
+
+
 def pretrain(*, tokenizer_dir: str | Path, section: dict[str, Any], model_out: str | Path, metrics_path: str | Path,
-             loss_path: str | Path, record: Any = None) -> dict[str, Any]:
+             loss_path: str | Path) -> Result:
     import torch
-    from datasets import Dataset
-    from transformers import (AutoTokenizer, GenerationConfig, LlamaForCausalLM, Trainer, TrainingArguments,
-                              default_data_collator, set_seed)
+    from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM, set_seed
 
-    from tunesmith.fileio import replace_dir, write_json
+    from tunesmith import methods, objectives
+    from tunesmith import trainer as trainer_loop
 
-    started = time.time()
     pre = section["pretrain"]
     args = pre["args"]
-    cuda = trainkit.require_device("full")
+    method, objective = methods.get("full"), objectives.get("causal-lm")
+    cuda = trainkit.require_device(method.name)
     set_seed(args["seed"])
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
@@ -209,8 +215,6 @@ def pretrain(*, tokenizer_dir: str | Path, section: dict[str, Any], model_out: s
     all_blocks = blocks(tokenizer, list(iter_corpus(pre["corpus"])), block)
     n_eval = min(max(1, len(all_blocks) // 20), 64) if len(all_blocks) > 1 else 0
     eval_blocks, train_blocks = all_blocks[:n_eval], all_blocks[n_eval:]
-    train_ds = Dataset.from_dict({"input_ids": train_blocks, "labels": train_blocks})
-    eval_ds = Dataset.from_dict({"input_ids": eval_blocks, "labels": eval_blocks}) if eval_blocks else None
 
     config = llama_config(pre["model"], tokenizer)
     torch.manual_seed(args["seed"])
@@ -223,70 +227,20 @@ def pretrain(*, tokenizer_dir: str | Path, section: dict[str, Any], model_out: s
     log.info("Llama from scratch: %d parameters, vocab %d, %d train / %d eval blocks of %d tokens",
              counts["total_params"], config.vocab_size, len(train_blocks), len(eval_blocks), block)
 
-    ckpt_dir = Path(metrics_path).parent / "checkpoints"
-    fp = trainkit.fingerprint(section, {"tokenizer": tokenizer_dir, "corpus": pre["corpus"]["source"]})
-    resume = trainkit.prepare_checkpoints(ckpt_dir, fp) if trainkit.world_rank() == 0 else trainkit.last_checkpoint(ckpt_dir)
-    bf16 = bool(args.get("bf16")) if args.get("bf16") is not None else (cuda and torch.cuda.is_bf16_supported())
-    targs = TrainingArguments(
-        output_dir=str(ckpt_dir), learning_rate=args["learning_rate"], num_train_epochs=args["num_train_epochs"],
-        max_steps=args["max_steps"], per_device_train_batch_size=args["per_device_train_batch_size"],
-        per_device_eval_batch_size=args["per_device_eval_batch_size"],
-        gradient_accumulation_steps=args["gradient_accumulation_steps"], warmup_steps=args["warmup_steps"],
-        lr_scheduler_type=args["lr_scheduler_type"], optim=args.get("optim") or "adamw_torch",
-        weight_decay=args["weight_decay"], max_grad_norm=args["max_grad_norm"],
-        gradient_checkpointing=bool(args["gradient_checkpointing"]), logging_steps=args["logging_steps"],
-        logging_first_step=True, eval_strategy="steps" if (args.get("eval_steps") and eval_ds) else "no",
-        eval_steps=args.get("eval_steps"), save_strategy="steps", save_steps=args["save_steps"],
-        save_total_limit=args["save_total_limit"], seed=args["seed"], data_seed=args["seed"],
-        bf16=bf16 if cuda else False, fp16=bool(args.get("fp16")) if cuda else False, use_cpu=not cuda,
-        report_to="none", include_num_input_tokens_seen="all", disable_tqdm=True)
-    history = trainkit.make_history_callback()
-    trainer = Trainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds,
-                      data_collator=default_data_collator, callbacks=[history])
-    resumed_from = trainkit.checkpoint_step(resume) if resume else 0
-    if resume:
-        log.info("resuming from checkpoint %s (global_step %d)", resume, resumed_from)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    tokens_before = int(json.loads((resume / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0)) if resume else 0
-    t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    train_seconds = time.time() - t0
-    final_eval = float(trainer.evaluate()["eval_loss"]) if eval_ds is not None else None
-    train_hist, eval_hist = trainkit.full_history(trainer)
-    if final_eval is not None:
-        eval_hist = [e for e in eval_hist if e[0] != trainer.state.global_step] + [(trainer.state.global_step, final_eval)]
-    steps_run = trainer.state.global_step - resumed_from
-    tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0) - tokens_before
-    metrics: dict[str, Any] = {
-        "method": "pretrain", "device": "cuda" if cuda else "cpu",
-        "train_blocks": len(train_blocks), "eval_blocks": len(eval_blocks), "block_size": block,
-        "vocab_size": config.vocab_size, "train_loss": float(result.training_loss),
-        "train_loss_first": train_hist[0][1] if train_hist else None,
-        "train_loss_last": train_hist[-1][1] if train_hist else None,
-        "eval_loss": final_eval, "eval_perplexity": float(torch.exp(torch.tensor(final_eval))) if final_eval else None,
-        "steps": int(trainer.state.global_step), "steps_this_run": int(steps_run), "resumed_from_step": resumed_from,
-        "tokens_this_run": tokens, "tokens_per_second": tokens / train_seconds if train_seconds > 0 else 0.0,
-        "seconds_per_step": train_seconds / steps_run if steps_run else None, "train_seconds": train_seconds,
-        **counts, **trainkit.peak_memory_mb(cuda),
-        "loss_history": [{"step": s, "loss": v} for s, v in train_hist],
-        "eval_history": [{"step": s, "eval_loss": v} for s, v in eval_hist],
-    }
-    out = Path(model_out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    if trainer.is_world_process_zero():
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+    def save(trainer: Any, tmp: Path) -> None:
+        if not trainer.is_world_process_zero():
+            return
         trainer.model.to(torch.bfloat16).save_pretrained(str(tmp), safe_serialization=True)
         trainer.model.generation_config.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         (tmp / "tunesmith_source.json").write_text(json.dumps({"source": "pretrained", "kind": "pretrain",
                                                                "tokenizer": str(tokenizer_dir)}))
-        replace_dir(tmp, out)
-        metrics["wall_seconds"] = time.time() - started
-        trainkit.plot_loss(train_hist, eval_hist, loss_path, f"pretrain from scratch: {metrics['steps']} steps")
-        write_json(metrics_path, metrics)
-        if record is not None:
-            trainkit.log_training(record, metrics, train_hist, eval_hist, [metrics_path, loss_path])
-    return metrics
+
+    fingerprint = trainkit.fingerprint(section, {"tokenizer": tokenizer_dir, "corpus": pre["corpus"]["source"]})
+    return trainer_loop.fit(trainer_loop.Fit(
+        objective=objective, model=model, tokenizer=tokenizer, train_dataset=objective.dataset(train_blocks),
+        eval_dataset=objective.dataset(eval_blocks) if eval_blocks else None, args=args, method=method, cuda=cuda,
+        checkpoints=Path(metrics_path).parent / "checkpoints", fingerprint=fingerprint, model_out=Path(model_out),
+        metrics_path=Path(metrics_path), loss_path=Path(loss_path), title="pretrain from scratch", save=save,
+        extra_metrics={"train_blocks": len(train_blocks), "eval_blocks": len(eval_blocks), "block_size": block,
+                       "vocab_size": config.vocab_size}))

@@ -8,7 +8,6 @@ agreement, KL), and a generation through the chat template embedded in the file.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -134,56 +133,34 @@ def tensor_types(path: str | Path, qtype: str) -> dict[str, Any]:
 
 def eval_texts(eval_jsonl: str | Path, tokenizer: Any, n: int) -> list[str]:
     """Full training-format conversations (prompt + completion) from the held-out split."""
+    from tunesmith.data.formatting import read_split
+
     texts = []
-    with open(eval_jsonl, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                messages = list(row["prompt"]) + list(row.get("completion") or [])
-            except (ValueError, KeyError, TypeError) as exc:
-                raise TunesmithError(f"{eval_jsonl}:{lineno}: expected a row with 'prompt' and "
-                                     f"'completion' message lists ({exc})") from None
-            if tokenizer.chat_template:
-                texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
-            else:
-                texts.append("\n".join(m["content"] for m in messages))
-            if len(texts) >= n:
-                break
-    if not texts:
-        raise TunesmithError(f"{eval_jsonl}: no rows to compare the GGUF files on")
+    for row in read_split(eval_jsonl, limit=n):
+        messages = list(row["prompt"]) + list(row["completion"])
+        if tokenizer.chat_template:
+            texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
+        else:
+            texts.append("\n".join(m["content"] for m in messages))
     return texts
 
 
-def corpus_texts(corpus: dict[str, Any], n: int) -> list[str]:
-    """Pretrain-only recipes have no eval split: the first documents of the corpus stand in."""
-    source = corpus.get("source")
-    if not source or not Path(source).is_file():
-        raise TunesmithError(f"pretrain.corpus.source {source!r} not found: no texts to compare the GGUF files on")
-    path, column = Path(source), corpus.get("text_column") or "text"
-    texts: list[str] = []
-    if path.suffix == ".txt":
-        with path.open(encoding="utf-8") as fh:
-            texts = [line.strip() for line in fh if line.strip()][:n]
-    elif path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip():
-                    texts.append(str(json.loads(line)[column]))
-                if len(texts) >= n:
-                    break
-    else:
-        import pandas as pd
+def corpus_texts(corpus: dict[str, Any] | None, n: int) -> list[str]:
+    """Pretrain-only recipes have no eval split: the first documents of the corpus stand in.
+    corpus: the resolved pretrain.corpus section, read as pretraining reads it."""
+    import itertools
 
-        frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_json(path)
-        texts = [str(t) for t in frame[column].head(n)]
-    return [t for t in texts if t]
+    from tunesmith.pretraining import iter_corpus
+
+    if not corpus or not corpus["source"]:
+        raise TunesmithError("pretrain.corpus.source is empty: no texts to compare the GGUF files on")
+    return list(itertools.islice(iter_corpus(corpus), n))
 
 
 # ---------------------------------------------------------------- checking one file
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float64 (llama.cpp's scores and HF logits compared alike)."""
     x = x.astype(np.float64)
     m = x.max(axis=-1, keepdims=True)
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
@@ -202,7 +179,7 @@ def hf_reference(model_dir: str | Path, tokenizer: Any, texts: list[str], max_to
             full = tokenizer(text).input_ids
             ids = full[:max_tokens]
             logits = model(torch.tensor([ids])).logits[0].float().numpy()
-            refs.append({"text": text, "full_ids": full, "ids": ids, "logprobs": _log_softmax(logits)})
+            refs.append({"text": text, "full_ids": full, "ids": ids, "logprobs": log_softmax(logits)})
     del model
     return refs
 
@@ -234,7 +211,7 @@ def check_gguf(path: str | Path, refs: list[dict[str, Any]], *, smoke_prompt: st
             llm.reset()
             llm.eval(hf_ids)
             vocab = min(ref["logprobs"].shape[-1], llm.n_vocab())
-            g = _log_softmax(np.asarray(llm.scores[: len(hf_ids), :vocab]))
+            g = log_softmax(np.asarray(llm.scores[: len(hf_ids), :vocab]))
             h = ref["logprobs"][:, :vocab]
             top1 += float((g.argmax(-1) == h.argmax(-1)).sum())
             kl += float((np.exp(h) * (h - g)).sum())
@@ -272,10 +249,14 @@ def check_gguf(path: str | Path, refs: list[dict[str, Any]], *, smoke_prompt: st
 # ---------------------------------------------------------------- the stage
 
 def export(model_dir: str | Path, out_dir: str | Path, *, types: list[str], smoke_prompt: str,
+           n_texts: int, max_tokens: int, pre_tokenizer_fallback: str | None,
            eval_jsonl: str | None = None, corpus: dict[str, Any] | None = None,
-           pre_tokenizer_fallback: str | None = "gpt-2", n_texts: int = 16, max_tokens: int = 128,
            threads: int = 2, log_file: str | None = None) -> dict[str, Any]:
-    """Write model-f16.gguf + each type into out_dir (built in a temp folder, then renamed) with report.json."""
+    """Write model-f16.gguf + each type into out_dir (built in a temp folder, then renamed) with report.json.
+
+    types, smoke_prompt, n_texts (check_texts), max_tokens (check_max_tokens): the recipe's quantize
+    section; pre_tokenizer_fallback: pretrain.tokenizer.gguf_pre_tokenizer. Texts come from eval_jsonl,
+    else from corpus (the resolved pretrain.corpus section)."""
     from transformers import AutoTokenizer
 
     from tunesmith import fileio
@@ -289,7 +270,7 @@ def export(model_dir: str | Path, out_dir: str | Path, *, types: list[str], smok
     if eval_jsonl:
         texts, text_source = eval_texts(eval_jsonl, tokenizer, n_texts), str(eval_jsonl)
     else:
-        texts, text_source = corpus_texts(corpus or {}, n_texts), str((corpus or {}).get("source"))
+        texts, text_source = corpus_texts(corpus, n_texts), str(corpus["source"])
 
     tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -331,3 +312,26 @@ def export(model_dir: str | Path, out_dir: str | Path, *, types: list[str], smok
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return report
+
+
+def stage(model_dir: str | Path, out_dir: str | Path, section: dict[str, Any], *, eval_jsonl: str | None,
+          threads: int = 2, log_file: str | None = None):
+    """The quantize stage: export() with the recipe's quantize and pretrain sections; figures per GGUF type."""
+    from tunesmith.result import Result
+
+    q, pre = section["quantize"], section["pretrain"]
+    report = export(model_dir, out_dir, types=q["types"], smoke_prompt=q["smoke_prompt"], eval_jsonl=eval_jsonl,
+                    corpus=pre["corpus"] if pre["corpus"]["source"] else None,
+                    pre_tokenizer_fallback=pre["tokenizer"]["gguf_pre_tokenizer"], n_texts=q["check_texts"],
+                    max_tokens=q["check_max_tokens"], threads=threads, log_file=log_file)
+    gguf = {qtype: {"size_bytes": e["size_bytes"], "top1_agreement": e["top1_agreement"], "mean_kl": e["mean_kl"],
+                    "perplexity": e["perplexity"], "tokenization_agreement": e["tokenization_agreement"],
+                    "k_quant_fallback_tensors": (e.get("k_quant_fallback") or {}).get("count", 0)}
+            for qtype, e in report["files"].items()}
+    # The GGUFs themselves are too big for the artifact store: their paths go in as tags.
+    tags = {f"gguf.{qtype}.path": str(Path(out_dir, e["file"]).resolve()) for qtype, e in report["files"].items()}
+    tags["gguf.pre_tokenizer_fallback"] = report["converter"]["pre_tokenizer_fallback"] or ""
+    return Result(figures={"gguf": gguf}, tags=tags,
+                  artifacts=[str(Path(out_dir) / "report.json"), str(Path(out_dir) / "smoke.txt")],
+                  summary="; ".join(f"{t} {g['size_bytes'] / 1e6:.1f} MB top-1 {g['top1_agreement']:.3f}"
+                                    for t, g in gguf.items()))

@@ -1,9 +1,12 @@
-"""Plumbing shared by the entry scripts in scripts/: one object with named inputs, outputs,
-params and the log path, filled from Snakemake's `snakemake` object or from argparse, so every
-rule's script also runs by hand:
+"""The runner every entry script in scripts/ hands its stage to.
 
-    python scripts/filter.py --input raw=results/x/data/raw.parquet --output filtered=... \
-        --params params.json --log logs/x/filter.log
+It builds one StageIO from Snakemake's `snakemake` object (or from argv when a script is run by
+hand), takes the stage name from the rule and recipe/variant from the wildcards, sends output to
+the rule's log, calls the stage, records its Result (file first, then MLflow) from rank 0 only,
+and prints the stage's one-line summary, or its one-line cause on failure, on the terminal:
+
+    python scripts/filter.py --recipe demo --input raw=results/demo/data/raw.parquet \
+        --input counts=... --output filtered=... --output report=... --params params.json
 """
 
 from __future__ import annotations
@@ -26,12 +29,40 @@ log = logging.getLogger("tunesmith")
 
 @dataclass
 class StageIO:
-    input: dict[str, str]
+    input: dict[str, Any]
     output: dict[str, str]
     params: dict[str, Any]
     log: str | None = None
     threads: int = 1
     wildcards: dict[str, str] = field(default_factory=dict)
+    stage: str = ""
+
+    @property
+    def section(self) -> dict[str, Any]:
+        """The recipe sections the rule hands over (params.section), resolved with defaults."""
+        return self.params.get("section") or {}
+
+    @property
+    def recipe(self) -> str:
+        return self.wildcards.get("recipe", "")
+
+    @property
+    def variant(self) -> str | None:
+        return self.wildcards.get("variant")
+
+    def many(self, name: str) -> list[str]:
+        """A list input (by hand: one path, or several separated by commas)."""
+        value = self.input.get(name) or []
+        if isinstance(value, str):
+            value = value.split(",")
+        return [str(v) for v in value]
+
+    def one(self, name: str) -> str | None:
+        """An optional input: absent, or an empty list (Snakemake's 'none'), is None."""
+        value = self.input.get(name)
+        if isinstance(value, (list, tuple)):
+            return str(value[0]) if value else None
+        return str(value) if value else None
 
 
 def _first(value: Any) -> str:
@@ -49,6 +80,7 @@ def from_snakemake(smk: Any) -> StageIO:
         log=str(smk.log[0]) if len(smk.log) else None,
         threads=int(smk.threads),
         wildcards={k: str(v) for k, v in smk.wildcards.items()},
+        stage=str(smk.rule),
     )
 
 
@@ -63,7 +95,15 @@ def _pairs(values: list[str], flag: str) -> dict[str, str]:
 
 
 def from_argv(description: str, argv: list[str] | None = None) -> StageIO:
+    from tunesmith import pipeline
+
+    default_stage = pipeline.for_script(Path(sys.argv[0]).name).name
     parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--stage", default=default_stage, choices=pipeline.STAGE_ORDER,
+                        help=f"the rule this run stands for (default: {default_stage})")
+    parser.add_argument("--recipe", default="", help="recipe name, as the {recipe} wildcard (without it the "
+                        "stage runs untracked)")
+    parser.add_argument("--variant", default=None, help="sweep variant, as the {variant} wildcard")
     parser.add_argument("--input", action="append", default=[], metavar="NAME=PATH")
     parser.add_argument("--output", action="append", default=[], metavar="NAME=PATH")
     parser.add_argument("--params", help="JSON file with the rule's params (recipe section etc.)")
@@ -71,7 +111,9 @@ def from_argv(description: str, argv: list[str] | None = None) -> StageIO:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     params = json.loads(Path(args.params).read_text()) if args.params else {}
-    return StageIO(_pairs(args.input, "--input"), _pairs(args.output, "--output"), params, args.log, args.threads)
+    wildcards = {"recipe": args.recipe, **({"variant": args.variant} if args.variant else {})}
+    return StageIO(_pairs(args.input, "--input"), _pairs(args.output, "--output"), params, args.log, args.threads,
+                   wildcards, args.stage)
 
 
 @contextlib.contextmanager
@@ -108,17 +150,46 @@ def _logging_to(path: str | None) -> Iterator[None]:
             sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
 
 
-def run(main: Callable[[StageIO], None], description: str) -> None:
-    """Run a stage from a Snakemake script: directive or from the command line."""
+def call_stage(stage_fn: Callable[[StageIO], Any], io: StageIO) -> Any:
+    """Call the stage; rank 0 records its Result. Stages outside a recipe (prepare_model,
+    compare) have no experiment to record under; other ranks of a multi-process run only compute."""
+    from tunesmith import settings, tracking, trainkit
+
+    if trainkit.world_rank() != 0 or not io.recipe:
+        return stage_fn(io)
+    with tracking.stage_run(io.stage, io.input, io.output, recipe=io.recipe, variant=io.variant,
+                            results_dir=settings.results_dir(), section=io.section) as record:
+        result = stage_fn(io)
+        if result is not None and result.delegated:
+            record.discard = True
+        elif result is not None:
+            record.take(result)
+    return result
+
+
+def run(stage_fn: Callable[[StageIO], Any]) -> None:
+    """Run a stage from a Snakemake script: directive or from the command line.
+
+    A TunesmithError ends the process with exit 1 once its message is in the log and on the
+    terminal; anything else keeps its traceback (a bug)."""
+    from tunesmith import trainkit
+
     smk = sys.modules["__main__"].__dict__.get("snakemake")
-    io = from_snakemake(smk) if smk is not None else from_argv(description)
-    with _logging_to(io.log):
-        try:
-            main(io)
-        except TunesmithError as exc:
-            log.error("%s", exc)
-            print(f"ERROR: {exc}", file=sys.stderr)
-            sys.exit(1)
-        except Exception:
-            traceback.print_exc()
-            raise
+    io = from_snakemake(smk) if smk is not None else from_argv((stage_fn.__doc__ or "").strip() or "tunesmith stage")
+    try:
+        with _logging_to(io.log):
+            try:
+                result = call_stage(stage_fn, io)
+            except TunesmithError as exc:
+                log.error("%s", exc)
+                raise
+            except Exception:
+                traceback.print_exc()
+                raise
+            summary = getattr(result, "summary", "") if trainkit.world_rank() == 0 else ""
+            if summary:
+                print(f"{io.stage}: {summary}")
+        if summary and io.log:  # and once more on the terminal, where the user looks
+            print(f"{io.stage}: {summary}")
+    except TunesmithError:
+        sys.exit(1)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import importlib.metadata
 import json
 import logging
@@ -68,20 +67,9 @@ def configure_env(cfg: dict[str, Any], workdir: str | Path = ".") -> None:
 # ---------------------------------------------------------------- provenance
 
 def sha256_path(path: str | Path) -> str:
-    """sha256 of a file, or of a directory as the hash of its sorted (relative path, file hash) list."""
-    path = Path(path)
-    if path.is_file():
-        digest = hashlib.sha256()
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-        return digest.hexdigest()
-    if path.is_dir():
-        digest = hashlib.sha256()
-        for sub in sorted(p for p in path.rglob("*") if p.is_file()):
-            digest.update(f"{sub.relative_to(path)}\0{sha256_path(sub)}\n".encode())
-        return digest.hexdigest()
-    return "missing"
+    from tunesmith.fileio import sha256
+
+    return sha256(path)
 
 
 def git_commit() -> str:
@@ -139,6 +127,8 @@ class StageRecord:
     status: str = "RUNNING"
     synced: bool = False
     run_id: str | None = None
+    discard: bool = False  # nothing to record here: child processes recorded the work
+    target_uri: str = field(default_factory=lambda: tracking_uri())  # where this record belongs
 
     # ---- collecting
     def log_params(self, params: dict[str, Any]) -> None:
@@ -157,6 +147,23 @@ class StageRecord:
 
     def set_tag(self, key: str, value: Any) -> None:
         self.tags[key] = str(value)
+
+    def take(self, result: Any) -> None:
+        """Record a stage's Result (tunesmith.result): the one way figures reach MLflow."""
+        from tunesmith.result import flatten_figures
+
+        for name, points in result.histories.items():
+            for step, value in points:
+                self.log_metric(name, value, step=step)
+        # A name that is a step history stays one; a scalar of the same name would mix into it.
+        self.log_metrics({k: v for k, v in result.metrics.items() if k not in result.histories})
+        if result.figures:
+            self.log_metrics(flatten_figures(result.figures))
+            self.set_tag("tunesmith.figures", json.dumps(result.figures, sort_keys=True, default=str))
+        for key, value in result.tags.items():
+            self.set_tag(key, value)
+        for path in result.artifacts:
+            self.log_artifact(path)
 
     def add_inputs(self, inputs: dict[str, str]) -> None:
         for name, path in inputs.items():
@@ -273,7 +280,7 @@ def push(record: StageRecord, uri: str | None = None) -> str:
     """Push one record to MLflow; returns the child run id. Raises on any tracking failure."""
     from mlflow.entities import Metric, Param, RunTag
 
-    uri = uri or tracking_uri()
+    uri = uri or record.target_uri or tracking_uri()
     with _store_lock(uri):
         client = _client(uri)
         exp_id = _experiment_id(client, record.recipe, uri)
@@ -324,12 +331,12 @@ def finish(record: StageRecord, status: str = "FINISHED") -> None:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, params: dict[str, Any], inputs: dict[str, str], outputs: dict[str, str],
-              *, recipe: str, variant: str | None = None, results_dir: str = "results",
+def stage_run(stage: str, inputs: dict[str, Any], outputs: dict[str, str], *, recipe: str,
+              variant: str | None = None, results_dir: str = "results",
               section: dict[str, Any] | None = None) -> Iterator[StageRecord]:
     """Collect a stage's figures; on success hash outputs, save the record and push it."""
     record = StageRecord(recipe=recipe, stage=stage, results_dir=results_dir, variant=variant)
-    record.log_params(section if section is not None else params)
+    record.log_params(section or {})
     record.log_metric("startup_seconds", record.started - _process_start())
     record.add_inputs({k: v for k, v in inputs.items() if isinstance(v, str)})
     try:
@@ -340,6 +347,8 @@ def stage_run(stage: str, params: dict[str, Any], inputs: dict[str, str], output
         with contextlib.suppress(Exception):
             record.save()
         raise
+    if record.discard:
+        return
     record.add_outputs({k: v for k, v in outputs.items() if isinstance(v, str) and Path(v).exists()})
     finish(record)
 
@@ -354,37 +363,75 @@ def _process_start() -> float:
         return time.time()
 
 
-def sync(recipe_results: str | Path) -> tuple[int, int]:
-    """Push every unsynced stage record under results/<recipe>/tracking. Returns (pushed, failed)."""
+def sync(recipe_results: str | Path, uri: str | None = None) -> tuple[int, int]:
+    """Push every unsynced stage record under results/<recipe>/tracking to the store it was meant
+    for (uri: another one), then close the parent runs of finished invocations with the status
+    the workflow ended with. Returns (pushed, failed)."""
     pushed = failed = 0
-    for path in sorted(Path(recipe_results, "tracking").rglob("*.json")):
+    folder = Path(recipe_results, "tracking")
+    for path in sorted(folder.rglob("*.json")):
+        if path.parent.name == INVOCATIONS:
+            continue
         record = StageRecord.load(path)
         if record.synced or record.status != "FINISHED":
             continue
         try:
-            record.run_id = push(record)
+            record.run_id = push(record, uri)
             record.synced = True
             record.save(path)  # back where it was read: results_dir in it may be relative to another CWD
             pushed += 1
         except Exception as exc:  # noqa: BLE001
             log.warning("could not push %s: %s", path, exc)
             failed += 1
+    for path in sorted((folder / INVOCATIONS).glob("*.json")):
+        state = json.loads(path.read_text())
+        if state.get("closed"):
+            continue
+        try:
+            if _close(uri or state["uri"], state["invocation"], state["status"]):
+                state["closed"] = True
+                path.write_text(json.dumps(state, indent=2))
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not close the parent run of invocation %s: %s", state["invocation"], exc)
+            failed += 1
     return pushed, failed
 
 
-def close_parents(status: str = "FINISHED") -> None:
-    """Mark this invocation's parent runs ended (Snakefile onsuccess/onerror). Never raises."""
+INVOCATIONS = "invocations"
+
+
+def _close(uri: str, invocation: str, status: str) -> int:
+    with _store_lock(uri):
+        client = _client(uri)
+        query = f"tags.`tunesmith.invocation` = '{invocation}' and tags.`tunesmith.role` = 'parent'"
+        exps = [e.experiment_id for e in client.search_experiments()]
+        runs = client.search_runs(exps, filter_string=query) if exps else []
+        for run in runs:
+            client.set_terminated(run.info.run_id, status=status)
+    return len(runs)
+
+
+def close_parents(status: str = "FINISHED", recipes: list[str] | None = None, results_dir: str = "results") -> None:
+    """Mark this invocation's parent runs ended (Snakefile onsuccess/onerror). The final status is
+    written beside each recipe's records first, so that sync can close the parent later when the
+    server is down now. Never raises."""
     if not _enabled():
         return
-    uri = tracking_uri()
+    uri, invocation = tracking_uri(), invocation_id()
+    state = {"invocation": invocation, "status": status, "uri": uri, "closed": False}
+    files = []
+    for recipe in recipes or []:
+        path = Path(results_dir) / recipe / "tracking" / INVOCATIONS / f"{invocation}.json"
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(state, indent=2))
+            files.append(path)
     try:
-        with _store_lock(uri):
-            client = _client(uri)
-            query = (f"tags.`tunesmith.invocation` = '{invocation_id()}' and "
-                     f"tags.`tunesmith.role` = 'parent'")
-            exps = [e.experiment_id for e in client.search_experiments()]
-            if exps:
-                for run in client.search_runs(exps, filter_string=query):
-                    client.set_terminated(run.info.run_id, status=status)
+        closed = _close(uri, invocation, status)
     except Exception as exc:  # noqa: BLE001
-        log.warning("MLflow: could not close parent runs: %s", exc)
+        log.warning("MLflow: could not close parent runs (%s); `tunesmith sync-mlflow` closes them later", exc)
+        return
+    if not closed:  # no stage reached the store yet: sync creates the parent, then closes it
+        return
+    for path in files:
+        path.write_text(json.dumps({**state, "closed": True}, indent=2))

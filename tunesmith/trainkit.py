@@ -1,5 +1,5 @@
-"""Pieces shared by SFT (tunesmith.training) and pretraining (tunesmith.pretraining): device and
-method checks, resumable checkpoints, the loss-history callback, memory figures and the loss plot."""
+"""Pieces of the trainer loop (tunesmith.trainer): device and method checks, the multi-GPU relaunch,
+checkpoints validated before resume, the loss-history callback, memory figures and the loss plot."""
 
 from __future__ import annotations
 
@@ -34,12 +34,13 @@ def require_device(method: str) -> bool:
     """Return whether CUDA is here; stop at once when the method cannot run without it.
 
     Decided from torch, never from the scheduler's gpu resource (Snakemake scales that down silently)."""
+    from tunesmith.methods import get
+
+    entry = get(method)
     cuda = cuda_available()
-    if method in ("qlora", "unsloth") and not cuda:
-        why = ("bitsandbytes 4-bit loads on CPU but trains about 10x slower than LoRA there"
-               if method == "qlora" else "unsloth cannot even be imported without a CUDA GPU")
+    if entry.needs_cuda and not cuda:
         raise EnvironmentNotSupported(
-            f"train.method '{method}' needs a CUDA GPU and torch sees none ({why}). "
+            f"train.method '{method}' needs a CUDA GPU and torch sees none ({entry.cuda_why}). "
             f"On this machine use 'method: lora' (same adapter, 16/32-bit base), "
             f"or run the train rule on a GPU node (--resources gpu=1 / the slurm profile).")
     return cuda
@@ -47,6 +48,10 @@ def require_device(method: str) -> bool:
 
 def world_rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def local_rank() -> int:
@@ -57,7 +62,12 @@ def under_launcher() -> bool:
     return "LOCAL_RANK" in os.environ or "ACCELERATE_PROCESS_NUM" in os.environ
 
 
-def relaunch_multi_gpu(script: str | Path, gpus: int, io: Any) -> None:
+def needs_relaunch(gpus: int | None) -> bool:
+    """More than one GPU asked for, on CUDA, and not yet under a launcher: relaunch under accelerate."""
+    return int(gpus or 1) > 1 and cuda_available() and not under_launcher()
+
+
+def relaunch_multi_gpu(script: str | Path, gpus: int, io: Any) -> Any:
     """Run `script` again under `accelerate launch --num_processes gpus`, with this job's
     inputs, outputs and params passed by argv (the child cannot see Snakemake's object)."""
     import subprocess
@@ -72,18 +82,23 @@ def relaunch_multi_gpu(script: str | Path, gpus: int, io: Any) -> None:
     params_file = ckpt / ".launch_params.json"
     params_file.write_text(json.dumps(io.params, default=str))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus),
-           "--num_machines", "1", str(script), "--params", str(params_file)]
+           "--num_machines", "1", str(script), "--params", str(params_file), "--stage", io.stage,
+           "--recipe", io.recipe]
+    if io.variant:
+        cmd += ["--variant", io.variant]
     for k, v in io.input.items():
         cmd += ["--input", f"{k}={v}"]
     for k, v in io.output.items():
         cmd += ["--output", f"{k}={v}"]
     log.info("multi-GPU: relaunching under accelerate with %d processes", gpus)
-    # PYTHONSAFEPATH: the script's folder must not go on sys.path (scripts/select.py would shadow
-    # the stdlib select module in every rank).
+    # PYTHONSAFEPATH: keep scripts/ off sys.path in every rank, as Snakemake's script runner does.
     env = dict(os.environ, PYTHONSAFEPATH="1")
     rc = subprocess.run(cmd, check=False, env=env).returncode
     if rc != 0:
         raise TunesmithError(f"accelerate launch with {gpus} processes failed (exit {rc}); see the log above")
+    from tunesmith.result import Result
+
+    return Result(delegated=True, summary=f"ran under accelerate with {gpus} processes")
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -101,23 +116,71 @@ def fingerprint(section: dict[str, Any], files: dict[str, str | Path]) -> str:
     return digest.hexdigest()
 
 
-def _complete(ckpt: Path) -> bool:
-    # A kill -9 during a save leaves a folder without trainer_state.json (written last).
-    return (ckpt / "trainer_state.json").is_file() and any(ckpt.glob("*.safetensors"))
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from, or None. Every file the resume reads is opened:
+    a full disk or a crash mid-save leaves files that exist but are cut short."""
+    state = ckpt / "trainer_state.json"
+    if not state.is_file():
+        return "trainer_state.json is missing (killed while saving?)"
+    try:
+        if "global_step" not in json.loads(state.read_text()):
+            return "trainer_state.json has no global_step"
+    except (ValueError, OSError) as exc:
+        return f"trainer_state.json does not parse ({exc})"
+    weights = sorted(ckpt.glob("*.safetensors"))
+    if not weights:
+        return "no *.safetensors weights"
+    from safetensors import safe_open
+
+    for path in weights:
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                for key in fh.keys():
+                    fh.get_slice(key)
+        except Exception as exc:  # noqa: BLE001 - SafetensorError and OSError alike
+            return f"{path.name} does not load ({_first_line(exc)})"
+    import torch
+
+    for name in ("optimizer.pt", "scheduler.pt"):
+        path = ckpt / name
+        if path.is_file():
+            try:
+                torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - a truncated zip, a pickle error
+                return f"{name} does not load ({_first_line(exc)})"
+    return None
 
 
-def last_checkpoint(folder: str | Path) -> Path | None:
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:160]}" if text else type(exc).__name__
+
+
+def _set_aside(ckpt: Path, why: str) -> None:
+    target = ckpt.with_name(ckpt.name + ".corrupt")
+    n = 1
+    while target.exists():
+        n += 1
+        target = ckpt.with_name(f"{ckpt.name}.corrupt{n}")
+    ckpt.rename(target)
+    log.warning("checkpoint %s is unusable: %s; moved aside to %s", ckpt, why, target.name)
+
+
+def last_checkpoint(folder: str | Path, *, validate: bool = True) -> Path | None:
+    """The newest checkpoint that loads; unusable newer ones are moved aside as checkpoint-N.corrupt
+    (rank 0 only: other ranks take the newest one left, after rank 0 has looked)."""
     folder = Path(folder)
     if not folder.is_dir():
         return None
-    found = []
-    for sub in folder.iterdir():
-        if sub.is_dir() and sub.name.startswith(CHECKPOINT_PREFIX) and sub.name[len(CHECKPOINT_PREFIX):].isdigit():
-            if _complete(sub):
-                found.append((int(sub.name[len(CHECKPOINT_PREFIX):]), sub))
-            else:
-                log.warning("ignoring incomplete checkpoint %s (killed while saving?)", sub)
-    return max(found)[1] if found else None
+    found = sorted(((int(sub.name[len(CHECKPOINT_PREFIX):]), sub) for sub in folder.iterdir()
+                    if sub.is_dir() and sub.name.startswith(CHECKPOINT_PREFIX)
+                    and sub.name[len(CHECKPOINT_PREFIX):].isdigit()), reverse=True)
+    for _, ckpt in found:
+        why = checkpoint_problem(ckpt) if validate else None
+        if why is None:
+            return ckpt
+        _set_aside(ckpt, why)
+    return None
 
 
 def prepare_checkpoints(folder: str | Path, fp: str) -> Path | None:
@@ -137,6 +200,10 @@ def prepare_checkpoints(folder: str | Path, fp: str) -> Path | None:
     return last_checkpoint(folder)
 
 
+def tokens_seen(ckpt: Path) -> int:
+    return int(json.loads((ckpt / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0))
+
+
 def checkpoint_step(ckpt: Path) -> int:
     state = json.loads((ckpt / "trainer_state.json").read_text())
     return int(state.get("global_step", 0))
@@ -145,14 +212,16 @@ def checkpoint_step(ckpt: Path) -> int:
 # ---------------------------------------------------------------- figures
 
 def peak_memory_mb(cuda: bool) -> dict[str, float]:
-    """Peak reserved CUDA memory (as the Unsloth notebooks report it) on GPU; peak RSS on CPU."""
+    """Peak allocated CUDA memory on GPU (what the tensors needed; reserved, which includes the
+    allocator's cache, beside it as the Unsloth notebooks report it); peak RSS on CPU."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
     out = {"peak_rss_mb": round(rss, 1)}
     if cuda:
         import torch
 
+        out["peak_cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         out["peak_cuda_reserved_mb"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
-        out["peak_memory_mb"] = out["peak_cuda_reserved_mb"]
+        out["peak_memory_mb"] = out["peak_cuda_allocated_mb"]
     else:
         out["peak_memory_mb"] = out["peak_rss_mb"]
     return out
@@ -169,19 +238,40 @@ def parameter_counts(model: Any) -> dict[str, float]:
 
 
 def make_history_callback():
-    """A TrainerCallback that keeps (step, loss) and (step, eval_loss) and logs one line per log."""
+    """A TrainerCallback that keeps (step, loss) and (step, eval_loss), logs one line per log, and
+    times every optimizer step (for throughput without warm-up, evaluation or the final save)."""
     from transformers import TrainerCallback
 
     class History(TrainerCallback):
         def __init__(self) -> None:
             self.train: list[tuple[int, float]] = []
             self.eval: list[tuple[int, float]] = []
+            self.steps: list[tuple[int, float, int]] = []  # (step, time at its end, tokens seen)
             self.started = time.time()
             self.first_step: int | None = None
+            self.cuda = cuda_available()
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.started = time.time()
             self.first_step = state.global_step
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.cuda:  # kernels run ahead of the host: time what finished
+                import torch
+
+                torch.cuda.synchronize()
+            self.steps.append((state.global_step, time.time(), int(getattr(state, "num_input_tokens_seen", 0) or 0)))
+
+        def steady_rate(self, warmup: int = 3) -> dict[str, float | None]:
+            """Tokens/s and s/step over the steps after the first `warmup` (compilation, allocator
+            growth, first batches), ending at the last step's end: evaluation and saves in between
+            count, the final save does not."""
+            steps = self.steps[min(warmup, max(0, len(self.steps) - 2)):]
+            if len(steps) < 2 or steps[-1][1] <= steps[0][1]:
+                return {"steady_tokens_per_second": None, "steady_seconds_per_step": None}
+            seconds = steps[-1][1] - steps[0][1]
+            return {"steady_tokens_per_second": (steps[-1][2] - steps[0][2]) / seconds,
+                    "steady_seconds_per_step": seconds / (steps[-1][0] - steps[0][0])}
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
@@ -210,10 +300,9 @@ def full_history(trainer: Any) -> tuple[list[tuple[int, float]], list[tuple[int,
 
 
 def plot_loss(train: list[tuple[int, float]], evals: list[tuple[int, float]], path: str | Path, title: str) -> None:
-    import matplotlib
+    from tunesmith.fileio import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from tunesmith.fileio import save_figure
 
@@ -232,17 +321,3 @@ def plot_loss(train: list[tuple[int, float]], evals: list[tuple[int, float]], pa
         ax.text(0.5, 0.5, "no logged steps", ha="center", va="center", transform=ax.transAxes)
     save_figure(fig, path)
     plt.close(fig)
-
-
-def log_training(record: Any, metrics: dict[str, Any], train: list[tuple[int, float]],
-                 evals: list[tuple[int, float]], artifacts: list[str | Path]) -> None:
-    """Loss curves as MLflow step metrics, the scalar figures beside them, and the files."""
-    for step, value in train:
-        record.log_metric("train_loss", value, step=step)
-    for step, value in evals:
-        record.log_metric("eval_loss", value, step=step)
-    # train_loss / eval_loss are step histories in MLflow; the run average goes under its own key.
-    record.log_metrics({k: v for k, v in metrics.items() if k not in ("eval_loss", "train_loss")})
-    record.log_metric("train_loss_mean", metrics["train_loss"])
-    for path in artifacts:
-        record.log_artifact(path)

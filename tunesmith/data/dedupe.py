@@ -17,6 +17,7 @@ import importlib.resources
 import logging
 import re
 import time
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,11 @@ _SPACE = re.compile(r"\s+")
 # ---------------------------------------------------------------- exact
 
 def normalise(text: str) -> str:
+    """The text exact dedupe hashes: NFKC (fullwidth letters, ligatures and NFD accents fold to
+    one form), format characters (zero-width space, BOM, ...) removed, case and runs of white
+    space folded."""
+    text = unicodedata.normalize("NFKC", text)
+    text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
     return _SPACE.sub(" ", text).strip().lower()
 
 
@@ -250,31 +256,29 @@ def run(frame: pd.DataFrame, section: dict[str, Any], *, offline: bool, model: A
         progress: bool = False) -> tuple[pd.DataFrame, dict[str, Any], np.ndarray]:
     """Dedupe canonical rows. Returns kept rows, the report, and nearest-neighbour similarities."""
     rows_in = len(frame)
-    report: dict[str, Any] = {"rows_in": rows_in, "threshold": section.get("threshold", 0.95),
-                              "field": section.get("field", "output")}
+    report: dict[str, Any] = {"rows_in": rows_in, "threshold": section["threshold"], "field": section["field"]}
     frame = frame.reset_index(drop=True)
-    if section.get("exact", True):
+    if section["exact"]:
         keep, exact_pairs = exact_duplicates(frame)
         report["exact_removed"] = int((~keep).sum())
         report["exact_pairs_sample"] = _pair_sample(frame, None, [(a, b, 1.0) for a, b in exact_pairs],
-                                                    min(10, section.get("sample_pairs", 50)))
+                                                    min(10, section["sample_pairs"]))
         frame = frame.loc[keep].reset_index(drop=True)
     else:
         report["exact_removed"] = 0
     nn_sim = np.zeros(0)
     report["near_removed"] = 0
-    if section.get("near", True) and len(frame) > 1:
+    if section["near"] and len(frame) > 1:
         texts = field_texts(frame, report["field"])
         load_started = time.perf_counter()
         if model is None:
-            model = load_embedder(section.get("model", "default"), offline=offline, device=section.get("device", "auto"))
-        report["model"] = section.get("model", "default")
+            model = load_embedder(section["model"], offline=offline, device=section["device"])
+        report["model"] = section["model"]
         report["model_load_seconds"] = round(time.perf_counter() - load_started, 3)
         embed_started = time.perf_counter()
-        vectors = embed(model, texts, section.get("batch_size", 64), progress)
+        vectors = embed(model, texts, section["batch_size"], progress)
         embed_seconds = time.perf_counter() - embed_started
-        result = near_duplicates(vectors, report["threshold"], k=section.get("neighbors", 10),
-                                 index=section.get("index", "auto"))
+        result = near_duplicates(vectors, report["threshold"], k=section["neighbors"], index=section["index"])
         nn_sim = result.nn_sim
         report.update({
             "near_removed": int((~result.keep).sum()),
@@ -283,11 +287,11 @@ def run(frame: pd.DataFrame, section: dict[str, Any], *, offline: bool, model: A
             "embed_seconds": round(embed_seconds, 3),
             "embed_rows_per_s": round(len(texts) / embed_seconds, 1) if embed_seconds else None,
             "search_seconds": round(result.search_seconds, 4),
-            "neighbors": section.get("neighbors", 10),
+            "neighbors": section["neighbors"],
             "nn_similarity": {"min": float(nn_sim.min()), "median": float(np.median(nn_sim)),
                               "p95": float(np.percentile(nn_sim, 95)), "max": float(nn_sim.max()),
                               "at_or_above_threshold": int((nn_sim >= report["threshold"]).sum())},
-            "pairs_sample": _pair_sample(frame, texts, result.pairs, section.get("sample_pairs", 50)),
+            "pairs_sample": _pair_sample(frame, texts, result.pairs, section["sample_pairs"]),
         })
         frame = frame.loc[result.keep].reset_index(drop=True)
     report["rows_out"] = len(frame)

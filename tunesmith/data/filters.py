@@ -17,28 +17,29 @@ def _is_blank(values: pd.Series) -> np.ndarray:
 
 
 def rules(section: dict[str, Any], frame: pd.DataFrame) -> list[tuple[str, np.ndarray]]:
-    """(reason, drop mask) per active rule, in the order they are applied."""
+    """(reason, drop mask) per active rule, in the order they are applied. section: the recipe's
+    filter section with schema defaults filled (regex rules included)."""
     out: list[tuple[str, np.ndarray]] = []
-    if section.get("drop_empty", True):
+    if section["drop_empty"]:
         # Documents (text schema) have no instruction; an instruction row needs both sides.
         is_doc = ~_is_blank(frame["text"]) if "text" in frame else np.zeros(len(frame), bool)
         empty = _is_blank(frame["output"]) | (_is_blank(frame["instruction"]) & ~is_doc)
         out.append(("empty", empty))
     n = frame["n_tokens"].to_numpy()
-    if section.get("min_tokens", 1):
+    if section["min_tokens"]:
         out.append(("min_tokens", n < section["min_tokens"]))
-    if section.get("max_tokens") is not None:
+    if section["max_tokens"] is not None:
         out.append(("max_tokens", n > section["max_tokens"]))
-    if section.get("min_output_tokens", 1):
+    if section["min_output_tokens"]:
         out.append(("min_output_tokens", frame["n_output_tokens"].to_numpy() < section["min_output_tokens"]))
-    for rule in section.get("regex") or []:
+    for rule in section["regex"]:
         try:
             pattern = re.compile(rule["pattern"])
         except re.error as exc:
             raise DataError(f"filter.regex rule '{rule['name']}': invalid pattern {rule['pattern']!r}: {exc}") from None
-        fld = rule.get("field", "output")
+        fld = rule["field"]
         hits = frame[fld].fillna("").astype(str).map(lambda s: pattern.search(s) is not None).to_numpy(bool)
-        drop = hits if rule.get("action", "drop") == "drop" else ~hits
+        drop = hits if rule["action"] == "drop" else ~hits
         out.append((f"regex:{rule['name']}", drop))
     return out
 

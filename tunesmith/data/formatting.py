@@ -17,6 +17,7 @@ generation_config.json), or the tuned model never learns to stop; :func:`check_e
 from __future__ import annotations
 
 import importlib.resources
+import json
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ def named_template(name: str) -> str:
 
 def resolve_template(section: dict[str, Any], tokenizer: Any, tokenizer_dir: str | None = None) -> str:
     """The jinja text actually used for format.template."""
-    name = section.get("template", "model")
+    name = section["template"]
     if name == "model":
         text = getattr(tokenizer, "chat_template", None)
         if isinstance(text, dict):  # several named templates: the default one renders chats
@@ -49,7 +50,7 @@ def resolve_template(section: dict[str, Any], tokenizer: Any, tokenizer_dir: str
                             f"has no chat template; choose chatml, llama-3, alpaca or custom")
         return text
     if name == "custom":
-        custom = section.get("custom_template")
+        custom = section["custom_template"]
         if not custom:
             raise DataError("format.template is 'custom' but format.custom_template is empty")
         if custom.strip().endswith(".jinja") and "\n" not in custom.strip():
@@ -130,9 +131,9 @@ def split_positions(n: int, fraction: float, max_rows: int, seed: int) -> np.nda
 
 def build(frame: pd.DataFrame, section: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """train rows, eval rows (prompt/completion; eval rows with 'answer')."""
-    system_prompt = section.get("system_prompt")
-    held = set(split_positions(len(frame), section.get("eval_fraction", 0.1), section.get("eval_max_rows", 200),
-                               section.get("seed", 42)).tolist())
+    system_prompt = section["system_prompt"]
+    held = set(split_positions(len(frame), section["eval_fraction"], section["eval_max_rows"],
+                               section["seed"]).tolist())
     train: list[dict[str, Any]] = []
     evals: list[dict[str, Any]] = []
     for pos, row in enumerate(frame.to_dict("records")):
@@ -144,6 +145,47 @@ def build(frame: pd.DataFrame, section: dict[str, Any]) -> tuple[list[dict[str, 
         else:
             train.append(item)
     return train, evals
+
+
+def _check_messages(value: Any, path: str, line: int, field: str, roles: tuple[str, ...]) -> None:
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{path}, row {line}, field '{field}': expected a non-empty list of messages")
+    for j, msg in enumerate(value):
+        if not isinstance(msg, dict) or not isinstance(msg.get("content"), str) or msg.get("role") not in roles:
+            raise DataError(f"{path}, row {line}, field '{field}[{j}]': expected {{'role': one of {list(roles)}, "
+                            f"'content': text}}, got {str(msg)[:120]!r}")
+
+
+def read_split(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """Read train.jsonl / eval.jsonl as build() writes them, checked row by row: the one reader
+    of these files (train, merge, evaluate and quantize all call it). Eval rows keep 'answer'."""
+    path = str(path)
+    if not Path(path).is_file():
+        raise DataError(f"{path}: file not found")
+    rows: list[dict[str, Any]] = []
+    with open(path, encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}, row {line_no}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}, row {line_no}: expected an object")
+            for field in ("prompt", "completion"):
+                if field not in row:
+                    raise DataError(f"{path}, row {line_no}: missing field '{field}'")
+            _check_messages(row["prompt"], path, line_no, "prompt", ("system", "user", "assistant", "tool"))
+            _check_messages(row["completion"], path, line_no, "completion", ("assistant",))
+            if "answer" in row and not isinstance(row["answer"], str):
+                raise DataError(f"{path}, row {line_no}, field 'answer': expected text")
+            rows.append(row)
+            if limit is not None and len(rows) >= limit:
+                break
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
 
 
 def preview(tokenizer: Any, template: str, rows: list[dict[str, Any]], n: int) -> str:

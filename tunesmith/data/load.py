@@ -127,11 +127,9 @@ def file_format(path: Path, fmt: str = "auto") -> str:
 
 
 def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    from tunesmith.fileio import sha256
+
+    return sha256(path)
 
 
 def fetch_url(url: str, cache_dir: str | Path, offline: bool) -> Path:
@@ -410,18 +408,16 @@ def load(section: dict[str, Any], *, offline: bool, cache_dir: str | Path = "res
     source = section["source"]
     if not source:
         raise DataError("dataset.source is empty: name a local file, URL or hub dataset id")
-    fmt = section.get("format", "auto")
+    fmt = section["format"]
     kind = source_kind(source, fmt)
-    on_bad = section.get("on_bad_rows", "error")
-    columns = section.get("columns") or {}
-    columns = {**{"instruction": "instruction", "input": "input", "output": "output", "system": None,
-                  "messages": "messages", "text": "text"}, **columns}
-    info: dict[str, Any] = {"origin": source, "kind": kind, "schema": section.get("schema", "instruction"),
+    on_bad = section["on_bad_rows"]
+    columns = dict(section["columns"])
+    info: dict[str, Any] = {"origin": source, "kind": kind, "schema": section["schema"],
                             "columns_mapping": columns, "on_bad_rows": on_bad}
     if kind == "hub":
-        records = read_hub(source, section.get("split", "train"), section.get("revision"), offline)
+        records = read_hub(source, section["split"], section["revision"], offline)
         label = f"hub dataset {source}"
-        info.update(split=section.get("split", "train"), revision=section.get("revision"), sha256=None)
+        info.update(split=section["split"], revision=section["revision"], sha256=None)
     else:
         path = fetch_url(source, cache_dir, offline) if kind == "url" else Path(source).expanduser()
         fmt = file_format(path, fmt)
@@ -429,7 +425,7 @@ def load(section: dict[str, Any], *, offline: bool, cache_dir: str | Path = "res
         label = str(path)
         info.update(path=str(path.resolve()), format=fmt, sha256=sha256_file(path))
     frame, facts = canonicalise(records, file=label, schema=info["schema"], columns=columns,
-                                on_bad_rows=on_bad, limit=section.get("limit"))
+                                on_bad_rows=on_bad, limit=section["limit"])
     info.update(facts)
     info["rows"] = len(frame)
     info["columns"] = list(frame.columns)

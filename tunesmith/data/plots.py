@@ -11,12 +11,7 @@ from tunesmith import fileio
 
 
 def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return fileio.pyplot()
 
 
 def token_histogram(counts: dict[str, np.ndarray], path: str | Path, title: str = "Token counts") -> None:

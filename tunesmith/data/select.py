@@ -10,8 +10,8 @@ import pandas as pd
 
 
 def apply(frame: pd.DataFrame, section: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, Any]]:
-    strategy = section.get("strategy", "all")
-    k = int(section.get("k", 1000))
+    strategy = section["strategy"]
+    k = int(section["k"])
     rows_in = len(frame)
     frame = frame.reset_index(drop=True)
     if strategy == "all" or k >= rows_in:
@@ -20,7 +20,7 @@ def apply(frame: pd.DataFrame, section: dict[str, Any]) -> tuple[pd.DataFrame, d
         # Stable sort: among equal lengths the earlier row wins, so reruns pick the same rows.
         positions = np.sort(np.argsort(-frame["n_tokens"].to_numpy(), kind="stable")[:k])
     elif strategy == "random_k":
-        rng = np.random.default_rng(int(section.get("seed", 42)))
+        rng = np.random.default_rng(int(section["seed"]))
         positions = np.sort(rng.choice(rows_in, size=k, replace=False))
     else:
         raise ValueError(f"unknown select.strategy {strategy!r}")

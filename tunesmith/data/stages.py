@@ -1,9 +1,9 @@
 """The data stages as functions of paths: read inputs, do the work, write outputs atomically,
-return the stage's figures. scripts/<rule>.py wraps each in MLflow tracking; bench/ and tests
-call them directly.
+return a Result (tunesmith.result). scripts/<rule>.py hands each to the runner, which records it;
+bench/ and tests call them directly.
 
-Every function returns metrics with ``load_seconds`` (tokenizer / model load) and
-``work_seconds`` (the rest), so start-up and work can be told apart.
+Every Result's metrics hold ``load_seconds`` (tokenizer / model load), ``work_seconds`` (the
+rest) and ``seconds`` (both), so start-up and work can be told apart.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 from tunesmith import fileio
+from tunesmith.result import Result
 from tunesmith.data import dedupe as dedupe_mod
 from tunesmith.data import filters, formatting, load, plots, tokens
 from tunesmith.data import select as select_mod
@@ -22,8 +22,13 @@ from tunesmith.data import select as select_mod
 log = logging.getLogger("tunesmith.data")
 
 
+def _result(metrics: dict[str, Any], *artifacts: str, summary: str = "") -> Result:
+    metrics["seconds"] = metrics["load_seconds"] + metrics["work_seconds"]
+    return Result(metrics=metrics, artifacts=[str(a) for a in artifacts], summary=summary)
+
+
 def download(section: dict[str, Any], raw_path: str, source_path: str, *, offline: bool,
-             cache_dir: str = "resources/downloads") -> dict[str, Any]:
+             cache_dir: str = "resources/downloads") -> Result:
     started = time.perf_counter()
     loaded = load.load(section, offline=offline, cache_dir=cache_dir)
     fileio.write_parquet(raw_path, loaded.frame)
@@ -36,17 +41,18 @@ def download(section: dict[str, Any], raw_path: str, source_path: str, *, offlin
     metrics = {"rows_in": info["records_read"], "rows_out": info["rows"], "skipped": skipped["count"],
                **{f"skipped_{k}": v for k, v in skipped["by_reason"].items()},
                "load_seconds": 0.0, "work_seconds": time.perf_counter() - started}
-    return metrics
+    return _result(metrics, source_path, summary=f"{info['rows']} rows from {info['origin']} "
+                                                 f"({skipped['count']} skipped)")
 
 
 def tokenize_count(raw_path: str, tokenizer_dir: str, section: dict[str, Any], counts_path: str,
-                   stats_path: str, hist_path: str, *, tokenizer: Any = None, recipe: str = "") -> dict[str, Any]:
+                   stats_path: str, hist_path: str, *, tokenizer: Any = None, recipe: str = "") -> Result:
     t0 = time.perf_counter()
     tok = tokenizer if tokenizer is not None else tokens.load_tokenizer(tokenizer_dir)
     t1 = time.perf_counter()
     frame = load.read_rows(raw_path)
     t2 = time.perf_counter()
-    counts = tokens.count_frame(frame, tok, section.get("batch_size", 1000), progress=len(frame) > 50_000)
+    counts = tokens.count_frame(frame, tok, section["batch_size"], progress=len(frame) > 50_000)
     count_seconds = time.perf_counter() - t2
     stats = tokens.stats(counts)
     stats["tokenizer"] = str(tokenizer_dir)
@@ -60,16 +66,17 @@ def tokenize_count(raw_path: str, tokenizer_dir: str, section: dict[str, Any], c
                            "combined": counts["n_tokens"].to_numpy()}, hist_path,
                           title=f"{recipe} token counts ({Path(str(tokenizer_dir)).name} tokenizer)".strip())
     log.info("tokenize_count: %d rows, %d tokens in %.2f s", len(frame), stats["combined"]["sum"], count_seconds)
-    return {"rows_in": len(frame), "rows_out": len(frame), "tokens": stats["combined"]["sum"],
-            "tokens_instruction": stats["instruction"]["sum"], "tokens_output": stats["output"]["sum"],
-            "tokens_p95": stats["combined"]["p95"], "tokens_max": stats["combined"]["max"],
-            "count_seconds": count_seconds, "rows_per_s": stats["rows_per_s"] or 0,
-            "tokens_per_s": stats["tokens_per_s"] or 0,
-            "load_seconds": t1 - t0, "work_seconds": time.perf_counter() - t1}
+    return _result({"rows_in": len(frame), "rows_out": len(frame), "tokens": stats["combined"]["sum"],
+                    "tokens_instruction": stats["instruction"]["sum"], "tokens_output": stats["output"]["sum"],
+                    "tokens_p95": stats["combined"]["p95"], "tokens_max": stats["combined"]["max"],
+                    "count_seconds": count_seconds, "rows_per_s": stats["rows_per_s"] or 0,
+                    "tokens_per_s": stats["tokens_per_s"] or 0,
+                    "load_seconds": t1 - t0, "work_seconds": time.perf_counter() - t1},
+                   stats_path, hist_path, summary=f"{len(frame)} rows, {stats['combined']['sum']} tokens")
 
 
 def filter_rows(raw_path: str, counts_path: str, section: dict[str, Any], out_path: str,
-                report_path: str) -> dict[str, Any]:
+                report_path: str) -> Result:
     started = time.perf_counter()
     import pandas as pd
 
@@ -78,45 +85,51 @@ def filter_rows(raw_path: str, counts_path: str, section: dict[str, Any], out_pa
     fileio.write_parquet(out_path, kept)
     fileio.write_json(report_path, {**report, "settings": section})
     log.info("filter: %d -> %d rows; drops %s", report["rows_in"], report["rows_out"], report["drops"])
-    return {"rows_in": report["rows_in"], "rows_out": report["rows_out"], "dropped": report["dropped"],
-            **{f"drop_{k.replace(':', '_')}": v for k, v in report["drops"].items()},
-            "tokens": report["tokens_out"], "load_seconds": 0.0, "work_seconds": time.perf_counter() - started}
+    return _result({"rows_in": report["rows_in"], "rows_out": report["rows_out"], "dropped": report["dropped"],
+                    **{f"drop_{k.replace(':', '_')}": v for k, v in report["drops"].items()},
+                    "tokens": report["tokens_out"], "load_seconds": 0.0,
+                    "work_seconds": time.perf_counter() - started},
+                   report_path, summary=f"{report['rows_in']} -> {report['rows_out']} rows; drops {report['drops']}")
 
 
 def dedupe(in_path: str, section: dict[str, Any], out_path: str, report_path: str, hist_path: str, *,
-           offline: bool, model: Any = None, recipe: str = "") -> dict[str, Any]:
+           offline: bool, model: Any = None, recipe: str = "") -> Result:
     started = time.perf_counter()
     frame = load.read_rows(in_path)
     kept, report, nn_sim = dedupe_mod.run(frame, section, offline=offline, model=model,
                                           progress=len(frame) > 2000)
     fileio.write_parquet(out_path, kept)
     fileio.write_json(report_path, {**report, "settings": section})
-    plots.similarity_histogram(nn_sim, report["threshold"] if section.get("near", True) else None, hist_path,
+    plots.similarity_histogram(nn_sim, report["threshold"] if section["near"] else None, hist_path,
                                title=f"{recipe} {report['field']} nearest-neighbour similarity".strip())
     load_seconds = report.get("model_load_seconds", 0.0)
     log.info("dedupe: %d -> %d rows (exact %d, near %d at %.2f)", report["rows_in"], report["rows_out"],
              report["exact_removed"], report["near_removed"], report["threshold"])
-    return {"rows_in": report["rows_in"], "rows_out": report["rows_out"],
-            "exact_removed": report["exact_removed"], "near_removed": report["near_removed"],
-            "threshold": report["threshold"], "embed_seconds": report.get("embed_seconds", 0.0),
-            "embed_rows_per_s": report.get("embed_rows_per_s") or 0.0,
-            "search_seconds": report.get("search_seconds", 0.0), "tokens": int(kept["n_tokens"].sum()),
-            "load_seconds": load_seconds, "work_seconds": time.perf_counter() - started - load_seconds}
+    return _result({"rows_in": report["rows_in"], "rows_out": report["rows_out"],
+                    "exact_removed": report["exact_removed"], "near_removed": report["near_removed"],
+                    "threshold": report["threshold"], "embed_seconds": report.get("embed_seconds", 0.0),
+                    "embed_rows_per_s": report.get("embed_rows_per_s") or 0.0,
+                    "search_seconds": report.get("search_seconds", 0.0), "tokens": int(kept["n_tokens"].sum()),
+                    "load_seconds": load_seconds, "work_seconds": time.perf_counter() - started - load_seconds},
+                   report_path, hist_path,
+                   summary=f"{report['rows_in']} -> {report['rows_out']} rows (exact {report['exact_removed']}, "
+                           f"near {report['near_removed']})")
 
 
-def select(in_path: str, section: dict[str, Any], out_path: str, report_path: str) -> dict[str, Any]:
+def select(in_path: str, section: dict[str, Any], out_path: str, report_path: str) -> Result:
     started = time.perf_counter()
     frame = load.read_rows(in_path)
     kept, report = select_mod.apply(frame, section)
     fileio.write_parquet(out_path, kept)
     fileio.write_json(report_path, report)
     log.info("select (%s): %d -> %d rows", report["strategy"], report["rows_in"], report["rows_out"])
-    return {"rows_in": report["rows_in"], "rows_out": report["rows_out"], "tokens": report["tokens_out"],
-            "load_seconds": 0.0, "work_seconds": time.perf_counter() - started}
+    return _result({"rows_in": report["rows_in"], "rows_out": report["rows_out"], "tokens": report["tokens_out"],
+                    "load_seconds": 0.0, "work_seconds": time.perf_counter() - started},
+                   report_path, summary=f"{report['strategy']}: {report['rows_in']} -> {report['rows_out']} rows")
 
 
 def format_rows(in_path: str, tokenizer_dir: str, section: dict[str, Any], train_path: str, eval_path: str,
-                preview_path: str, template_path: str, *, tokenizer: Any = None) -> dict[str, Any]:
+                preview_path: str, template_path: str, report_path: str, *, tokenizer: Any = None) -> Result:
     t0 = time.perf_counter()
     tok = tokenizer if tokenizer is not None else tokens.load_tokenizer(tokenizer_dir)
     t1 = time.perf_counter()
@@ -127,7 +140,7 @@ def format_rows(in_path: str, tokenizer_dir: str, section: dict[str, Any], train
         raise DataError(f"{in_path}: rows are raw text (dataset.schema: text); format makes conversations "
                         f"and needs the instruction or messages schema")
     template = formatting.resolve_template(section, tok, tokenizer_dir)
-    label = section.get("template", "model")
+    label = section["template"]
     end_token = formatting.check_end_of_turn(tok, template, label, tokenizer_dir)
     train, evals = formatting.build(frame, section)
     fileio.write_jsonl(train_path, train)
@@ -137,8 +150,13 @@ def format_rows(in_path: str, tokenizer_dir: str, section: dict[str, Any], train
               f"{len(evals)} eval rows\n# Each example is the exact text the model sees; the loss falls on the "
               f"part between {formatting.COMPLETION_START} and {formatting.COMPLETION_END} (markers not part of "
               f"the text).\n\n")
-    fileio.write_text(preview_path, header + formatting.preview(tok, template, train, section.get("preview_rows", 3)))
+    fileio.write_text(preview_path, header + formatting.preview(tok, template, train, section["preview_rows"]))
     log.info("format: %d train, %d eval rows with template %s", len(train), len(evals), label)
-    return {"rows_in": len(frame), "rows_train": len(train), "rows_eval": len(evals),
-            "multi_turn_rows": int(sum(len(r["prompt"]) > 2 for r in train + evals)),
-            "load_seconds": t1 - t0, "work_seconds": time.perf_counter() - t1}
+    report = {"rows_in": len(frame), "rows_out": len(train) + len(evals), "rows_train": len(train),
+              "rows_eval": len(evals), "multi_turn_rows": int(sum(len(r["prompt"]) > 2 for r in train + evals)),
+              "template": label, "end_of_turn": end_token}
+    fileio.write_json(report_path, report)
+    return _result({k: v for k, v in report.items() if isinstance(v, int)} |
+                   {"load_seconds": t1 - t0, "work_seconds": time.perf_counter() - t1},
+                   report_path, preview_path, template_path,
+                   summary=f"{len(train)} train, {len(evals)} eval rows with template {label}")

@@ -5,17 +5,18 @@ from pathlib import Path
 
 sys.path.insert(0, workflow.basedir)
 
-from tunesmith import tracking
+from tunesmith import pipeline, tracking
 from tunesmith.settings import configure_environment
 from tunesmith.errors import TunesmithError
-from tunesmith.recipe import DEFAULT_VARIANT, check_config, load_recipe, variants
-from tunesmith.models import model_slug, needs_gpu
+from tunesmith.recipe import check_config, load_recipe, variants
+from tunesmith.methods import METHODS
+from tunesmith.models import model_slug
 
 
 def _load_all():
     """Validate config.yaml and every named recipe before any job runs."""
     try:
-        cfg = check_config(dict(config), "config.yaml (with --config/--configfile values)")
+        cfg = check_config(dict(config), "config.yaml (with --config/--configfile values)", files=workflow.configfiles)
         recipes = {}
         for name in cfg["recipes"]:
             path = Path(cfg["recipes_dir"]) / f"{name}.yaml"
@@ -32,10 +33,6 @@ CFG, RECIPES = _load_all()
 VARIANTS = {name: variants(recipe) for name, recipe in RECIPES.items()}
 RESULTS = CFG["results_dir"]
 configure_environment(CFG)
-
-
-def R(name):
-    return RECIPES[name]
 
 
 def recipe_of(wildcards):
@@ -90,6 +87,11 @@ def prepare_model_params(wildcards):
     return MODEL_SOURCES[wildcards.model]
 
 
+def prepare_model_input(wildcards):
+    """A local model folder or GGUF file (the built-in alias reads the installed package)."""
+    return local_paths(MODEL_SOURCES[wildcards.model]["source"])
+
+
 def stage_params(*sections):
     """Params for a stage: only its recipe sections, so editing one section reruns only what reads it."""
 
@@ -106,7 +108,7 @@ def train_gpus(wildcards):
     recipe = variant_of(wildcards) if "variant" in wildcards.keys() else recipe_of(wildcards)
     gpus = recipe["train"]["gpus"]
     if gpus is None:
-        gpus = 1 if needs_gpu(recipe["train"]["method"]) else 0
+        gpus = 1 if METHODS[recipe["train"]["method"]].needs_cuda else 0
     return gpus
 
 
@@ -137,6 +139,42 @@ def eval_texts_input(wildcards):
     return []
 
 
+def data_reports_input(wildcards):
+    """Every data stage's row report, in stage order: the model card counts rows from them."""
+    return pipeline.rows_reports(f"{RESULTS}/{wildcards.recipe}/data")
+
+
+def local_paths(*candidates):
+    """The candidates that are local files or folders: what a stage reads from disk is an input of
+    its rule, so editing it reruns the stage and what follows (hub ids and URLs are pinned in
+    the stage's report instead)."""
+    return [str(c) for c in candidates if isinstance(c, str) and c and Path(c).exists()]
+
+
+def dataset_input(wildcards):
+    """The recipe's local dataset file: an input of download, and of every later data stage and train
+    too. Snakemake deletes a job's outputs before running it and never reruns a job just because an
+    input made by another job is missing: if download failed on an edited file, raw.parquet would be
+    gone and the old train.jsonl would count as done. Depending on the file itself, each of them
+    sees the edit."""
+    return local_paths(recipe_of(wildcards)["dataset"]["source"])
+
+
+def template_input(wildcards):
+    fmt = recipe_of(wildcards)["format"]
+    return local_paths(fmt["custom_template"]) if fmt["template"] == "custom" else []
+
+
+def corpus_input(wildcards):
+    return local_paths(recipe_of(wildcards)["pretrain"]["corpus"]["source"])
+
+
+def eval_data_input(wildcards):
+    """Local data files of the recipe's lm-eval tasks."""
+    tasks = recipe_of(wildcards)["evaluate"]["tasks"]
+    return local_paths(*(t.get("data_files") for t in tasks if isinstance(t, dict)))
+
+
 def gguf_input(wildcards):
     recipe = recipe_of(wildcards)
     if recipe["quantize"]["enabled"] and recipe["evaluate"]["gguf"]:
@@ -161,7 +199,7 @@ def final_targets():
 
 
 def close_tracking(status):
-    tracking.close_parents(status)
+    tracking.close_parents(status, list(RECIPES), RESULTS)
 
 
 def compare_targets():

@@ -25,6 +25,6 @@ rule compare:
         mem_mb=2000,
         runtime=10,
     conda:
-        "../../envs/eval.yaml"
+        "../../envs/cpu.yaml"
     script:
         "../../scripts/compare.py"

@@ -4,11 +4,12 @@
 
 rule prepare_model:
     """Bring a base model to resources/models/<slug> as safetensors (hub snapshot, local dir, or a GGUF converted once)."""
+    input:
+        source=prepare_model_input,
     output:
         model=directory("resources/models/{model}"),
     params:
         model=prepare_model_params,
-        offline=CFG["offline"],
     log:
         "logs/models/{model}.log",
     benchmark:
@@ -18,20 +19,20 @@ rule prepare_model:
         mem_mb=8000,
         runtime=60,
     conda:
-        "../../envs/data.yaml"
+        "../../envs/cpu.yaml"
     script:
         "../../scripts/prepare_model.py"
 
 
 rule download:
     """Read the dataset (local file, URL or hub id) and map its columns onto canonical rows."""
+    input:
+        dataset=dataset_input,
     output:
         raw=f"{RESULTS}/{{recipe}}/data/raw.parquet",
         source=f"{RESULTS}/{{recipe}}/data/source.json",
     params:
         section=stage_params("dataset"),
-        offline=CFG["offline"],
-        recipe="{recipe}",
     log:
         "logs/{recipe}/download.log",
     threads: 1
@@ -39,7 +40,7 @@ rule download:
         mem_mb=4000,
         runtime=30,
     conda:
-        "../../envs/data.yaml"
+        "../../envs/cpu.yaml"
     script:
         "../../scripts/download.py"
 
@@ -49,13 +50,13 @@ rule tokenize_count:
     input:
         raw=rules.download.output.raw,
         tokenizer=tokenizer_input,
+        dataset=dataset_input,  # see dataset_input: a failed stage must not hide an edit
     output:
         counts=f"{RESULTS}/{{recipe}}/data/token_counts.parquet",
         stats=f"{RESULTS}/{{recipe}}/data/token_stats.json",
         hist=report(f"{RESULTS}/{{recipe}}/data/token_hist.png", caption="../report/token_hist.rst", category="Data", subcategory="{recipe}"),
     params:
         section=stage_params("tokenize"),
-        recipe="{recipe}",
     log:
         "logs/{recipe}/tokenize_count.log",
     benchmark:
@@ -65,7 +66,7 @@ rule tokenize_count:
         mem_mb=4000,
         runtime=30,
     conda:
-        "../../envs/data.yaml"
+        "../../envs/cpu.yaml"
     script:
         "../../scripts/tokenize_count.py"
 
@@ -75,12 +76,12 @@ rule filter:
     input:
         raw=rules.download.output.raw,
         counts=rules.tokenize_count.output.counts,
+        dataset=dataset_input,  # see dataset_input: a failed stage must not hide an edit
     output:
         filtered=f"{RESULTS}/{{recipe}}/data/filtered.parquet",
         report=f"{RESULTS}/{{recipe}}/data/filter_report.json",
     params:
         section=stage_params("filter"),
-        recipe="{recipe}",
     log:
         "logs/{recipe}/filter.log",
     threads: 1
@@ -88,7 +89,7 @@ rule filter:
         mem_mb=4000,
         runtime=20,
     conda:
-        "../../envs/data.yaml"
+        "../../envs/cpu.yaml"
     script:
         "../../scripts/filter.py"
 
@@ -97,14 +98,13 @@ rule dedupe:
     """Exact then near-duplicate removal (sentence-transformers embeddings + faiss inner product)."""
     input:
         filtered=rules.filter.output.filtered,
+        dataset=dataset_input,  # see dataset_input: a failed stage must not hide an edit
     output:
         deduped=f"{RESULTS}/{{recipe}}/data/deduped.parquet",
         report=f"{RESULTS}/{{recipe}}/data/dedupe_report.json",
         hist=report(f"{RESULTS}/{{recipe}}/data/dedupe_sim_hist.png", caption="../report/dedupe_sim_hist.rst", category="Data", subcategory="{recipe}"),
     params:
         section=stage_params("dedupe"),
-        offline=CFG["offline"],
-        recipe="{recipe}",
     log:
         "logs/{recipe}/dedupe.log",
     benchmark:
@@ -114,7 +114,7 @@ rule dedupe:
         mem_mb=8000,
         runtime=60,
     conda:
-        "../../envs/data.yaml"
+        "../../envs/cpu.yaml"
     script:
         "../../scripts/dedupe.py"
 
@@ -123,12 +123,12 @@ rule select:
     """Keep all rows, the top-k longest, or a seeded random k."""
     input:
         deduped=rules.dedupe.output.deduped,
+        dataset=dataset_input,  # see dataset_input: a failed stage must not hide an edit
     output:
         selected=f"{RESULTS}/{{recipe}}/data/selected.parquet",
         report=f"{RESULTS}/{{recipe}}/data/select_report.json",
     params:
         section=stage_params("select"),
-        recipe="{recipe}",
     log:
         "logs/{recipe}/select.log",
     threads: 1
@@ -136,7 +136,7 @@ rule select:
         mem_mb=2000,
         runtime=10,
     conda:
-        "../../envs/data.yaml"
+        "../../envs/cpu.yaml"
     script:
         "../../scripts/select_rows.py"
 
@@ -146,14 +146,16 @@ rule format:
     input:
         selected=rules.select.output.selected,
         tokenizer=base_model_input,
+        custom_template=template_input,
+        dataset=dataset_input,  # see dataset_input: a failed stage must not hide an edit
     output:
         train=f"{RESULTS}/{{recipe}}/data/train.jsonl",
         eval=f"{RESULTS}/{{recipe}}/data/eval.jsonl",
         preview=f"{RESULTS}/{{recipe}}/data/preview.txt",
         template=f"{RESULTS}/{{recipe}}/data/chat_template.jinja",
+        report=f"{RESULTS}/{{recipe}}/data/format_report.json",
     params:
         section=stage_params("format", "model"),
-        recipe="{recipe}",
     log:
         "logs/{recipe}/format.log",
     threads: 1
@@ -161,6 +163,6 @@ rule format:
         mem_mb=2000,
         runtime=10,
     conda:
-        "../../envs/data.yaml"
+        "../../envs/cpu.yaml"
     script:
         "../../scripts/format.py"

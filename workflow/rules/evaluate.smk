@@ -7,11 +7,11 @@ rule evaluate_base:
         base=base_model_input,
         eval=rules.format.output.eval,
         template=rules.format.output.template,
+        task_data=eval_data_input,
     output:
         scores=f"{RESULTS}/{{recipe}}/eval_base/base.json",
     params:
         section=stage_params("evaluate", "model"),
-        recipe="{recipe}",
     log:
         "logs/{recipe}/evaluate_base.log",
     benchmark:
@@ -22,7 +22,7 @@ rule evaluate_base:
         mem_mb=8000,
         runtime=120,
     conda:
-        "../../envs/eval.yaml"
+        "../../envs/cpu.yaml"
     script:
         "../../scripts/evaluate.py"
 
@@ -35,14 +35,13 @@ rule evaluate:
         eval=rules.format.output.eval,
         template=rules.format.output.template,
         gguf=gguf_input,
+        task_data=eval_data_input,
     output:
         scores=f"{RESULTS}/{{recipe}}/{{variant}}/eval/tuned.json",
         compare=report(f"{RESULTS}/{{recipe}}/{{variant}}/eval/compare.json", caption="../report/compare.rst", category="Evaluation", subcategory="{recipe} {variant}"),
         plot=report(f"{RESULTS}/{{recipe}}/{{variant}}/eval/compare.png", caption="../report/compare.rst", category="Evaluation", subcategory="{recipe} {variant}"),
     params:
         section=stage_params("evaluate", "model"),
-        recipe="{recipe}",
-        variant="{variant}",
     log:
         "logs/{recipe}/{variant}/evaluate.log",
     benchmark:
@@ -53,6 +52,6 @@ rule evaluate:
         mem_mb=8000,
         runtime=120,
     conda:
-        "../../envs/eval.yaml"
+        "../../envs/cpu.yaml"
     script:
         "../../scripts/evaluate.py"

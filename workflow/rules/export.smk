@@ -10,8 +10,6 @@ rule quantize:
         gguf=directory(f"{RESULTS}/{{recipe}}/{{variant}}/gguf"),
     params:
         section=stage_params("quantize", "pretrain"),
-        recipe="{recipe}",
-        variant="{variant}",
     log:
         "logs/{recipe}/{variant}/quantize.log",
     benchmark:
@@ -21,6 +19,6 @@ rule quantize:
         mem_mb=8000,
         runtime=60,
     conda:
-        "../../envs/export.yaml"
+        "../../envs/cpu.yaml"
     script:
         "../../scripts/quantize.py"

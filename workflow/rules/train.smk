@@ -9,14 +9,13 @@ rule train:
         eval=rules.format.output.eval,
         template=rules.format.output.template,
         base=base_model_input,
+        dataset=dataset_input,
     output:
         model=directory(f"{RESULTS}/{{recipe}}/{{variant}}/model/trained"),
         metrics=f"{RESULTS}/{{recipe}}/{{variant}}/train/metrics.json",
         loss=report(f"{RESULTS}/{{recipe}}/{{variant}}/train/loss.png", caption="../report/loss.rst", category="Training", subcategory="{recipe} {variant}"),
     params:
         section=stage_params("model", "train"),
-        recipe="{recipe}",
-        variant="{variant}",
     log:
         "logs/{recipe}/{variant}/train.log",
     benchmark:
@@ -28,7 +27,7 @@ rule train:
         mem_mb=train_mem,
         runtime=train_runtime,
     conda:
-        "../../envs/train.yaml"
+        "../../envs/cpu.yaml"
     script:
         "../../scripts/train.py"
 
@@ -41,6 +40,7 @@ rule merge:
         base=base_model_input,
         template=rules.format.output.template,
         eval=rules.format.output.eval,
+        reports=data_reports_input,
     output:
         merged=directory(f"{RESULTS}/{{recipe}}/{{variant}}/model/merged"),
         samples=f"{RESULTS}/{{recipe}}/{{variant}}/merge/samples.txt",
@@ -48,8 +48,6 @@ rule merge:
     params:
         section=stage_params("model", "train"),
         card=stage_params("description", "dataset"),
-        recipe="{recipe}",
-        variant="{variant}",
     log:
         "logs/{recipe}/{variant}/merge.log",
     benchmark:
@@ -59,18 +57,19 @@ rule merge:
         mem_mb=8000,
         runtime=60,
     conda:
-        "../../envs/train.yaml"
+        "../../envs/cpu.yaml"
     script:
         "../../scripts/merge.py"
 
 
 rule train_tokenizer:
     """Train a ByteLevel BPE tokenizer with special tokens and a chat template (kind: pretrain)."""
+    input:
+        corpus=corpus_input,
     output:
         tokenizer=directory(f"{RESULTS}/{{recipe}}/pretrain/tokenizer"),
     params:
         section=stage_params("pretrain"),
-        recipe="{recipe}",
     log:
         "logs/{recipe}/train_tokenizer.log",
     threads: 2
@@ -78,7 +77,7 @@ rule train_tokenizer:
         mem_mb=4000,
         runtime=30,
     conda:
-        "../../envs/train.yaml"
+        "../../envs/cpu.yaml"
     script:
         "../../scripts/train_tokenizer.py"
 
@@ -87,13 +86,13 @@ rule pretrain:
     """Build a Llama from the recipe's config and pretrain it from scratch on the corpus."""
     input:
         tokenizer=rules.train_tokenizer.output.tokenizer,
+        corpus=corpus_input,
     output:
         model=directory(f"{RESULTS}/{{recipe}}/pretrain/model"),
         metrics=f"{RESULTS}/{{recipe}}/pretrain/metrics.json",
         loss=report(f"{RESULTS}/{{recipe}}/pretrain/loss.png", caption="../report/loss.rst", category="Training", subcategory="{recipe} pretrain"),
     params:
         section=stage_params("pretrain", "model", "train"),
-        recipe="{recipe}",
     log:
         "logs/{recipe}/pretrain.log",
     benchmark:
@@ -104,6 +103,6 @@ rule pretrain:
         mem_mb=train_mem,
         runtime=train_runtime,
     conda:
-        "../../envs/train.yaml"
+        "../../envs/cpu.yaml"
     script:
         "../../scripts/pretrain.py"

@@ -1,0 +1,189 @@
+"""Training methods: how a model is adapted. One entry per `train.method` value of the recipe
+schema (a test holds the two equal). An entry says what device it needs, how the model is loaded
+and wrapped, its default optimiser, and how it merges. What the model is trained FOR is the
+other axis: tunesmith.objectives.
+
+A new method is one function and one entry here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from tunesmith import trainkit
+from tunesmith.errors import TunesmithError
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    needs_cuda: bool
+    cuda_why: str               # said when it is refused on a machine without CUDA
+    adapter: bool               # merge = adapter into a fresh 16-bit base (else the weights are the model)
+    default_optim: str
+    own_gradient_checkpointing: bool  # the library patches its own; the trainer must not add HF's
+    load: Callable[..., Any]    # (base, section, cuda, tokenizer, grow_vocab) -> model for the trainer
+
+
+# ---------------------------------------------------------------- loading
+
+def linear_module_names(model: Any) -> list[str]:
+    """Leaf names of the linear layers LoRA can target (GPT-2's Conv1D counts), without the LM head."""
+    import torch
+
+    kinds: tuple[type, ...] = (torch.nn.Linear,)
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        kinds += (Conv1D,)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import bitsandbytes as bnb
+
+        kinds += (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    except Exception:  # noqa: BLE001 - bitsandbytes is optional on CPU
+        pass
+    names = set()
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, module in model.named_modules():
+        if isinstance(module, kinds) and module is not output:
+            names.add(name.split(".")[-1])
+    return sorted(names)
+
+
+def check_target_modules(model: Any, targets: str | list[str]) -> str | list[str]:
+    if targets == "all-linear":
+        return targets
+    if isinstance(targets, str):
+        targets = [targets]
+    have = linear_module_names(model)
+    missing = [t for t in targets if t not in have]
+    if missing:
+        raise TunesmithError(
+            f"train.lora.target_modules names {missing} but this model has no such linear layers. "
+            f"Its linear modules are: {', '.join(have)} (or use 'all-linear')")
+    return list(targets)
+
+
+def resolve_dtype(name: str, cuda: bool):
+    import torch
+
+    if name == "auto":
+        if cuda:
+            # Emulated bf16 (T4, V100) reports True by default and then fails inside kernels.
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def lora_config(lora: dict[str, Any], targets: str | list[str]):
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                      target_modules=targets, use_dora=lora["use_dora"], bias=lora["bias"],
+                      task_type="CAUSAL_LM")
+
+
+def _from_pretrained(base: str | Path, section: dict[str, Any], cuda: bool, tokenizer: Any, grow_vocab: bool,
+                     **kwargs: Any) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": resolve_dtype(section["model"]["dtype"], cuda),
+              "trust_remote_code": bool(section["model"]["trust_remote_code"]), "use_safetensors": True, **kwargs}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(base), **kwargs)
+    except OSError as exc:
+        raise TunesmithError(f"could not load base model from {base}: {str(exc).splitlines()[0]}") from None
+    if grow_vocab:
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def load_full(base, section, cuda, tokenizer, grow_vocab):
+    return _from_pretrained(base, section, cuda, tokenizer, grow_vocab)
+
+
+def load_lora(base, section, cuda, tokenizer, grow_vocab):
+    from peft import get_peft_model
+
+    model = _from_pretrained(base, section, cuda, tokenizer, grow_vocab)
+    lora = section["train"]["lora"]
+    return get_peft_model(model, lora_config(lora, check_target_modules(model, lora["target_modules"])))
+
+
+def load_qlora(base, section, cuda, tokenizer, grow_vocab):
+    import torch
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    train = section["train"]
+    q = train["quantization"]
+    compute = getattr(torch, q["compute_dtype"])
+    model = _from_pretrained(
+        base, section, cuda, tokenizer, grow_vocab, dtype=compute, device_map={"": trainkit.local_rank()},
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q["quant_type"],
+                                               bnb_4bit_use_double_quant=q["double_quant"],
+                                               bnb_4bit_compute_dtype=compute))
+    targets = check_target_modules(model, train["lora"]["target_modules"])
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(train["args"]["gradient_checkpointing"]),
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    return get_peft_model(model, lora_config(train["lora"], targets))
+
+
+def load_unsloth(base, section, cuda, tokenizer, grow_vocab):
+    # Imported only here, after the CUDA check: unsloth raises at import time without a GPU.
+    import torch
+    from unsloth import FastLanguageModel
+
+    train = section["train"]
+    lora, args, q = train["lora"], train["args"], train["quantization"]
+    if q["quant_type"] != "nf4" or not q["double_quant"]:
+        raise TunesmithError("train.method 'unsloth' loads nf4 with double quantisation; for quant_type "
+                             f"{q['quant_type']!r} / double_quant {q['double_quant']} use method 'qlora'")
+    # unsloth's dtype is the compute dtype of its 4-bit layers and of everything left unquantised.
+    dtype = getattr(torch, q["compute_dtype"]) if q["compute_dtype"] != "float32" \
+        else resolve_dtype(section["model"]["dtype"], cuda)
+    model, _ = FastLanguageModel.from_pretrained(
+        model_name=str(base), max_seq_length=args["max_length"], dtype=dtype, load_in_4bit=True,
+        trust_remote_code=bool(section["model"]["trust_remote_code"]))
+    if grow_vocab:  # a pad token was added: without its embedding row the first padded batch asserts on device
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+    targets = lora["target_modules"]
+    targets = linear_module_names(model) if targets == "all-linear" else check_target_modules(model, targets)
+    model = FastLanguageModel.get_peft_model(
+        model, r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], bias=lora["bias"],
+        target_modules=targets, use_dora=lora["use_dora"], random_state=args["seed"], max_seq_length=args["max_length"],
+        # The recipe decides, as for every method (measured on an H100: 606 -> 932 tokens/s without it).
+        use_gradient_checkpointing="unsloth" if args["gradient_checkpointing"] else False)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+METHODS: dict[str, Method] = {
+    "full": Method("full", needs_cuda=False, cuda_why="", adapter=False, default_optim="adamw_torch",
+                   own_gradient_checkpointing=False, load=load_full),
+    "lora": Method("lora", needs_cuda=False, cuda_why="", adapter=True, default_optim="adamw_torch",
+                   own_gradient_checkpointing=False, load=load_lora),
+    "qlora": Method("qlora", needs_cuda=True,
+                    cuda_why="bitsandbytes 4-bit loads on CPU but trains about 10x slower than LoRA there",
+                    adapter=True, default_optim="paged_adamw_8bit", own_gradient_checkpointing=False,
+                    load=load_qlora),
+    "unsloth": Method("unsloth", needs_cuda=True, cuda_why="unsloth cannot even be imported without a CUDA GPU",
+                      adapter=True, default_optim="adamw_torch", own_gradient_checkpointing=True,
+                      load=load_unsloth),
+}
+
+
+def get(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise TunesmithError(f"train.method '{name}' is unknown; known: {', '.join(METHODS)}") from None

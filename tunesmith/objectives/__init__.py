@@ -1,0 +1,27 @@
+"""Training objectives: what a model is trained for. One module per objective, one entry here.
+
+A module defines NAME, config_class() (its TrainingArguments class), config_kwargs(args) (the
+arguments only it has) and build_trainer(model, tokenizer, config, train, eval, callbacks); its
+stage function prepares the datasets and hands them to the one loop in tunesmith.trainer.
+
+`train.objective` in the recipe schema lists the objectives a recipe's train section can pick
+(a test holds them equal to this registry less causal-lm, which `kind: pretrain` selects).
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+OBJECTIVES = {
+    "sft": "tunesmith.objectives.sft",
+    "causal-lm": "tunesmith.objectives.causal_lm",
+}
+
+
+def get(name: str) -> ModuleType:
+    from tunesmith.errors import TunesmithError
+
+    if name not in OBJECTIVES:
+        raise TunesmithError(f"train.objective '{name}' is unknown; known: {', '.join(OBJECTIVES)}")
+    return importlib.import_module(OBJECTIVES[name])

@@ -1,0 +1,222 @@
+"""The one trainer loop, shared by every objective (SFT, causal-LM pretraining, ...): one mapping
+of the recipe's training arguments to Hugging Face's, checkpoints validated and resumed, the
+eval loss before and after, the loss history, metrics.json, the loss plot, an atomic model folder.
+
+An objective (tunesmith.objectives) brings its datasets, its trainer class and the few
+arguments only it has; a method (tunesmith.methods) brings the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from tunesmith import trainkit
+from tunesmith.errors import TunesmithError
+from tunesmith.result import Result
+
+log = logging.getLogger("tunesmith.train")
+
+EIGHT_BIT_OPTIMS = ("paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit")
+
+
+def precision(args: dict[str, Any], cuda: bool) -> tuple[bool, bool]:
+    """(bf16, fp16) mixed precision: GPU only; bf16 by default where the GPU has it natively."""
+    if not cuda:
+        if args["bf16"] or args["fp16"]:
+            log.warning("bf16/fp16 mixed precision is GPU-only; training in fp32 on CPU")
+        return False, False
+    import torch
+
+    fp16 = bool(args["fp16"])
+    bf16 = args["bf16"]
+    if bf16 is None:
+        bf16 = bool(torch.cuda.is_bf16_supported(including_emulation=False)) and not fp16
+    return bool(bf16), fp16
+
+
+def training_arguments(config_cls: Any, args: dict[str, Any], *, optim: str, gradient_checkpointing: bool,
+                       output_dir: Path, cuda: bool, has_eval: bool, **objective_args: Any) -> Any:
+    """The recipe's train.args (resolved: every key present) -> the objective's TrainingArguments."""
+    if optim in EIGHT_BIT_OPTIMS and not cuda:
+        raise TunesmithError(f"train.args.optim '{optim}' needs bitsandbytes on CUDA; use adamw_torch on CPU")
+    bf16, fp16 = precision(args, cuda)
+    if args["use_liger_kernel"] and not cuda:
+        raise TunesmithError("train.args.use_liger_kernel needs CUDA (Liger's kernels are Triton GPU kernels); "
+                             "set it to false on this machine")
+    eval_steps = args["eval_steps"] if has_eval else None
+    return config_cls(
+        output_dir=str(output_dir),
+        learning_rate=args["learning_rate"],
+        num_train_epochs=args["num_train_epochs"],
+        max_steps=args["max_steps"],
+        per_device_train_batch_size=args["per_device_train_batch_size"],
+        per_device_eval_batch_size=args["per_device_eval_batch_size"],
+        gradient_accumulation_steps=args["gradient_accumulation_steps"],
+        warmup_steps=args["warmup_steps"],
+        lr_scheduler_type=args["lr_scheduler_type"],
+        optim=optim,
+        weight_decay=args["weight_decay"],
+        max_grad_norm=args["max_grad_norm"],
+        gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+        logging_steps=args["logging_steps"],
+        logging_first_step=True,
+        eval_strategy="steps" if eval_steps else "no",
+        eval_steps=eval_steps,
+        save_strategy="steps",
+        save_steps=args["save_steps"],
+        save_total_limit=args["save_total_limit"],
+        seed=args["seed"],
+        data_seed=args["seed"],
+        bf16=bf16,
+        fp16=fp16,
+        use_cpu=not cuda,
+        report_to="none",  # the runner records the Result; trainer integrations would log env and args
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        use_liger_kernel=bool(args["use_liger_kernel"]),
+        **objective_args,
+    )
+
+
+@dataclass
+class Fit:
+    """What a training run needs beyond the model: set by the objective's stage function."""
+
+    objective: Any                  # a tunesmith.objectives module
+    model: Any
+    tokenizer: Any
+    train_dataset: Any
+    eval_dataset: Any | None
+    args: dict[str, Any]            # resolved train.args
+    method: Any                     # a tunesmith.methods.Method
+    cuda: bool
+    checkpoints: Path
+    fingerprint: str
+    model_out: Path
+    metrics_path: Path
+    loss_path: Path
+    title: str
+    save: Callable[[Any, Path], None]          # (trainer, tmp folder) -> writes the model folder
+    before_train: Callable[[Any], None] | None = None  # (trainer) -> e.g. the contract gate
+    extra_metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def fit(job: Fit) -> Result:
+    """Train (resuming from the newest good checkpoint), then write model, metrics and plot."""
+    import torch
+
+    started = time.time()
+    rank0 = trainkit.world_rank() == 0
+    gc = bool(job.args["gradient_checkpointing"]) and not job.method.own_gradient_checkpointing
+    config = training_arguments(job.objective.config_class(), job.args, optim=job.args["optim"] or job.method.default_optim,
+                                gradient_checkpointing=gc, output_dir=job.checkpoints, cuda=job.cuda,
+                                has_eval=job.eval_dataset is not None, **job.objective.config_kwargs(job.args))
+    history = trainkit.make_history_callback()
+    trainer = job.objective.build_trainer(job.model, job.tokenizer, config, job.train_dataset, job.eval_dataset,
+                                          [history])
+    if job.before_train is not None:
+        job.before_train(trainer)
+    # Rank 0 discards stale checkpoints and sets corrupt ones aside; the others then take the
+    # newest one left, so every rank resumes from the same step.
+    resume = trainkit.prepare_checkpoints(job.checkpoints, job.fingerprint) if rank0 else None
+    trainer.accelerator.wait_for_everyone()
+    if not rank0:
+        resume = trainkit.last_checkpoint(job.checkpoints, validate=False)
+
+    initial_file = job.checkpoints / "initial_eval.json"
+    initial_eval = None
+    if job.eval_dataset is not None:
+        if resume is None or not initial_file.is_file():
+            initial_eval = float(trainer.evaluate()["eval_loss"])
+            if rank0:
+                initial_file.write_text(json.dumps({"eval_loss": initial_eval}))
+        else:
+            initial_eval = float(json.loads(initial_file.read_text())["eval_loss"])
+        log.info("eval loss before training: %.4f", initial_eval)
+
+    resumed_from = trainkit.checkpoint_step(resume) if resume is not None else 0
+    if resume is not None:
+        log.info("resuming from checkpoint %s (global_step %d)", resume, resumed_from)
+    else:
+        log.info("no checkpoint in %s: training from step 0", job.checkpoints)
+    if job.cuda:
+        torch.cuda.reset_peak_memory_stats()
+    tokens_before = trainkit.tokens_seen(resume) if resume is not None else 0
+    train_started = time.time()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    train_seconds = time.time() - train_started
+    final_eval = float(trainer.evaluate()["eval_loss"]) if job.eval_dataset is not None else None
+
+    step = int(trainer.state.global_step)
+    steps_run = step - resumed_from
+    tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0) - tokens_before
+    train_hist, eval_hist = trainkit.full_history(trainer)
+    if final_eval is not None:
+        eval_hist = [e for e in eval_hist if e[0] != step] + [(step, final_eval)]
+    if initial_eval is not None:
+        eval_hist = [(0, initial_eval)] + [e for e in eval_hist if e[0] != 0]
+    counts = trainkit.parameter_counts(job.model)
+    metrics: dict[str, Any] = {
+        "method": job.method.name,
+        "objective": job.objective.NAME,
+        "device": "cuda" if job.cuda else "cpu",
+        "device_name": torch.cuda.get_device_name(0) if job.cuda else "cpu",
+        "world_size": trainkit.world_size(),
+        "train_rows": len(job.train_dataset),
+        "eval_rows": len(job.eval_dataset) if job.eval_dataset is not None else 0,
+        "train_loss": float(result.training_loss),  # the run's mean; MLflow's train_loss is the curve
+        "train_loss_first": train_hist[0][1] if train_hist else None,
+        "train_loss_last": train_hist[-1][1] if train_hist else None,
+        "eval_loss_initial": initial_eval,
+        "eval_loss": final_eval,
+        "eval_perplexity": float(torch.exp(torch.tensor(final_eval))) if final_eval is not None else None,
+        "steps": step,
+        "steps_this_run": int(steps_run),
+        "resumed_from_step": int(resumed_from),
+        "epochs": float(trainer.state.epoch or 0.0),
+        "tokens_this_run": tokens,
+        "tokens_per_second": tokens / train_seconds if train_seconds > 0 else 0.0,
+        "seconds_per_step": train_seconds / steps_run if steps_run else None,
+        **history.steady_rate(),
+        "train_seconds": train_seconds,
+        **counts,
+        **trainkit.peak_memory_mb(job.cuda),
+        **job.extra_metrics,
+        "loss_history": [{"step": s, "loss": v} for s, v in train_hist],
+        "eval_history": [{"step": s, "eval_loss": v} for s, v in eval_hist],
+    }
+
+    tmp = job.model_out.with_name(f".{job.model_out.name}.tmp")
+    if trainer.is_world_process_zero():
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    job.save(trainer, tmp)  # every rank calls it (sharded setups gather); only rank 0 writes
+    if not trainer.is_world_process_zero():
+        return Result(metrics=metrics)
+    from tunesmith.fileio import replace_dir, write_json
+
+    replace_dir(tmp, job.model_out)
+    metrics["wall_seconds"] = time.time() - started
+    trainkit.plot_loss(train_hist, eval_hist, job.loss_path, f"{job.title}: {step} steps")
+    write_json(job.metrics_path, metrics)
+    scalars = {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
+    scalars["train_loss_mean"], scalars["eval_loss_final"] = scalars.pop("train_loss"), scalars.pop("eval_loss")
+    return Result(metrics=scalars, histories={"train_loss": train_hist, "eval_loss": eval_hist},
+                  artifacts=[str(job.metrics_path), str(job.loss_path)],
+                  tags={"tunesmith.train.method": job.method.name, "tunesmith.train.objective": job.objective.NAME,
+                        "tunesmith.train.device": metrics["device"]},
+                  summary=f"{job.objective.NAME}/{job.method.name} on {metrics['device']}: loss "
+                          f"{_fmt(metrics['train_loss_first'])} -> {_fmt(metrics['train_loss_last'])}, eval "
+                          f"{_fmt(initial_eval)} -> {_fmt(final_eval)}, {step} steps, {train_seconds:.0f} s")
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"

@@ -1,0 +1,48 @@
+"""Random-weight Llama models for GPU throughput checks (weights cannot travel to the GPU machine).
+
+    python bench/gpu_make_models.py TOKENIZER_DIR OUT_DIR
+writes OUT_DIR/smollm2-135m-random (SmolLM2-135M shape) and OUT_DIR/llama-1b-random (Llama-3.2-1B
+shape with SmolLM2's 49152 vocab so the same tokenizer serves), bf16 safetensors + the tokenizer.
+"""
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+SHAPES = {
+    "smollm2-135m-random": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                                intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True,
+                                max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
+                                hidden_act="silu", bos_token_id=1, eos_token_id=2, pad_token_id=2),
+    "llama-1b-random": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                            intermediate_size=8192, vocab_size=49152, tie_word_embeddings=True,
+                            max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
+                            hidden_act="silu", bos_token_id=1, eos_token_id=2, pad_token_id=2, head_dim=64),
+}
+
+
+def main() -> None:
+    tok_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
+    only = sys.argv[3:] or list(SHAPES)
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    for name in only:
+        t = time.time()
+        cfg = LlamaConfig(**SHAPES[name])
+        cfg.bos_token_id, cfg.eos_token_id = tok.bos_token_id, tok.eos_token_id
+        cfg.pad_token_id = tok.pad_token_id
+        torch.manual_seed(0)
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+        model.generation_config.eos_token_id = tok.eos_token_id
+        model.generation_config.pad_token_id = tok.pad_token_id
+        model.save_pretrained(str(out / name), safe_serialization=True)
+        tok.save_pretrained(str(out / name))
+        n = sum(p.numel() for p in model.parameters())
+        print(f"{name}: {n:,} parameters, saved in {time.time() - t:.1f} s", flush=True)
+        del model
+
+
+if __name__ == "__main__":
+    main()

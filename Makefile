@@ -17,7 +17,7 @@ run: $(STAMP)
 	$(VENV)/bin/snakemake --cores $(CORES) --resources gpu=$(GPUS)
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/python -m pytest -ra tests
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/python -m pytest -ra --durations=25 tests
 
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/python -m pytest -ra -m "not slow and not slurm" tests

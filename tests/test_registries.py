@@ -50,3 +50,28 @@ def test_rows_reports_are_written_by_their_stage():
     for stage in pipeline.STAGES:
         if stage.rows_report:
             assert f"data/{stage.rows_report}" in text, stage.name
+
+
+def test_every_rule_reruns_on_its_own_code():
+    for smk in (REPO / "workflow" / "rules").glob("*.smk"):
+        for rule, body in re.findall(r"^rule (\w+):(.*?)(?=^rule |\Z)", smk.read_text(), flags=re.M | re.S):
+            assert f'code=stage_code("{rule}")' in body, rule
+
+
+def test_code_digest_follows_the_library_code_a_stage_runs(tmp_path):
+    import shutil
+
+    for sub in ("tunesmith", "scripts"):
+        shutil.copytree(REPO / sub, tmp_path / sub, ignore=shutil.ignore_patterns("__pycache__"))
+    before = {s: pipeline.code_digest(s, tmp_path) for s in pipeline.STAGE_ORDER}
+    assert tmp_path / "tunesmith" / "trainer.py" in pipeline.code_files("train", tmp_path)
+    assert tmp_path / "tunesmith" / "objectives" / "sft.py" in pipeline.code_files("train", tmp_path)
+
+    with open(tmp_path / "tunesmith" / "merging.py", "a") as fh:
+        fh.write("\n# an edit\n")
+    after = {s: pipeline.code_digest(s, tmp_path) for s in pipeline.STAGE_ORDER}
+    assert {s for s in before if before[s] != after[s]} == {"merge"}
+
+    with open(tmp_path / "tunesmith" / "tracking.py", "a") as fh:  # plumbing: reruns nothing
+        fh.write("\n# an edit\n")
+    assert {s: pipeline.code_digest(s, tmp_path) for s in pipeline.STAGE_ORDER} == after

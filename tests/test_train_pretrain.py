@@ -99,7 +99,8 @@ def test_sft_chain_runs_on_the_pretrained_model(pretrained, section_factory):
 
 
 def test_bad_corpus_and_config_are_named(tmp_path):
-    from tunesmith.pretraining import iter_corpus, llama_config
+    from tunesmith.data.corpus import iter_corpus
+    from tunesmith.pretraining import llama_config
 
     bad = tmp_path / "c.jsonl"
     bad.write_text('{"text": "ok"}\n{"body": "no text"}\n')

@@ -8,6 +8,7 @@ A new stage is: its library function, its entry script, its rule, and one line h
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -60,3 +61,60 @@ def for_script(script: str) -> Stage:
 def rows_reports(data_dir: str) -> list[str]:
     """The data stages' row-count files in stage order (declared inputs of merge, read for the card)."""
     return [f"{data_dir}/{s.rows_report}" for s in STAGES if s.rows_report]
+
+
+# Plumbing that moves a stage's files and figures but does not change what the stage computes:
+# editing it reruns nothing.
+PLUMBING = frozenset({"tunesmith", "tunesmith.stage", "tunesmith.tracking", "tunesmith.result", "tunesmith.fileio",
+                      "tunesmith.settings", "tunesmith.errors", "tunesmith.pipeline"})
+
+
+def _imports(path: Path) -> set[str]:
+    """tunesmith modules a source file imports, at any depth of its code (lazy imports included)."""
+    import ast
+
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "tunesmith")
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "tunesmith":
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)  # `from tunesmith import x`
+    return found
+
+
+def code_files(name: str, root: str | Path | None = None) -> list[Path]:
+    """The library source files a stage runs: everything its entry script imports from tunesmith,
+    followed through the library, less the plumbing."""
+    root = Path(root) if root else Path(__file__).resolve().parents[1]
+
+    def source(module: str) -> Path | None:
+        base = root.joinpath(*module.split("."))
+        for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+            if candidate.is_file():
+                return candidate
+        return None  # a name imported from a module, not a module
+
+    seen: set[str] = set()
+    todo = list(_imports(root / "scripts" / stage(name).script))
+    while todo:
+        module = todo.pop()
+        if module in seen or module in PLUMBING or source(module) is None:
+            continue
+        seen.add(module)
+        todo.extend(_imports(source(module)))
+        if module == "tunesmith.objectives":  # its entries are imported by name at run time
+            todo.extend(f"tunesmith.objectives.{p.stem}" for p in (root / "tunesmith/objectives").glob("*.py")
+                        if p.stem != "__init__")
+    return sorted({source(m) for m in seen})
+
+
+def code_digest(name: str, root: str | Path | None = None) -> str:
+    """sha256 over the stage's library sources: a rule param, so editing them reruns the stage."""
+    import hashlib
+
+    root = Path(root) if root else Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in code_files(name, root):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]

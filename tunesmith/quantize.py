@@ -150,7 +150,7 @@ def corpus_texts(corpus: dict[str, Any] | None, n: int) -> list[str]:
     corpus: the resolved pretrain.corpus section, read as pretraining reads it."""
     import itertools
 
-    from tunesmith.pretraining import iter_corpus
+    from tunesmith.data.corpus import iter_corpus
 
     if not corpus or not corpus["source"]:
         raise TunesmithError("pretrain.corpus.source is empty: no texts to compare the GGUF files on")

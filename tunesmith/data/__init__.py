@@ -1,7 +1,7 @@
 """The data half of tunesmith: download -> tokenize_count -> filter -> dedupe -> select -> format.
 
 Each module holds plain typed functions over pandas DataFrames of canonical rows (see
-tunesmith.data.load for the schema); the thin entries in scripts/ do the file and MLflow work.
+tunesmith.data.load for the schema); tunesmith.data.stages wraps them as stages over files.
 """
 
 CANONICAL_COLUMNS = ("id", "instruction", "input", "output", "system", "messages", "text")

@@ -104,6 +104,12 @@ def stage_params(*sections):
     return params
 
 
+def stage_code(name):
+    """A digest of the library code a stage runs (tunesmith.pipeline.code_digest): a changed
+    digest reruns the stage and what follows. config rerun_on_code_change: false turns it off."""
+    return pipeline.code_digest(name) if CFG["rerun_on_code_change"] else ""
+
+
 def train_gpus(wildcards):
     recipe = variant_of(wildcards) if "variant" in wildcards.keys() else recipe_of(wildcards)
     gpus = recipe["train"]["gpus"]

@@ -17,6 +17,7 @@ rule compare:
         csv=f"{RESULTS}/compare/compare.csv",
         png=report(f"{RESULTS}/compare/compare.png", caption="../report/compare_runs.rst", category="Comparison"),
     params:
+        code=stage_code("compare"),
         experiments=list(RECIPES),
     log:
         "logs/compare.log",

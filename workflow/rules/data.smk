@@ -9,6 +9,7 @@ rule prepare_model:
     output:
         model=directory("resources/models/{model}"),
     params:
+        code=stage_code("prepare_model"),
         model=prepare_model_params,
     log:
         "logs/models/{model}.log",
@@ -32,6 +33,7 @@ rule download:
         raw=f"{RESULTS}/{{recipe}}/data/raw.parquet",
         source=f"{RESULTS}/{{recipe}}/data/source.json",
     params:
+        code=stage_code("download"),
         section=stage_params("dataset"),
     log:
         "logs/{recipe}/download.log",
@@ -56,6 +58,7 @@ rule tokenize_count:
         stats=f"{RESULTS}/{{recipe}}/data/token_stats.json",
         hist=report(f"{RESULTS}/{{recipe}}/data/token_hist.png", caption="../report/token_hist.rst", category="Data", subcategory="{recipe}"),
     params:
+        code=stage_code("tokenize_count"),
         section=stage_params("tokenize"),
     log:
         "logs/{recipe}/tokenize_count.log",
@@ -81,6 +84,7 @@ rule filter:
         filtered=f"{RESULTS}/{{recipe}}/data/filtered.parquet",
         report=f"{RESULTS}/{{recipe}}/data/filter_report.json",
     params:
+        code=stage_code("filter"),
         section=stage_params("filter"),
     log:
         "logs/{recipe}/filter.log",
@@ -104,6 +108,7 @@ rule dedupe:
         report=f"{RESULTS}/{{recipe}}/data/dedupe_report.json",
         hist=report(f"{RESULTS}/{{recipe}}/data/dedupe_sim_hist.png", caption="../report/dedupe_sim_hist.rst", category="Data", subcategory="{recipe}"),
     params:
+        code=stage_code("dedupe"),
         section=stage_params("dedupe"),
     log:
         "logs/{recipe}/dedupe.log",
@@ -128,6 +133,7 @@ rule select:
         selected=f"{RESULTS}/{{recipe}}/data/selected.parquet",
         report=f"{RESULTS}/{{recipe}}/data/select_report.json",
     params:
+        code=stage_code("select"),
         section=stage_params("select"),
     log:
         "logs/{recipe}/select.log",
@@ -155,6 +161,7 @@ rule format:
         template=f"{RESULTS}/{{recipe}}/data/chat_template.jinja",
         report=f"{RESULTS}/{{recipe}}/data/format_report.json",
     params:
+        code=stage_code("format"),
         section=stage_params("format", "model"),
     log:
         "logs/{recipe}/format.log",

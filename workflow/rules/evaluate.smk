@@ -11,6 +11,7 @@ rule evaluate_base:
     output:
         scores=f"{RESULTS}/{{recipe}}/eval_base/base.json",
     params:
+        code=stage_code("evaluate_base"),
         section=stage_params("evaluate", "model"),
     log:
         "logs/{recipe}/evaluate_base.log",
@@ -41,6 +42,7 @@ rule evaluate:
         compare=report(f"{RESULTS}/{{recipe}}/{{variant}}/eval/compare.json", caption="../report/compare.rst", category="Evaluation", subcategory="{recipe} {variant}"),
         plot=report(f"{RESULTS}/{{recipe}}/{{variant}}/eval/compare.png", caption="../report/compare.rst", category="Evaluation", subcategory="{recipe} {variant}"),
     params:
+        code=stage_code("evaluate"),
         section=stage_params("evaluate", "model"),
     log:
         "logs/{recipe}/{variant}/evaluate.log",

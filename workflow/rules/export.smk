@@ -9,6 +9,7 @@ rule quantize:
     output:
         gguf=directory(f"{RESULTS}/{{recipe}}/{{variant}}/gguf"),
     params:
+        code=stage_code("quantize"),
         section=stage_params("quantize", "pretrain"),
     log:
         "logs/{recipe}/{variant}/quantize.log",

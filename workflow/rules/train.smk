@@ -15,6 +15,7 @@ rule train:
         metrics=f"{RESULTS}/{{recipe}}/{{variant}}/train/metrics.json",
         loss=report(f"{RESULTS}/{{recipe}}/{{variant}}/train/loss.png", caption="../report/loss.rst", category="Training", subcategory="{recipe} {variant}"),
     params:
+        code=stage_code("train"),
         section=stage_params("model", "train"),
     log:
         "logs/{recipe}/{variant}/train.log",
@@ -46,6 +47,7 @@ rule merge:
         samples=f"{RESULTS}/{{recipe}}/{{variant}}/merge/samples.txt",
         check=f"{RESULTS}/{{recipe}}/{{variant}}/merge/merge_check.json",
     params:
+        code=stage_code("merge"),
         section=stage_params("model", "train"),
         card=stage_params("description", "dataset"),
     log:
@@ -69,6 +71,7 @@ rule train_tokenizer:
     output:
         tokenizer=directory(f"{RESULTS}/{{recipe}}/pretrain/tokenizer"),
     params:
+        code=stage_code("train_tokenizer"),
         section=stage_params("pretrain"),
     log:
         "logs/{recipe}/train_tokenizer.log",
@@ -92,6 +95,7 @@ rule pretrain:
         metrics=f"{RESULTS}/{{recipe}}/pretrain/metrics.json",
         loss=report(f"{RESULTS}/{{recipe}}/pretrain/loss.png", caption="../report/loss.rst", category="Training", subcategory="{recipe} pretrain"),
     params:
+        code=stage_code("pretrain"),
         section=stage_params("pretrain", "model", "train"),
     log:
         "logs/{recipe}/pretrain.log",

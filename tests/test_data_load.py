@@ -146,3 +146,20 @@ def test_all_rows_bad_is_an_error(jsonl_file):
 
 def test_limit_reads_first_rows(jsonl_file):
     assert len(load.load(section(jsonl_file(ROWS * 5), limit=3), offline=True).frame) == 3
+
+
+def test_a_changed_source_is_reported_on_the_next_download(tmp_path, jsonl_file, caplog):
+    """Snakemake deletes source.json before rerunning download; the history beside it still tells
+    that the same origin now returns other rows (as a hub id or URL can without any local edit)."""
+    import logging
+
+    data = jsonl_file(ROWS)
+    raw, src = tmp_path / "out" / "raw.parquet", tmp_path / "out" / "source.json"
+    download(section(data), str(raw), str(src), offline=True)
+    assert json.loads(src.read_text())["changed_since_last_download"] is None
+    src.unlink()
+    data.write_text(data.read_text() + json.dumps({"instruction": "one more", "output": "row"}) + "\n")
+    with caplog.at_level(logging.WARNING, logger="tunesmith.data"):
+        download(section(data), str(raw), str(src), offline=True)
+    change = json.loads(src.read_text())["changed_since_last_download"]
+    assert change["previous_rows"] == 2 and "changed since the download" in caplog.text

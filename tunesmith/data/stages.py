@@ -34,6 +34,7 @@ def download(section: dict[str, Any], raw_path: str, source_path: str, *, offlin
     fileio.write_parquet(raw_path, loaded.frame)
     info = dict(loaded.info)
     info["raw_sha256"] = load.sha256_file(raw_path)
+    info["changed_since_last_download"] = _compare_with_last(Path(source_path).parent / HISTORY, info)
     fileio.write_json(source_path, info)
     skipped = info["skipped"]
     log.info("download: %d rows from %s (%d skipped: %s)", info["rows"], info["origin"], skipped["count"],
@@ -43,6 +44,37 @@ def download(section: dict[str, Any], raw_path: str, source_path: str, *, offlin
                "load_seconds": 0.0, "work_seconds": time.perf_counter() - started}
     return _result(metrics, source_path, summary=f"{info['rows']} rows from {info['origin']} "
                                                  f"({skipped['count']} skipped)")
+
+
+HISTORY = ".download_history.jsonl"
+
+
+def _compare_with_last(history: Path, info: dict[str, Any]) -> dict[str, Any] | None:
+    """What a hub id or URL returned can change between runs without any file here changing.
+    Each download appends what it read to a history beside its outputs (not an output: Snakemake
+    deletes those before the job runs); a different result from the same origin is said aloud
+    and recorded in source.json."""
+    import json
+
+    entry = {k: info.get(k) for k in ("origin", "revision", "sha256", "raw_sha256", "rows")}
+    entry["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    last = None
+    if history.is_file():
+        for line in history.read_text(encoding="utf-8").splitlines():
+            with_origin = json.loads(line)
+            if with_origin.get("origin") == entry["origin"]:
+                last = with_origin
+    history.parent.mkdir(parents=True, exist_ok=True)
+    with history.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(entry) + "\n")
+    if last is None or last["raw_sha256"] == entry["raw_sha256"]:
+        return None
+    change = {"previous_time": last["time"], "previous_raw_sha256": last["raw_sha256"],
+              "previous_rows": last["rows"], "previous_revision": last["revision"]}
+    log.warning("dataset %s changed since the download of %s: %s rows -> %s, raw sha256 %s -> %s",
+                entry["origin"], last["time"], last["rows"], entry["rows"], last["raw_sha256"][:12],
+                entry["raw_sha256"][:12])
+    return change
 
 
 def tokenize_count(raw_path: str, tokenizer_dir: str, section: dict[str, Any], counts_path: str,

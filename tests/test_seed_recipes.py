@@ -28,23 +28,22 @@ def test_hub_dataset_and_model_offline_say_what_and_how(tmp_path):
 
 
 @pytest.mark.slow
-def test_gpu_methods_without_cuda_name_the_method_and_the_cpu_alternative(tmp_path):
-    """qlora and unsloth recipes, pointed at local data and the local model, reach train and stop there."""
+def test_unsloth_without_cuda_names_the_method_and_the_cpu_alternative(tmp_path):
+    """The unsloth recipe, pointed at local data and the local model, reaches train and stops there
+    (qlora runs on CPU since bitsandbytes 0.50: tests/test_train_sft.py trains it)."""
     work = make_workdir(tmp_path)
     local = {"dataset": {"source": TINY, "format": "auto", "columns": {"instruction": "instruction", "input": None,
                                                                      "system": None, "output": "output"}},
              "tokenize": {"tokenizer": None}, "dedupe": {"model": "default", "near": False},
              "model": {"base": "smollm2-135m-instruct"}, "format": {"template": "model"}}
-    config = write_config(work, {"recipes": ["platypus-llama2-qlora", "dolly-pirate-llama3.2-unsloth"],
-                                 "overrides": {"platypus-llama2-qlora": local,
-                                               "dolly-pirate-llama3.2-unsloth": local}})
-    proc = snakemake(work, config, "--keep-going", "results/platypus-llama2-qlora/main/model/trained",
-                     "results/dolly-pirate-llama3.2-unsloth/main/model/trained", timeout=1500)
+    recipe = "dolly-pirate-llama3.2-unsloth"
+    config = write_config(work, {"recipes": [recipe], "overrides": {recipe: local}})
+    proc = snakemake(work, config, f"results/{recipe}/main/model/trained", timeout=1500)
     assert proc.returncode != 0
-    for recipe, method in (("platypus-llama2-qlora", "qlora"), ("dolly-pirate-llama3.2-unsloth", "unsloth")):
-        log = (work / "logs" / recipe / "main" / "train.log").read_text()
-        assert "CUDA" in log and method in log and "method: lora" in log, log[-2000:]
-        assert not (work / "results" / recipe / "main" / "model" / "trained").exists()
+    log = (work / "logs" / recipe / "main" / "train.log").read_text()
+    assert "CUDA" in log and "unsloth" in log and "method: lora" in log, log[-2000:]
+    assert "tunesmith error:" in proc.stdout + proc.stderr  # on the terminal too
+    assert not (work / "results" / recipe / "main" / "model" / "trained").exists()
 
 
 @pytest.mark.slow

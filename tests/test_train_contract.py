@@ -7,6 +7,7 @@ from conftest import reverse_rows
 
 from tunesmith import contract
 from tunesmith.errors import EnvironmentNotSupported
+from tunesmith.methods import METHODS
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,7 @@ def test_gate_catches_double_bos_and_truncation(tokenizer):
         contract.gate(short, tokenizer, max_length=40)
 
 
-@pytest.mark.parametrize("method", ["qlora", "unsloth"])
+@pytest.mark.parametrize("method", [m for m, entry in METHODS.items() if entry.needs_cuda])
 def test_gpu_methods_fail_fast_on_cpu(method, tmp_path, sft_data, section_factory, monkeypatch):
     import torch
 

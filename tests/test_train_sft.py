@@ -179,3 +179,27 @@ def test_full_finetune_and_packing_on_tiny_model(tmp_path, tiny_llama_dir, sft_d
     check = json.loads((run / "merge/check.json").read_text())
     assert check["passed"] and check["method"] == "full"
     assert (run / "model/merged/model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_qlora_trains_and_merges_on_cpu(tmp_path, llama256_dir, sft_data, section_factory):
+    """bitsandbytes 0.50 on CPU: nf4 + double quantisation, paged 8-bit AdamW, LoRA on every linear
+    layer; merged into the 16-bit base, with both merge differences reported."""
+    from tunesmith.merging import merge
+    from tunesmith.training import SFTPaths, train_sft
+
+    section = section_factory("qlora", max_steps=4, save_steps=10)
+    section["train"]["sample_eval_rows"] = 2
+    assert section["train"]["quantization"] == {"quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"}
+    run = tmp_path / "r"
+    paths = SFTPaths(base=str(llama256_dir), model=str(run / "model/trained"), metrics=str(run / "train/metrics.json"),
+                     loss=str(run / "train/loss.png"), **sft_data)
+    metrics = train_sft(paths, section).metrics
+    assert metrics["method"] == "qlora" and metrics["device"] == "cpu"
+    assert metrics["train_loss_last"] < metrics["train_loss_first"]
+    merge(trained=paths.model, base=paths.base, template=paths.template, merged=str(run / "model/merged"),
+          samples_path=str(run / "merge/samples.txt"), check_path=str(run / "merge/check.json"),
+          section=section, eval_path=paths.eval, recipe="q")
+    check = json.loads((run / "merge/check.json").read_text())
+    assert check["passed"] and check["max_abs_logit_diff"] < 1e-3  # merged == 16-bit base + adapter
+    assert 0 < check["max_abs_logit_diff_vs_4bit_base"]  # the 4-bit rounding the adapter was trained with

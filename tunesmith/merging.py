@@ -158,6 +158,25 @@ def _system_prompt(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
     return []
 
 
+def _diff_vs_4bit_base(method: str, base: Path, trained: Path, section: dict[str, Any], tokenizer: Any,
+                       info: dict[str, Any], batch: Any, merged_logits: Any) -> float | None:
+    """qlora: the merged 16-bit model against what the adapter was trained with, the 4-bit base plus
+    adapter. It is the quantisation error the merge brings back (peft#2105), reported, not gated."""
+    if method != "qlora":
+        return None
+    import torch
+    from peft import PeftModel
+
+    cuda = torch.cuda.is_available()
+    quantized = methods.load_4bit(base, section, cuda, tokenizer, bool(info.get("vocab_grown")))
+    model = PeftModel.from_pretrained(quantized, str(trained))
+    model.eval()
+    diff = float((_logits(model, batch).to(merged_logits.device) - merged_logits).abs().max())
+    log.info("qlora: merged vs 4-bit base + adapter: max |logit diff| %.3g (the 4-bit rounding the merge removes)", diff)
+    del model, quantized
+    return diff
+
+
 def _norm(text: str) -> str:
     return " ".join(text.strip().lower().split()).rstrip(".")
 
@@ -188,6 +207,7 @@ def merge(*, trained: str | Path, base: str | Path, template: str | Path, merged
                          [r["completion"][0]["content"] for r in eval_rows])
 
     # fp32 for the comparison: the check is about the merge, not about bf16 rounding.
+    merged_logits = None
     if not methods.get(method).adapter:
         model = AutoModelForCausalLM.from_pretrained(str(trained), dtype=torch.float32, trust_remote_code=trust,
                                                      use_safetensors=True).to(device)
@@ -205,11 +225,15 @@ def merge(*, trained: str | Path, base: str | Path, template: str | Path, merged
         model = peft_model.merge_and_unload()
         model.eval()
         merged_logits = _logits(model, batch)
+        del peft_model, base_model  # the merged model is the same object; the names would keep no copy
         max_diff = float((merged_logits - adapter_logits).abs().max())
         adapter_effect = float((adapter_logits - base_logits).abs().max())
         log.info("merge check: max |merged - (base+adapter)| = %.3g (tolerance %g); adapter moves logits by up to %.3g",
                  max_diff, tolerance, adapter_effect)
+    vs_4bit = _diff_vs_4bit_base(method, base, trained, section, tokenizer, info, batch, merged_logits) \
+        if methods.get(method).adapter else None
     check = {"method": method, "inputs": int(batch["input_ids"].shape[0]), "dtype": "float32",
+             "max_abs_logit_diff_vs_4bit_base": vs_4bit,
              "max_abs_logit_diff": max_diff, "tolerance": tolerance, "passed": max_diff <= tolerance,
              "adapter_effect_max_abs_logit_diff": adapter_effect}
     if not check["passed"]:

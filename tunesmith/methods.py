@@ -21,6 +21,7 @@ class Method:
     name: str
     needs_cuda: bool
     cuda_why: str               # said when it is refused on a machine without CUDA
+    default_gpus: int           # what the train job asks the scheduler for when train.gpus is null
     adapter: bool               # merge = adapter into a fresh 16-bit base (else the weights are the model)
     default_optim: str
     own_gradient_checkpointing: bool  # the library patches its own; the trainer must not add HF's
@@ -117,19 +118,26 @@ def load_lora(base, section, cuda, tokenizer, grow_vocab):
     return get_peft_model(model, lora_config(lora, check_target_modules(model, lora["target_modules"])))
 
 
-def load_qlora(base, section, cuda, tokenizer, grow_vocab):
+def load_4bit(base, section, cuda, tokenizer, grow_vocab):
+    """The base as qlora trains against it: bitsandbytes 4-bit with the recipe's quantization settings."""
     import torch
-    from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
 
-    train = section["train"]
-    q = train["quantization"]
+    q = section["train"]["quantization"]
     compute = getattr(torch, q["compute_dtype"])
-    model = _from_pretrained(
-        base, section, cuda, tokenizer, grow_vocab, dtype=compute, device_map={"": trainkit.local_rank()},
+    return _from_pretrained(
+        base, section, cuda, tokenizer, grow_vocab, dtype=compute,
+        device_map={"": trainkit.local_rank() if cuda else "cpu"},
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q["quant_type"],
                                                bnb_4bit_use_double_quant=q["double_quant"],
                                                bnb_4bit_compute_dtype=compute))
+
+
+def load_qlora(base, section, cuda, tokenizer, grow_vocab):
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    train = section["train"]
+    model = load_4bit(base, section, cuda, tokenizer, grow_vocab)
     targets = check_target_modules(model, train["lora"]["target_modules"])
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(train["args"]["gradient_checkpointing"]),
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -168,15 +176,16 @@ def load_unsloth(base, section, cuda, tokenizer, grow_vocab):
 
 
 METHODS: dict[str, Method] = {
-    "full": Method("full", needs_cuda=False, cuda_why="", adapter=False, default_optim="adamw_torch",
+    "full": Method("full", needs_cuda=False, cuda_why="", default_gpus=0, adapter=False, default_optim="adamw_torch",
                    own_gradient_checkpointing=False, load=load_full),
-    "lora": Method("lora", needs_cuda=False, cuda_why="", adapter=True, default_optim="adamw_torch",
+    "lora": Method("lora", needs_cuda=False, cuda_why="", default_gpus=0, adapter=True, default_optim="adamw_torch",
                    own_gradient_checkpointing=False, load=load_lora),
-    "qlora": Method("qlora", needs_cuda=True,
-                    cuda_why="bitsandbytes 4-bit loads on CPU but trains about 10x slower than LoRA there",
+    # bitsandbytes 0.50 runs nf4 layers and its 8-bit optimisers on CPU too (slower than LoRA there).
+    "qlora": Method("qlora", needs_cuda=False, cuda_why="", default_gpus=1,
                     adapter=True, default_optim="paged_adamw_8bit", own_gradient_checkpointing=False,
                     load=load_qlora),
     "unsloth": Method("unsloth", needs_cuda=True, cuda_why="unsloth cannot even be imported without a CUDA GPU",
+                      default_gpus=1,
                       adapter=True, default_optim="adamw_torch", own_gradient_checkpointing=True,
                       load=load_unsloth),
 }

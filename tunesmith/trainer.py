@@ -43,8 +43,12 @@ def precision(args: dict[str, Any], cuda: bool) -> tuple[bool, bool]:
 def training_arguments(config_cls: Any, args: dict[str, Any], *, optim: str, gradient_checkpointing: bool,
                        output_dir: Path, cuda: bool, has_eval: bool, **objective_args: Any) -> Any:
     """The recipe's train.args (resolved: every key present) -> the objective's TrainingArguments."""
-    if optim in EIGHT_BIT_OPTIMS and not cuda:
-        raise TunesmithError(f"train.args.optim '{optim}' needs bitsandbytes on CUDA; use adamw_torch on CPU")
+    if optim in EIGHT_BIT_OPTIMS:
+        try:
+            import bitsandbytes  # noqa: F401  (its 8-bit optimisers step on CPU as well since 0.45)
+        except ImportError:
+            raise TunesmithError(f"train.args.optim '{optim}' needs bitsandbytes, which is not installed; "
+                                 f"pip install bitsandbytes, or use adamw_torch") from None
     bf16, fp16 = precision(args, cuda)
     if args["use_liger_kernel"] and not cuda:
         raise TunesmithError("train.args.use_liger_kernel needs CUDA (Liger's kernels are Triton GPU kernels); "

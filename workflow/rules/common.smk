@@ -114,7 +114,7 @@ def train_gpus(wildcards):
     recipe = variant_of(wildcards) if "variant" in wildcards.keys() else recipe_of(wildcards)
     gpus = recipe["train"]["gpus"]
     if gpus is None:
-        gpus = 1 if METHODS[recipe["train"]["method"]].needs_cuda else 0
+        gpus = METHODS[recipe["train"]["method"]].default_gpus
     return gpus
 
 

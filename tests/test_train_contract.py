@@ -126,3 +126,37 @@ def _copy(tokenizer):
     import copy
 
     return copy.deepcopy(tokenizer)
+
+
+def test_multi_gpu_launch_names_everything_itself(tmp_path):
+    """No default accelerate config decides the launch; a free port, not 29500; list inputs survive."""
+    from tunesmith import trainkit
+    from tunesmith.stage import StageIO
+
+    io = StageIO(input={"train": "t.jsonl", "reports": ["a.json", "b.json"]}, output={"metrics": "m.json"},
+                 params={}, wildcards={"recipe": "r", "variant": "v"}, stage="train")
+    port = trainkit.free_port()
+    cmd = trainkit.launch_command("scripts/train.py", 2, io, tmp_path / "p.json", port)
+    assert cmd[cmd.index("--num_processes") + 1] == "2" and "--multi_gpu" in cmd
+    assert cmd[cmd.index("--main_process_port") + 1] == str(port) != "29500"
+    assert cmd[cmd.index("--mixed_precision") + 1] == "no"
+    assert "reports=a.json,b.json" in cmd and cmd[cmd.index("--variant") + 1] == "v"
+
+
+def test_merge_refuses_a_bitsandbytes_base(tmp_path, tiny_llama_dir, sft_data, section_factory):
+    import json
+    import shutil
+
+    from tunesmith.errors import TunesmithError
+    from tunesmith.merging import merge
+
+    base = shutil.copytree(tiny_llama_dir, tmp_path / "bnb-4bit")
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (base / "config.json").write_text(json.dumps(config))
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    (trained / "tunesmith_train.json").write_text(json.dumps({"method": "unsloth"}))
+    with pytest.raises(TunesmithError, match="16-bit original"):
+        merge(trained=trained, base=base, template=sft_data["template"], merged=tmp_path / "m",
+              samples_path=tmp_path / "s.txt", check_path=tmp_path / "c.json", section=section_factory("unsloth"))

@@ -37,6 +37,19 @@ def _train_info(trained: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def _refuse_quantized_base(base: Path) -> None:
+    """Merging into bitsandbytes weights re-quantizes the merged result: the logit check fails and
+    saving in bf16 raises. The adapter belongs in the 16-bit original."""
+    config = base / "config.json"
+    quant = json.loads(config.read_text()).get("quantization_config") if config.is_file() else None
+    if quant and str(quant.get("quant_method", "")).lower() == "bitsandbytes":
+        raise TunesmithError(
+            f"{base}: the base model is saved quantized by bitsandbytes ({'4' if quant.get('load_in_4bit') else '8'}"
+            f"-bit); merging an adapter into it re-quantizes the result. Point model.base at the 16-bit original "
+            f"of this model (e.g. unsloth/Llama-3.2-1B-Instruct for unsloth/Llama-3.2-1B-Instruct-bnb-4bit) and train "
+            f"from that; qlora and unsloth quantize it themselves.")
+
+
 def _load_base(base: Path, tokenizer: Any, grown: bool, trust: bool, dtype: Any):
     from transformers import AutoModelForCausalLM
 
@@ -195,6 +208,7 @@ def merge(*, trained: str | Path, base: str | Path, template: str | Path, merged
     train_cfg, model_cfg = section["train"], section["model"]
     info = _train_info(trained)
     method = info["method"]
+    _refuse_quantized_base(base)
     trust = bool(model_cfg["trust_remote_code"])
     device = _device()
     tolerance = float(train_cfg["merge_tolerance"])

@@ -107,7 +107,11 @@ def _from_pretrained(base: str | Path, section: dict[str, Any], cuda: bool, toke
 
 
 def load_full(base, section, cuda, tokenizer, grow_vocab):
-    return _from_pretrained(base, section, cuda, tokenizer, grow_vocab)
+    # fp32 master weights: fp16 weights cannot be unscaled by the fp16 grad scaler, and AdamW on pure
+    # bf16 weights rounds small updates away. Mixed precision (train.args bf16/fp16) is autocast.
+    import torch
+
+    return _from_pretrained(base, section, cuda, tokenizer, grow_vocab, dtype=torch.float32)
 
 
 def load_lora(base, section, cuda, tokenizer, grow_vocab):

@@ -67,9 +67,34 @@ def needs_relaunch(gpus: int | None) -> bool:
     return int(gpus or 1) > 1 and cuda_available() and not under_launcher()
 
 
+def free_port() -> int:
+    """A free TCP port for the rendezvous: two jobs on one node must not share accelerate's 29500."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def launch_command(script: str | Path, gpus: int, io: Any, params_file: Path, port: int) -> list[str]:
+    """accelerate launch with everything on the command line: the user's default accelerate
+    config (another machine's GPU count, fp16, DeepSpeed) must not decide how this job runs."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(gpus),
+           "--num_machines", "1", "--machine_rank", "0", "--main_process_port", str(port),
+           "--mixed_precision", "no",  # the trainer's bf16/fp16 arguments decide precision
+           "--dynamo_backend", "no", str(script), "--params", str(params_file), "--stage", io.stage,
+           "--recipe", io.recipe]
+    if io.variant:
+        cmd += ["--variant", io.variant]
+    for flag, files in (("--input", io.input), ("--output", io.output)):
+        for k, v in files.items():
+            cmd += [flag, f"{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"]
+    return cmd
+
+
 def relaunch_multi_gpu(script: str | Path, gpus: int, io: Any) -> Any:
-    """Run `script` again under `accelerate launch --num_processes gpus`, with this job's
-    inputs, outputs and params passed by argv (the child cannot see Snakemake's object)."""
+    """Run `script` again under `accelerate launch`, one process per GPU, with this job's inputs,
+    outputs and params passed by argv (the child cannot see Snakemake's object)."""
     import subprocess
 
     import torch
@@ -81,16 +106,8 @@ def relaunch_multi_gpu(script: str | Path, gpus: int, io: Any) -> Any:
     ckpt.mkdir(parents=True, exist_ok=True)
     params_file = ckpt / ".launch_params.json"
     params_file.write_text(json.dumps(io.params, default=str))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus),
-           "--num_machines", "1", str(script), "--params", str(params_file), "--stage", io.stage,
-           "--recipe", io.recipe]
-    if io.variant:
-        cmd += ["--variant", io.variant]
-    for k, v in io.input.items():
-        cmd += ["--input", f"{k}={v}"]
-    for k, v in io.output.items():
-        cmd += ["--output", f"{k}={v}"]
-    log.info("multi-GPU: relaunching under accelerate with %d processes", gpus)
+    cmd = launch_command(script, gpus, io, params_file, free_port())
+    log.info("multi-GPU: relaunching under accelerate with %d processes: %s", gpus, " ".join(cmd))
     # PYTHONSAFEPATH: keep scripts/ off sys.path in every rank, as Snakemake's script runner does.
     env = dict(os.environ, PYTHONSAFEPATH="1")
     rc = subprocess.run(cmd, check=False, env=env).returncode

@@ -84,5 +84,5 @@ def test_bad_eval_row_names_file_and_line(tmp_path, eval_split, smollm2_dir):
 
     bad = tmp_path / "eval.jsonl"
     bad.write_text(Path(eval_split["eval"]).read_text() + '{"id": 9, "prompt": "not a list", "answer": "x"}\n')
-    with pytest.raises(evaluate.TunesmithError, match=r"eval.jsonl:7: bad eval row"):
+    with pytest.raises(evaluate.TunesmithError, match=r"eval.jsonl, row 7: missing field .completion."):
         evaluate.render_heldout(bad, eval_split["template"], AutoTokenizer.from_pretrained(smollm2_dir))

@@ -7,8 +7,11 @@ GPUS ?= 1
 
 .PHONY: setup run test test-fast report dag clean
 
-$(STAMP): requirements.txt tools/setup_env.sh pyproject.toml
-	bash tools/setup_env.sh $(VENV)
+# CUDA=1: the CUDA environment of requirements-cuda.txt (unsloth, liger-kernel, CUDA torch).
+REQUIREMENTS := $(if $(CUDA),requirements-cuda.txt,requirements.txt)
+
+$(STAMP): requirements.txt requirements-cuda.txt tools/setup_env.sh pyproject.toml
+	bash tools/setup_env.sh $(VENV) $(REQUIREMENTS)
 	touch $(STAMP)
 
 setup: $(STAMP)

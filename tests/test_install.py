@@ -70,3 +70,27 @@ def test_wheel_validate_names_a_typo_with_a_suggestion(installed):
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out
     assert "filter.max_tokenz" in out and "did you mean 'max_tokens'" in out
+
+
+@pytest.mark.slow
+def test_the_cuda_environment_resolves_with_unsloth():
+    """requirements-cuda.txt resolves as one set, unsloth included, from the package index: a broken
+    pin is caught here, without a GPU (no wheel is installed; pip reads metadata only)."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "-q",
+                               "--report", str(report), "-r", str(REPO / "requirements-cuda.txt")],
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        names = {i["metadata"]["name"].lower().replace("_", "-"): i["metadata"]["version"]
+                 for i in json.loads(report.read_text())["install"]}
+    for name in ("unsloth", "unsloth-zoo", "bitsandbytes", "liger-kernel", "transformers", "trl", "datasets",
+                 "lm-eval", "sentence-transformers", "mlflow", "snakemake", "torch"):
+        assert name in names, name
+    from packaging.version import Version
+
+    assert Version(names["transformers"]) <= Version("5.17.0") and Version(names["trl"]) <= Version("1.15.0")
+    assert Version(names["datasets"]) < Version("5")

@@ -6,15 +6,19 @@
 # A successful run prints no ERROR: every install below either resolves cleanly or is --no-deps.
 set -euo pipefail
 VENV=${1:-.venv}
+# requirements.txt (CPU, the default) or requirements-cuda.txt (a CUDA machine: `make setup CUDA=1`).
+REQUIREMENTS=${2:-requirements.txt}
 LLAMA_CPP_PYTHON=0.3.36
 PY=${PYTHON:-python3}
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 pip() { "$VENV/bin/python" -m pip "$@"; }
 pip install -q -U pip wheel setuptools
-# torch first, from the machine's local CPU wheel (a bare 'torch' requirement would fetch CUDA builds).
-pip install -q torch==2.13.0
-pip install -q -r requirements.txt
+if [ "$REQUIREMENTS" = requirements.txt ]; then
+  # torch first, from the machine's local CPU wheel (a bare 'torch' requirement would fetch CUDA builds).
+  pip install -q torch==2.13.0
+fi
+pip install -q -r "$REQUIREMENTS"
 # ~9 min on 2 cores the first time; pip caches the built wheel afterwards.
 CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" pip install -q "llama-cpp-python==$LLAMA_CPP_PYTHON"
 

@@ -93,3 +93,32 @@ def test_edited_inputs_rerun_what_reads_them_and_bad_rows_reach_the_terminal(wor
     assert "logs/faults/download.log" in terminal
     assert "Traceback" not in terminal
     assert "download" in _planned(_snakemake(work, target, "-n"))
+
+
+def test_every_local_file_a_stage_reads_is_an_input_of_its_rule(tmp_path, tiny_llama_dir):
+    """The corpus, the lm-eval task's data file and a local model folder are inputs of the rules that
+    read them (so an edit reruns them, as the dataset and template cases above show for real)."""
+    import yaml
+
+    shared = REPO.parent / "shared"
+    if not (shared / "data" / "gsm8k" / "test.jsonl").is_file():
+        pytest.skip("real datasets not available")
+    work = tmp_path / "work"
+    work.mkdir()
+    (tmp_path / "shared").symlink_to(shared)
+    (work / "data").symlink_to(REPO / "data")
+    cfg = yaml.safe_load((REPO / "tests" / "configs" / "cpu.yaml").read_text())
+    cfg["recipes_dir"] = str(REPO / "recipes")
+    cfg["overrides"]["gsm8k-smollm2-lora"]["model"] = {"base": str(tiny_llama_dir)}
+    (work / "config.yaml").write_text(yaml.safe_dump(cfg))
+    proc = _snakemake(work, "-n")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    jobs = {}
+    for block in proc.stdout.split("\nrule ")[1:]:
+        name, body = block.split(":", 1)
+        jobs.setdefault(name.strip(), []).append(body.split("\n    output:")[0])
+    assert any("../shared/data/gsm8k/test.jsonl" in b for b in jobs["evaluate_base"])
+    assert any("../shared/data/gsm8k/test.jsonl" in b for b in jobs["evaluate"])
+    corpus = yaml.safe_load((REPO / "recipes" / "scratch-llama.yaml").read_text())["pretrain"]["corpus"]["source"]
+    assert any(corpus in b for b in jobs["train_tokenizer"]) and any(corpus in b for b in jobs["pretrain"])
+    assert any(str(tiny_llama_dir) in b for b in jobs["prepare_model"])

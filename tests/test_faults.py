@@ -64,6 +64,11 @@ def test_edited_inputs_rerun_what_reads_them_and_bad_rows_reach_the_terminal(wor
     proc = _snakemake(work, target)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "format: " in proc.stdout + proc.stderr  # the stage's one-line summary on the terminal
+    for stage in ("download", "tokenize_count", "filter", "dedupe", "select", "format"):
+        # tracking is off: the record file is still written, for sync-mlflow later
+        record = json.loads((work / "results/faults/tracking" / f"{stage}.json").read_text())
+        assert record["status"] == "FINISHED" and record["synced"] is False, stage
+        assert any(m["key"] == "rows_out" for m in record["metrics"]), stage
     assert _planned(_snakemake(work, target, "-n")) == set()
 
     # 1. Rows appended to the dataset file: download and everything after it rerun.

@@ -6,8 +6,10 @@ from tunesmith.stage import run
 def main(io):
     from tunesmith import evaluate
 
-    return evaluate.stage(io.stage, io.input, io.output, io.section, recipe=io.recipe, variant=io.variant,
-                          threads=io.threads)
+    tuned = io.stage == "evaluate"
+    return evaluate.stage(io.stage, io.input["tuned" if tuned else "base"], io.output, io.section,
+                          eval_jsonl=io.one("eval"), template=io.one("template"), gguf_dir=io.one("gguf"),
+                          base_scores=io.one("base_scores"), recipe=io.recipe, variant=io.variant, threads=io.threads)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import sqlite3
 
 import pytest
 
-from tunesmith import cli, tracking
+from tunesmith import cli, fileio, tracking
 from tunesmith.result import Result
 
 DATA = {"download": (0, 48), "tokenize_count": (48, 48), "filter": (48, 45), "dedupe": (45, 40),
@@ -115,8 +115,8 @@ def test_child_run_carries_provenance(store):
     tags = dict(db.execute("select key, value from tags where run_uuid = ?", (rec.run_id,)))
     params = dict(db.execute("select key, value from params where run_uuid = ?", (rec.run_id,)))
     db.close()
-    assert tags["tunesmith.input.raw.sha256"] == tracking.sha256_path(raw)
-    assert tags["tunesmith.output.filtered.sha256"] == tracking.sha256_path(out)
+    assert tags["tunesmith.input.raw.sha256"] == fileio.sha256(raw)
+    assert tags["tunesmith.output.filtered.sha256"] == fileio.sha256(out)
     assert len(tags["tunesmith.git_commit"].split("-")[0]) == 40
     for lib in ("torch", "transformers", "peft", "trl", "datasets", "lm-eval", "llama-cpp-python", "mlflow"):
         assert f"tunesmith.version.{lib}" in tags

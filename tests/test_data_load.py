@@ -7,6 +7,7 @@ import json
 import pandas as pd
 import pytest
 
+from tunesmith import fileio
 from tunesmith.data import load
 from tunesmith.data.stages import download
 from tunesmith.errors import DataError
@@ -62,7 +63,7 @@ def test_download_stage_writes_source_json(tmp_path, jsonl_file):
     metrics = download(section(jsonl_file(ROWS)), str(raw), str(src), offline=True).metrics
     info = json.loads(src.read_text())
     assert metrics["rows_out"] == 2
-    assert info["raw_sha256"] == load.sha256_file(raw) and info["rows"] == 2
+    assert info["raw_sha256"] == fileio.sha256(raw) and info["rows"] == 2
     assert {"origin", "sha256", "columns", "skipped"} <= set(info)
     assert len(load.read_rows(raw)) == 2
 

@@ -366,35 +366,29 @@ def env_threads(threads: int) -> None:
 
 # ---------------------------------------------------------------- the stages
 
-def stage(name: str, inputs: dict[str, Any], outputs: dict[str, str], section: dict[str, Any], *, recipe: str,
+def stage(name: str, model_dir: str, outputs: dict[str, str], section: dict[str, Any], *, eval_jsonl: str | None,
+          template: str | None, gguf_dir: str | None = None, base_scores: str | None = None, recipe: str,
           variant: str | None, threads: int = 2):
-    """evaluate_base (the base model: writes `scores`) or evaluate (the tuned model and each GGUF:
-    also writes `compare` and `plot`). Figures: tasks -> {base | tuned | <GGUF type>: score}."""
+    """evaluate_base (the base model: writes `scores`) or evaluate (the tuned model, then each GGUF in
+    gguf_dir, compared with base_scores: also writes `compare` and `plot`).
+    Figures: tasks -> {base | tuned | <GGUF type>: score}."""
     from transformers import AutoTokenizer
 
     from tunesmith.result import Result
 
-    def one(key: str) -> str | None:
-        value = inputs.get(key)
-        if isinstance(value, (list, tuple)):
-            return str(value[0]) if value else None
-        return str(value) if value else None
-
     ev, model = section["evaluate"], section["model"]
     tuned_rule = name == "evaluate"
-    model_dir = inputs["tuned"] if tuned_rule else inputs["base"]
     label = "tuned" if tuned_rule else "base"
     out_dir = Path(outputs["scores"]).parent
     env_threads(threads)
     specs = task_specs(ev)
     task_dir = out_dir / "tasks" / label
     prepare_tasks(specs, task_dir, tokenizer=AutoTokenizer.from_pretrained(model_dir),
-                  eval_jsonl=one("eval"), template=one("template"))
+                  eval_jsonl=eval_jsonl, template=template)
     lm = hf_lm(model_dir, batch_size=ev["batch_size"], trust_remote_code=bool(model["trust_remote_code"]))
     scores: dict[str, Any] = {"model": model_dir, "label": label,
                               "tasks": score(lm, specs, task_dir, out_dir, label=label, log_samples=ev["log_samples"])}
     del lm
-    gguf_dir = one("gguf")
     if tuned_rule and gguf_dir and ev["gguf"] and any(s["local"] for s in specs):
         scores["gguf"] = score_gguf_files(gguf_dir, specs, task_dir, out_dir, types=ev["gguf_types"],
                                           threads=threads, log_samples=ev["log_samples"])
@@ -411,7 +405,7 @@ def stage(name: str, inputs: dict[str, Any], outputs: dict[str, str], section: d
         return Result(figures={"tasks": tasks}, artifacts=artifacts, tags=tags, summary="; ".join(
             f"{n} ({t['metric']}, limit {t['limit']}): base {t['score']:.3f}" for n, t in scores["tasks"].items()))
 
-    comparison = compare(json.loads(Path(inputs["base_scores"]).read_text()), scores)
+    comparison = compare(json.loads(Path(base_scores).read_text()), scores)
     comparison.update(recipe=recipe, variant=variant)
     fileio.write_json(outputs["compare"], comparison)
     plot(comparison, outputs["plot"], title=f"{recipe} [{variant}]: base vs tuned" + (" vs GGUF" if scores.get("gguf") else ""))

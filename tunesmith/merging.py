@@ -244,8 +244,7 @@ def merge(*, trained: str | Path, base: str | Path, template: str | Path, merged
         adapter_effect = float((adapter_logits - base_logits).abs().max())
         log.info("merge check: max |merged - (base+adapter)| = %.3g (tolerance %g); adapter moves logits by up to %.3g",
                  max_diff, tolerance, adapter_effect)
-    vs_4bit = _diff_vs_4bit_base(method, base, trained, section, tokenizer, info, batch, merged_logits) \
-        if methods.get(method).adapter else None
+    vs_4bit = _diff_vs_4bit_base(method, base, trained, section, tokenizer, info, batch, merged_logits)
     check = {"method": method, "inputs": int(batch["input_ids"].shape[0]), "dtype": "float32",
              "max_abs_logit_diff_vs_4bit_base": vs_4bit,
              "max_abs_logit_diff": max_diff, "tolerance": tolerance, "passed": max_diff <= tolerance,

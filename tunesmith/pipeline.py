@@ -7,6 +7,7 @@ A new stage is: its library function, its entry script, its rule, and one line h
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,8 +70,13 @@ PLUMBING = frozenset({"tunesmith", "tunesmith.stage", "tunesmith.tracking", "tun
                       "tunesmith.settings", "tunesmith.errors", "tunesmith.pipeline"})
 
 
-def _imports(path: Path) -> set[str]:
+def _imports(path: Path) -> frozenset[str]:
     """tunesmith modules a source file imports, at any depth of its code (lazy imports included)."""
+    return _parsed_imports(path, path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)  # the Snakefile asks for every rule: parse each file once
+def _parsed_imports(path: Path, mtime_ns: int) -> frozenset[str]:
     import ast
 
     found: set[str] = set()
@@ -80,7 +86,7 @@ def _imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "tunesmith":
             found.add(node.module)
             found.update(f"{node.module}.{a.name}" for a in node.names)  # `from tunesmith import x`
-    return found
+    return frozenset(found)
 
 
 def code_files(name: str, root: str | Path | None = None) -> list[Path]:

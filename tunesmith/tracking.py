@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from tunesmith.fileio import sha256
+
 log = logging.getLogger("tunesmith.tracking")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -65,12 +67,6 @@ def configure_env(cfg: dict[str, Any], workdir: str | Path = ".") -> None:
 
 
 # ---------------------------------------------------------------- provenance
-
-def sha256_path(path: str | Path) -> str:
-    from tunesmith.fileio import sha256
-
-    return sha256(path)
-
 
 def git_commit() -> str:
     try:
@@ -167,11 +163,11 @@ class StageRecord:
 
     def add_inputs(self, inputs: dict[str, str]) -> None:
         for name, path in inputs.items():
-            self.inputs[name] = {"path": str(path), "sha256": sha256_path(path)}
+            self.inputs[name] = {"path": str(path), "sha256": sha256(path)}
 
     def add_outputs(self, outputs: dict[str, str]) -> None:
         for name, path in outputs.items():
-            self.outputs[name] = {"path": str(path), "sha256": sha256_path(path)}
+            self.outputs[name] = {"path": str(path), "sha256": sha256(path)}
 
     # ---- files
     @property

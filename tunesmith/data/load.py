@@ -46,6 +46,7 @@ from typing import Any, Iterator
 import pandas as pd
 
 from tunesmith.errors import DataError
+from tunesmith.fileio import sha256
 
 log = logging.getLogger("tunesmith.data.load")
 
@@ -124,12 +125,6 @@ def file_format(path: Path, fmt: str = "auto") -> str:
         raise DataError(f"{path}: cannot tell the file format from the extension '{path.suffix}'; "
                         f"set dataset.format to one of json, jsonl, csv, parquet")
     return found
-
-
-def sha256_file(path: str | Path) -> str:
-    from tunesmith.fileio import sha256
-
-    return sha256(path)
 
 
 def fetch_url(url: str, cache_dir: str | Path, offline: bool) -> Path:
@@ -423,7 +418,7 @@ def load(section: dict[str, Any], *, offline: bool, cache_dir: str | Path = "res
         fmt = file_format(path, fmt)
         records = read_local(path, fmt, on_bad)
         label = str(path)
-        info.update(path=str(path.resolve()), format=fmt, sha256=sha256_file(path))
+        info.update(path=str(path.resolve()), format=fmt, sha256=sha256(path))
     frame, facts = canonicalise(records, file=label, schema=info["schema"], columns=columns,
                                 on_bad_rows=on_bad, limit=section["limit"])
     info.update(facts)

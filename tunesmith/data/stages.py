@@ -33,7 +33,7 @@ def download(section: dict[str, Any], raw_path: str, source_path: str, *, offlin
     loaded = load.load(section, offline=offline, cache_dir=cache_dir)
     fileio.write_parquet(raw_path, loaded.frame)
     info = dict(loaded.info)
-    info["raw_sha256"] = load.sha256_file(raw_path)
+    info["raw_sha256"] = fileio.sha256(raw_path)
     info["changed_since_last_download"] = _compare_with_last(Path(source_path).parent / HISTORY, info)
     fileio.write_json(source_path, info)
     skipped = info["skipped"]

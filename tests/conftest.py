@@ -7,6 +7,11 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# snakemake imports its SLURM executor plugin on every start, and the plugin asks `scontrol show
+# config` for MinJobAge: with slurm's client installed (tests/test_slurm.py installs it) and no
+# controller up, that call waits 9 s, once per snakemake run. An empty config fails at once;
+# tests/test_slurm.py takes the variable out again for its real cluster.
+os.environ.setdefault("SLURM_CONF", "/dev/null")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,6 +34,11 @@ from tunesmith.pipeline import DATA_STAGES  # noqa: E402
 SUBMITTED = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+)")
 
 
+def _slurm_env() -> dict[str, str]:
+    """The environment less the SLURM_CONF=/dev/null that conftest.py sets for every other test."""
+    return {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}
+
+
 def _can_run_slurm() -> str | None:
     if shutil.which("slurmctld") and shutil.which("slurmd") and shutil.which("munged"):
         return None if os.geteuid() == 0 else "slurm is installed but the daemons need root"
@@ -50,7 +55,7 @@ def cluster(tmp_path_factory):
     if reason:
         pytest.skip(reason)
     state = tmp_path_factory.mktemp("slurm-state")
-    env = {**os.environ, "TUNESMITH_SLURM_STATE": str(state)}
+    env = {**_slurm_env(), "TUNESMITH_SLURM_STATE": str(state)}
     start = subprocess.run(["bash", str(CLUSTER), "start"], env=env, capture_output=True, text=True, timeout=600)
     if start.returncode != 0:
         subprocess.run(["bash", str(CLUSTER), "stop"], env=env, timeout=120)
@@ -62,7 +67,7 @@ def cluster(tmp_path_factory):
 def _run(work: Path, config: Path, *targets: str, timeout: int) -> subprocess.CompletedProcess:
     """snakemake --workflow-profile tests/slurm/profile, in its own process group so a hung
     plugin (it ignores SIGTERM when status queries fail) is killed with everything it started."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = {**_slurm_env(), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env.pop("TUNESMITH_INVOCATION", None)
     cmd = [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(work),
            "--configfile", str(config), "--workflow-profile", str(PROFILE), "--verbose", *targets]
@@ -73,7 +78,7 @@ def _run(work: Path, config: Path, *targets: str, timeout: int) -> subprocess.Co
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
-        subprocess.run(["scancel", "--user=root"], capture_output=True)
+        subprocess.run(["scancel", "--user=root"], capture_output=True, env=_slurm_env())
         pytest.fail(f"snakemake on SLURM ran past {timeout} s:\n{out[-6000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
 
@@ -104,7 +109,8 @@ def _sbatch_calls(out: str) -> dict[str, str]:
 
 
 def _scontrol(slurm_id: str) -> str:
-    return subprocess.run(["scontrol", "show", "job", slurm_id], capture_output=True, text=True, timeout=30).stdout
+    return subprocess.run(["scontrol", "show", "job", slurm_id], capture_output=True, text=True, timeout=30,
+                          env=_slurm_env()).stdout
 
 
 def _assert_all_slurm(out: str, expected_rules: set[str], workdir: Path) -> dict[str, str]:

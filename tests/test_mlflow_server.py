@@ -4,8 +4,8 @@ steps, artifacts. And a server that dies mid-run: the stages finish, their figur
 results/<recipe>/tracking/*.json with synced false, and `tunesmith sync-mlflow` pushes them once
 the server is back.
 
-The workflow tests run the data stages of tests/recipes/tiny-sweep.yaml (and, marked slow, one
-2-step LoRA training for the loss history)."""
+The workflow test runs the data stages of tests/recipes/tiny-sweep.yaml, then one 2-step LoRA
+training for the loss history."""
 
 from __future__ import annotations
 
@@ -120,10 +120,10 @@ def by_stage(runs: list[dict]) -> dict[str, dict]:
     return {tags(r).get("tunesmith.stage"): r for r in runs if tags(r).get("tunesmith.role") == "stage"}
 
 
-@pytest.fixture()
-def server(tmp_path):
-    srv = Server(tmp_path / "mlflow")
-    srv.root.mkdir()
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    # One server for the module (it takes ~10 s to come up): the tests use different experiments.
+    srv = Server(tmp_path_factory.mktemp("mlflow-server"))
     srv.start()
     yield srv
     srv.stop()
@@ -171,39 +171,12 @@ def test_stage_records_over_http(server, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_workflow_tracks_over_http(server, tmp_path):
-    """The data stages and one 2-step training of tiny-sweep, tracked over HTTP; REST checks."""
-    work = make_workdir(tmp_path)
-    config = _config(work, server.uri)
-    proc = snakemake(work, config, f"results/{RECIPE}/r-8/train/metrics.json", timeout=1500)
-    assert proc.returncode == 0, failure_text(proc, work)
-
-    runs = server.runs(RECIPE)
-    parents = [r for r in runs if tags(r).get("tunesmith.role") == "parent"]
-    assert len(parents) == 1
-    assert parents[0]["info"]["status"] == "FINISHED"  # closed by the Snakefile's onsuccess
-    stages = by_stage(runs)
-    assert set(DATA_STAGES) | {"train"} <= set(stages), sorted(stages)
-    for name, run in stages.items():
-        t = tags(run)
-        assert t["mlflow.parentRunId"] == parents[0]["info"]["run_id"], name
-        assert t["tunesmith.invocation"] == tags(parents[0])["tunesmith.invocation"]
-        assert t["tunesmith.git_commit"] and "tunesmith.version.mlflow" in t
-        assert "stage_seconds" in metrics(run)
-    assert params(stages["filter"]).get("filter.max_tokens") == "256"
-    assert params(stages["train"]).get("train.lora.r") == "8"
-    assert metrics(stages["filter"])["rows_in"] >= metrics(stages["filter"])["rows_out"] > 0
-    assert any(k.startswith("tunesmith.input.") for k in tags(stages["filter"]))
-    history = server.get("metrics/get-history", run_id=stages["train"]["info"]["run_id"], metric_key="train_loss")["metrics"]
-    assert len(history) >= 2 and len({m["step"] for m in history}) == len(history)
-    files = server.get("artifacts/list", run_id=stages["filter"]["info"]["run_id"]).get("files", [])
-    assert "filter_report.json" in [f["path"] for f in files]
-
-
-def test_server_down_mid_run_then_sync(server, tmp_path):
+def test_server_down_mid_run_then_sync_then_train_over_http(server, tmp_path):
     """Kill the server once download has pushed its run; the later data stages still finish with
     their figures in results/<recipe>/tracking/*.json (synced false); after a restart,
-    `tunesmith sync-mlflow results/<recipe>` pushes them under the same parent run."""
+    `tunesmith sync-mlflow results/<recipe>` pushes them under the same parent run. Then a 2-step
+    training of tiny-sweep on the same data, tracked live over HTTP: REST checks of its parent,
+    tags, params, loss history, and of the synced data stages' params, metrics and artifacts."""
     work = make_workdir(tmp_path)
     config = _config(work, server.uri)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -257,3 +230,26 @@ def test_server_down_mid_run_then_sync(server, tmp_path):
         assert tags(run)["mlflow.parentRunId"] == parents[0]["info"]["run_id"]
     # a second sync has nothing left to push
     assert cli.main(["sync-mlflow", "--tracking-uri", server.uri, str(work / "results" / RECIPE)]) == 0
+
+    # The server is up again: a training on the same data is tracked live under a parent of its
+    # own invocation, which the Snakefile's onsuccess closes.
+    proc = snakemake(work, config, f"results/{RECIPE}/r-8/train/metrics.json", timeout=1500)
+    assert proc.returncode == 0, failure_text(proc, work)
+    runs = server.runs(RECIPE)
+    stages = by_stage(runs)
+    train = stages["train"]
+    parent = next(r for r in runs if r["info"]["run_id"] == tags(train)["mlflow.parentRunId"])
+    assert parent["info"]["status"] == "FINISHED" and parent["info"]["run_id"] != parents[0]["info"]["run_id"]
+    assert tags(train)["tunesmith.invocation"] == tags(parent)["tunesmith.invocation"]
+    for name, run in stages.items():
+        t = tags(run)
+        assert t["tunesmith.git_commit"] and "tunesmith.version.mlflow" in t, name
+        assert "stage_seconds" in metrics(run), name
+    assert params(train).get("train.lora.r") == "8"
+    history = server.get("metrics/get-history", run_id=train["info"]["run_id"], metric_key="train_loss")["metrics"]
+    assert len(history) >= 2 and len({m["step"] for m in history}) == len(history)
+    assert params(stages["filter"]).get("filter.max_tokens") == "256"
+    assert metrics(stages["filter"])["rows_in"] >= metrics(stages["filter"])["rows_out"] > 0
+    assert any(k.startswith("tunesmith.input.") for k in tags(stages["filter"]))
+    files = server.get("artifacts/list", run_id=stages["filter"]["info"]["run_id"]).get("files", [])
+    assert "filter_report.json" in [f["path"] for f in files]

@@ -5,13 +5,14 @@ tests/configs/cpu.yaml, never by editing the recipes)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import yaml
 
 from workflow_helpers import REPO, SHARED, failure_text, make_workdir, read_json, snakemake, write_config
 
-TINY = str(REPO / "tests" / "data" / "tiny_reverse.jsonl")
 
 
 def test_hub_dataset_and_model_offline_say_what_and_how(tmp_path):
@@ -27,23 +28,28 @@ def test_hub_dataset_and_model_offline_say_what_and_how(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.slow
-def test_unsloth_without_cuda_names_the_method_and_the_cpu_alternative(tmp_path):
-    """The unsloth recipe, pointed at local data and the local model, reaches train and stops there
-    (qlora runs on CPU since bitsandbytes 0.50: tests/test_train_sft.py trains it)."""
-    work = make_workdir(tmp_path)
-    local = {"dataset": {"source": TINY, "format": "auto", "columns": {"instruction": "instruction", "input": None,
-                                                                     "system": None, "output": "output"}},
-             "tokenize": {"tokenizer": None}, "dedupe": {"model": "default", "near": False},
-             "model": {"base": "smollm2-135m-instruct"}, "format": {"template": "model"}}
-    recipe = "dolly-pirate-llama3.2-unsloth"
-    config = write_config(work, {"recipes": [recipe], "overrides": {recipe: local}})
-    proc = snakemake(work, config, f"results/{recipe}/main/model/trained", timeout=1500)
-    assert proc.returncode != 0
-    log = (work / "logs" / recipe / "main" / "train.log").read_text()
-    assert "CUDA" in log and "unsloth" in log and "method: lora" in log, log[-2000:]
-    assert "tunesmith error:" in proc.stdout + proc.stderr  # on the terminal too
-    assert not (work / "results" / recipe / "main" / "model" / "trained").exists()
+def test_unsloth_without_cuda_names_the_method_and_the_cpu_alternative(tmp_path, tiny_llama_dir, sft_data):
+    """The unsloth recipe's resolved train section, run by hand through the train script on a CPU,
+    stops before loading anything, saying why and what runs instead (qlora runs on CPU since
+    bitsandbytes 0.50: tests/test_train_sft.py trains it). That such a message reaches the terminal
+    of a plain `snakemake` is tests/test_faults.py's case."""
+    from tunesmith.recipe import load_recipe
+
+    recipe = load_recipe(REPO / "recipes" / "dolly-pirate-llama3.2-unsloth.yaml")
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps({"section": {"model": recipe["model"], "train": recipe["train"]}}))
+    run = tmp_path / "results/r/main"
+    cmd = [sys.executable, "-P", str(REPO / "scripts" / "train.py"), "--params", str(params),
+           "--log", str(tmp_path / "train.log"), *[f"--input={k}={v}" for k, v in sft_data.items()],
+           f"--input=base={tiny_llama_dir}", f"--output=model={run / 'model/trained'}",
+           f"--output=metrics={run / 'train/metrics.json'}", f"--output=loss={run / 'train/loss.png'}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    terminal = proc.stdout + proc.stderr
+    assert "tunesmith error:" in terminal and "Traceback" not in terminal, terminal[-3000:]
+    assert "CUDA" in terminal and "unsloth" in terminal and "method: lora" in terminal, terminal[-3000:]
+    assert "CUDA" in (tmp_path / "train.log").read_text()
+    assert not (run / "model" / "trained").exists()
 
 
 @pytest.mark.slow

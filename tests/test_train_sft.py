@@ -44,13 +44,14 @@ def _outputs(run_dir: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_lora_on_smollm2_trains_merges_and_keeps_the_token_secret(tmp_path, smollm2_dir, sft_data, section_factory):
+def test_lora_trains_merges_and_keeps_the_token_secret(tmp_path, tiny_llama_dir, sft_data, section_factory):
+    """On a tiny random Llama: the default workflow's test is the one real SmolLM2 run."""
     section = section_factory("lora", max_steps=8, learning_rate=2e-3, save_steps=4)
     section["train"]["sample_eval_rows"] = 4
     run_dir = tmp_path / "results/t/main"
     params = {"section": section}
     log = tmp_path / "logs/train.log"
-    proc = _stage("train", tmp_path, {**sft_data, "base": str(smollm2_dir)}, _outputs(run_dir), params, log)
+    proc = _stage("train", tmp_path, {**sft_data, "base": str(tiny_llama_dir)}, _outputs(run_dir), params, log)
     assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
 
     metrics = json.loads((run_dir / "train/metrics.json").read_text())
@@ -71,7 +72,7 @@ def test_lora_on_smollm2_trains_merges_and_keeps_the_token_secret(tmp_path, smol
 
     merge_out = {"merged": str(run_dir / "model/merged"), "samples": str(run_dir / "merge/samples.txt"),
                  "check": str(run_dir / "merge/merge_check.json")}
-    merge_in = {"model": str(trained), "metrics": str(run_dir / "train/metrics.json"), "base": str(smollm2_dir),
+    merge_in = {"model": str(trained), "metrics": str(run_dir / "train/metrics.json"), "base": str(tiny_llama_dir),
                 "template": sft_data["template"], "eval": sft_data["eval"]}
     mlog = tmp_path / "logs/merge.log"
     proc = _stage("merge", tmp_path, merge_in, merge_out, {**params, "card": {"description": "test"}}, mlog)

@@ -4,6 +4,10 @@ VENV ?= .venv
 STAMP := $(VENV)/.tunesmith-installed
 CORES ?= 1
 GPUS ?= 1
+# pytest-xdist workers for `make test`, each running whole test modules (--dist loadfile). Two
+# suit a 2-core machine: most of a workflow test is one process importing or waiting, and the
+# other worker fills that time. TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
 
 .PHONY: setup run test test-fast report dag clean
 
@@ -20,10 +24,10 @@ run: $(STAMP)
 	$(VENV)/bin/snakemake --cores $(CORES) --resources gpu=$(GPUS)
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/python -m pytest -ra --durations=25 tests
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/python -m pytest -ra --durations=25 -n $(TEST_WORKERS) --dist loadfile tests
 
 test-fast: $(STAMP)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/python -m pytest -ra -m "not slow and not slurm" tests
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/python -m pytest -ra -n $(TEST_WORKERS) --dist loadfile -m "not slow and not slurm" tests
 
 report: $(STAMP)
 	$(VENV)/bin/snakemake --report report.html

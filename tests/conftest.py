@@ -72,15 +72,39 @@ def train_section(method: str = "lora", **args) -> dict:
     return {"model": model, "train": train}
 
 
-@pytest.fixture(scope="session")
-def smollm2_dir() -> Path:
-    # On a fresh clone nothing has converted the GGUF yet: do it once here (≈1 min), exactly as
-    # the prepare_model rule does, rather than skip every test that needs the model.
+# Modules whose tests run whole workflows, longest first: `make test` runs the suite on two
+# pytest-xdist workers, one module at a time each (--dist loadfile), and a long module started
+# last would leave the other worker idle at the end.
+LONG_MODULES = ("test_workflow_default.py", "test_seed_recipes.py", "test_slurm.py", "test_faults.py",
+                "test_train_sft.py", "test_mlflow_server.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_MODULES)))
+
+
+def pytest_configure(config):
+    # Under xdist every worker would convert the model on a fresh clone, racing on one folder
+    # (and so would the workflows the tests start): the controller does it once, before any
+    # worker starts. A plain pytest run keeps the lazy conversion in the smollm2_dir fixture.
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        _ensure_smollm2()
+
+
+def _ensure_smollm2() -> Path:
     if not (SMOLLM2_DIR / "model.safetensors").is_file():
         from tunesmith.models import BUILTIN_SMOLLM2, prepare
 
         prepare(BUILTIN_SMOLLM2, SMOLLM2_DIR, max_length=2048)
     return SMOLLM2_DIR
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    # On a fresh clone nothing has converted the GGUF yet: do it once here (≈1 min), exactly as
+    # the prepare_model rule does, rather than skip every test that needs the model.
+    return _ensure_smollm2()
 
 
 def random_llama(out: Path, tokenizer_dir: Path, **sizes: int) -> Path:

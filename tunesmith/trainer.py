@@ -111,6 +111,9 @@ class Fit:
     save: Callable[[Any, Path], None]          # (trainer, tmp folder) -> writes the model folder
     before_train: Callable[[Any], None] | None = None  # (trainer) -> e.g. the contract gate
     extra_metrics: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)        # the objective's own section (train.dpo, ...)
+    trainer_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. GRPO's reward functions, DPO's ref_model
+    histories_path: Path | None = None  # plot of the objective's step histories (rewards, margins, ...)
 
 
 def fit(job: Fit) -> Result:
@@ -122,10 +125,11 @@ def fit(job: Fit) -> Result:
     gc = bool(job.args["gradient_checkpointing"]) and not job.method.own_gradient_checkpointing
     config = training_arguments(job.objective.config_class(), job.args, optim=job.args["optim"] or job.method.default_optim,
                                 gradient_checkpointing=gc, output_dir=job.checkpoints, cuda=job.cuda,
-                                has_eval=job.eval_dataset is not None, **job.objective.config_kwargs(job.args))
+                                has_eval=job.eval_dataset is not None,
+                                **job.objective.config_kwargs(job.args, job.settings))
     history = trainkit.make_history_callback()
     trainer = job.objective.build_trainer(job.model, job.tokenizer, config, job.train_dataset, job.eval_dataset,
-                                          [history])
+                                          [history], **job.trainer_kwargs)
     if job.before_train is not None:
         job.before_train(trainer)
     # Rank 0 discards stale checkpoints and sets corrupt ones aside; the others then take the
@@ -163,6 +167,9 @@ def fit(job: Fit) -> Result:
     steps_run = step - resumed_from
     tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0) - tokens_before
     train_hist, eval_hist = trainkit.full_history(trainer)
+    # What the objective logs beside the loss (DPO's rewards/margins, GRPO's reward mean): from the
+    # trainer state, like the loss, so a resumed run keeps the steps before the crash.
+    curves = trainkit.objective_histories(trainer.state.log_history, getattr(job.objective, "HISTORIES", ()))
     if final_eval is not None:
         eval_hist = [e for e in eval_hist if e[0] != step] + [(step, final_eval)]
     if initial_eval is not None:
@@ -197,6 +204,10 @@ def fit(job: Fit) -> Result:
         "loss_history": [{"step": s, "loss": v} for s, v in train_hist],
         "eval_history": [{"step": s, "eval_loss": v} for s, v in eval_hist],
     }
+    for name, points in curves.items():
+        metrics[f"{name}_first"], metrics[f"{name}_last"] = points[0][1], points[-1][1]
+    if curves:
+        metrics["histories"] = {name: [{"step": s, "value": v} for s, v in points] for name, points in curves.items()}
 
     tmp = job.model_out.with_name(f".{job.model_out.name}.tmp")
     if trainer.is_world_process_zero():
@@ -210,11 +221,15 @@ def fit(job: Fit) -> Result:
     replace_dir(tmp, job.model_out)
     metrics["wall_seconds"] = time.time() - started
     trainkit.plot_loss(train_hist, eval_hist, job.loss_path, f"{job.title}: {step} steps")
+    artifacts = [str(job.metrics_path), str(job.loss_path)]
+    if job.histories_path is not None:
+        trainkit.plot_histories(curves, job.histories_path, f"{job.objective.NAME}, {job.title}: {step} steps")
+        artifacts.append(str(job.histories_path))
     write_json(job.metrics_path, metrics)
     scalars = {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
     scalars["train_loss_mean"], scalars["eval_loss_final"] = scalars.pop("train_loss"), scalars.pop("eval_loss")
-    return Result(metrics=scalars, histories={"train_loss": train_hist, "eval_loss": eval_hist},
-                  artifacts=[str(job.metrics_path), str(job.loss_path)],
+    return Result(metrics=scalars, histories={"train_loss": train_hist, "eval_loss": eval_hist, **curves},
+                  artifacts=artifacts,
                   tags={"tunesmith.train.method": job.method.name, "tunesmith.train.objective": job.objective.NAME,
                         "tunesmith.train.device": metrics["device"]},
                   summary=f"{job.objective.NAME}/{job.method.name} on {metrics['device']}: loss "

@@ -20,6 +20,9 @@ from types import ModuleType
 OBJECTIVES = {
     "sft": "tunesmith.objectives.sft",
     "causal-lm": "tunesmith.objectives.causal_lm",
+    "dpo": "tunesmith.objectives.dpo",
+    "kto": "tunesmith.objectives.kto",
+    "grpo": "tunesmith.objectives.grpo",
 }
 
 

@@ -98,6 +98,7 @@ def test_dpo_lora_trains_and_records_reward_histories(tmp_path, tiny_llama_dir, 
     assert (trained / "adapter_model.safetensors").is_file() and not (trained / "ref").exists()
     assert json.loads((trained / "tunesmith_train.json").read_text())["objective"] == "dpo"
     assert "pair contract passed: 8 train and 4 eval rows" in caplog.text
+    assert result.summary.startswith("dpo/lora on cpu: loss 0.6931 -> ") and ", rewards/accuracies " in result.summary
 
 
 @pytest.mark.parametrize("method", ["full", "qlora"])
@@ -158,6 +159,7 @@ def test_grpo_lora_samples_scores_and_records_the_reward(tmp_path, tiny_llama_di
         assert total == pytest.approx(em + wc, rel=1e-5)
     assert math.isfinite(metrics["train_loss_last"])
     assert (Path(paths.model) / "adapter_model.safetensors").is_file()
+    assert ", reward " in result.summary
 
 
 def test_misfits_are_named_before_training(tmp_path, tiny_llama_dir, section_factory):

@@ -234,7 +234,9 @@ def fit(job: Fit) -> Result:
                         "tunesmith.train.device": metrics["device"]},
                   summary=f"{job.objective.NAME}/{job.method.name} on {metrics['device']}: loss "
                           f"{_fmt(metrics['train_loss_first'])} -> {_fmt(metrics['train_loss_last'])}, eval "
-                          f"{_fmt(initial_eval)} -> {_fmt(final_eval)}, {step} steps, {train_seconds:.0f} s")
+                          f"{_fmt(initial_eval)} -> {_fmt(final_eval)}, {step} steps, {train_seconds:.0f} s"
+                          + "".join(f", {name} {_fmt(curves[name][-1][1])}"
+                                    for name in getattr(job.objective, "HEADLINE", ()) if name in curves))
 
 
 def _fmt(value: float | None) -> str:

@@ -14,6 +14,7 @@ NAME = "dpo"
 # What DPOTrainer logs beside the loss; the loop keeps them as step histories and plots them.
 HISTORIES = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
              "logps/chosen", "logps/rejected")
+HEADLINE = ("rewards/accuracies", "rewards/margins")  # last values, in the stage's one-line summary
 
 
 def config_class():

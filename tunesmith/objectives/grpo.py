@@ -17,6 +17,7 @@ NAME = "grpo"
 # each function's own mean and std.
 HISTORIES = ("reward", "reward_std", "completions/mean_length", "completions/clipped_ratio",
              "frac_reward_zero_std", "rewards/")
+HEADLINE = ("reward", "completions/mean_length")  # last values, in the stage's one-line summary
 
 
 def config_class():

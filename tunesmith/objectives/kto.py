@@ -13,6 +13,7 @@ from tunesmith.objectives.dpo import drop_reference_adapter
 NAME = "kto"
 # KTO is unpaired: no reward accuracy; kl is its batch estimate of KL(policy || reference).
 HISTORIES = ("rewards/chosen", "rewards/rejected", "rewards/margins", "kl", "logps/chosen", "logps/rejected")
+HEADLINE = ("rewards/margins", "kl")  # last values, in the stage's one-line summary
 
 
 def config_class():

@@ -141,13 +141,17 @@ def fit(job: Fit) -> Result:
 
     initial_file = job.checkpoints / "initial_eval.json"
     initial_eval = None
+    initial_figures: dict[str, float] = {}
     if job.eval_dataset is not None:
         if resume is None or not initial_file.is_file():
-            initial_eval = float(trainer.evaluate()["eval_loss"])
+            first = trainer.evaluate()
+            initial_eval, initial_figures = float(first["eval_loss"]), _eval_figures(first, job.objective)
             if rank0:
-                initial_file.write_text(json.dumps({"eval_loss": initial_eval}))
+                initial_file.write_text(json.dumps({"eval_loss": initial_eval, **initial_figures}))
         else:
-            initial_eval = float(json.loads(initial_file.read_text())["eval_loss"])
+            saved = json.loads(initial_file.read_text())
+            initial_eval = float(saved.pop("eval_loss"))
+            initial_figures = saved
         log.info("eval loss before training: %.4f", initial_eval)
 
     resumed_from = trainkit.checkpoint_step(resume) if resume is not None else 0
@@ -161,7 +165,9 @@ def fit(job: Fit) -> Result:
     train_started = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     train_seconds = time.time() - train_started
-    final_eval = float(trainer.evaluate()["eval_loss"]) if job.eval_dataset is not None else None
+    last = trainer.evaluate() if job.eval_dataset is not None else None
+    final_eval = float(last["eval_loss"]) if last is not None else None
+    final_figures = _eval_figures(last, job.objective) if last is not None else {}
 
     step = int(trainer.state.global_step)
     steps_run = step - resumed_from
@@ -206,6 +212,9 @@ def fit(job: Fit) -> Result:
     }
     for name, points in curves.items():
         metrics[f"{name}_first"], metrics[f"{name}_last"] = points[0][1], points[-1][1]
+    # The objective's figures on the held-out rows before and after (DPO's eval reward accuracy).
+    metrics.update({f"{k}_initial": v for k, v in initial_figures.items()})
+    metrics.update(final_figures)
     if curves:
         metrics["histories"] = {name: [{"step": s, "value": v} for s, v in points] for name, points in curves.items()}
 
@@ -237,6 +246,12 @@ def fit(job: Fit) -> Result:
                           f"{_fmt(initial_eval)} -> {_fmt(final_eval)}, {step} steps, {train_seconds:.0f} s"
                           + "".join(f", {name} {_fmt(curves[name][-1][1])}"
                                     for name in getattr(job.objective, "HEADLINE", ()) if name in curves))
+
+
+def _eval_figures(out: dict[str, Any], objective: Any) -> dict[str, float]:
+    """eval_<name> for each step figure the objective names (not the prefixes), from evaluate()."""
+    names = [n for n in getattr(objective, "HISTORIES", ()) if not n.endswith("/")]
+    return {f"eval_{n}": float(out[f"eval_{n}"]) for n in names if isinstance(out.get(f"eval_{n}"), (int, float))}
 
 
 def _fmt(value: float | None) -> str:

@@ -90,6 +90,7 @@ def test_dpo_lora_trains_and_records_reward_histories(tmp_path, tiny_llama_dir, 
     # so both rewards are exactly 0 and the held-out loss is log 2; after two updates they are not.
     assert curve(metrics, "rewards/chosen")[0][1] == 0.0 and curve(metrics, "rewards/rejected")[0][1] == 0.0
     assert metrics["eval_loss_initial"] == pytest.approx(math.log(2), abs=1e-5)
+    assert metrics["eval_perplexity"] is None  # exp(DPO loss) is no perplexity
     assert metrics["eval_rewards/accuracies_initial"] == 0.0 and 0.0 <= metrics["eval_rewards/accuracies"] <= 1.0
     assert metrics["eval_rewards/margins_initial"] == 0.0 and metrics["eval_rewards/margins"] != 0.0
     assert curve(metrics, "rewards/margins")[-1][1] != 0.0

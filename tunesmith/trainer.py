@@ -194,7 +194,9 @@ def fit(job: Fit) -> Result:
         "train_loss_last": train_hist[-1][1] if train_hist else None,
         "eval_loss_initial": initial_eval,
         "eval_loss": final_eval,
-        "eval_perplexity": float(torch.exp(torch.tensor(final_eval))) if final_eval is not None else None,
+        # exp(loss) is a perplexity only where the loss is the token NLL (not DPO's, KTO's or GRPO's)
+        "eval_perplexity": float(torch.exp(torch.tensor(final_eval)))
+        if final_eval is not None and getattr(job.objective, "LOSS_IS_NLL", True) else None,
         "steps": step,
         "steps_this_run": int(steps_run),
         "resumed_from_step": int(resumed_from),

@@ -14,6 +14,7 @@ NAME = "dpo"
 # What DPOTrainer logs beside the loss; the loop keeps them as step histories and plots them.
 HISTORIES = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
              "logps/chosen", "logps/rejected")
+LOSS_IS_NLL = False  # its loss is no token NLL: the loop reports no perplexity
 HEADLINE = ("rewards/accuracies", "rewards/margins")  # last values, in the stage's one-line summary
 
 

@@ -17,6 +17,7 @@ NAME = "grpo"
 # each function's own mean and std.
 HISTORIES = ("reward", "reward_std", "completions/mean_length", "completions/clipped_ratio",
              "frac_reward_zero_std", "rewards/")
+LOSS_IS_NLL = False  # its loss is no token NLL: the loop reports no perplexity
 HEADLINE = ("reward", "completions/mean_length")  # last values, in the stage's one-line summary
 
 

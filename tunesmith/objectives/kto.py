@@ -13,6 +13,7 @@ from tunesmith.objectives.dpo import drop_reference_adapter
 NAME = "kto"
 # KTO is unpaired: no reward accuracy; kl is its batch estimate of KL(policy || reference).
 HISTORIES = ("rewards/chosen", "rewards/rejected", "rewards/margins", "kl", "logps/chosen", "logps/rejected")
+LOSS_IS_NLL = False  # its loss is no token NLL: the loop reports no perplexity
 HEADLINE = ("rewards/margins", "kl")  # last values, in the stage's one-line summary
 
 

@@ -145,3 +145,145 @@ def gate(examples: list[dict[str, Any]], tokenizer: Any, *, collator: Callable |
         more = f"\n  ... and {len(bad) - 5} more" if len(bad) > 5 else ""
         raise ContractError(f"template/EOS contract failed for {len(bad)} of {len(examples)} {name} "
                             f"examples (indices are rows of {name}.jsonl, from 0):\n{shown}{more}")
+
+
+# ---------------------------------------------------------------- pairs (dpo, kto)
+
+COMPLETION_FIELDS = ("chosen", "rejected", "completion")
+
+
+@dataclass
+class PairViolation:
+    row_id: str
+    field: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"row id {self.row_id}, {self.field}: {self.reason}"
+
+
+def _show(tokenizer: Any, ids: Sequence[int]) -> str:
+    return repr(tokenizer.decode(list(ids[:12])))
+
+
+def tokenize_completion(tokenizer: Any, prompt: list[dict[str, Any]],
+                        completion: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
+    """(prompt ids with the generation prompt, prompt + completion ids), rendered as trl's
+    DPOTrainer and KTOTrainer render them (tokenize=True chat templates, no extra special tokens)."""
+    return _ids(tokenizer, prompt, add_generation_prompt=True), _ids(tokenizer, prompt + completion)
+
+
+def _end_of_completion(tokenizer: Any, full: list[int], start: int, eos_ids: set[int]) -> int:
+    """Index of the completion's last token, trailing blank tokens (ChatML's newline) skipped."""
+    last = len(full) - 1
+    while last > start and _is_blank(tokenizer, full[last]) and full[last] not in eos_ids:
+        last -= 1
+    return last
+
+
+def check_completion(row_id: str, field: str, prompt_ids: list[int], full: list[int], tokenizer: Any,
+                     eos_ids: set[int], max_length: int | None) -> tuple[PairViolation | None, int | None]:
+    """One prompt + completion sequence: (violation or None, position of its end-of-turn token)."""
+    bos = tokenizer.bos_token_id
+    if bos is not None and len(full) >= 2 and full[0] == bos and full[1] == bos:
+        return PairViolation(row_id, field, f"starts with a double BOS {tokenizer.bos_token!r}: the chat template "
+                                            f"writes BOS and the tokenizer adds another"), None
+    n = len(prompt_ids)
+    if full[:n] != prompt_ids:
+        k = common_prefix_length(prompt_ids, full)
+        if tokenizer.decode(full).startswith(tokenizer.decode(prompt_ids)):
+            why = (f"the same text, tokenised differently: the {field} text merges with the prompt's last token "
+                   f"(a completion that starts with whitespace does this; strip it)")
+        else:
+            why = "the chat template must render the prompt the same with and without the answer"
+        return PairViolation(row_id, field, f"the prompt renders differently at the start of the {field} sequence: "
+                                            f"from token {k} the prompt alone reads {_show(tokenizer, prompt_ids[k:])} "
+                                            f"but prompt + {field} reads {_show(tokenizer, full[k:])}; {why}"), None
+    if max_length is not None and n >= max_length:
+        return PairViolation(row_id, field, f"the prompt alone ({n} tokens) fills max_length={max_length}: no "
+                                            f"{field} token would be trained (trl drops such rows silently)"), None
+    if len(full) == n:
+        return PairViolation(row_id, field, "no completion token: the chat template renders nothing for the "
+                                            "assistant turn"), None
+    eos_name = tokenizer.eos_token
+    last = _end_of_completion(tokenizer, full, n, eos_ids)
+    if full[last] not in eos_ids:
+        return PairViolation(row_id, field, f"the completion does not end with the end-of-turn token {eos_name!r} "
+                                            f"(it ends with {_show(tokenizer, full[last:])}); the chat template must "
+                                            f"close the assistant turn with EOS"), None
+    if max_length is not None and last >= max_length:
+        return PairViolation(row_id, field, f"cut at max_length={max_length} before its end-of-turn token "
+                                            f"{eos_name!r} ({len(full)} tokens); raise train.args.max_length or "
+                                            f"filter long pairs"), None
+    return None, last
+
+
+def pair_gate(rows: list[dict[str, Any]], tokenizer: Any, *, collator: Callable | None = None,
+              generation_config: Any = None, max_length: int | None = None, batch_size: int = 8,
+              name: str = "train") -> None:
+    """The pair contract, checked before step one on canonical rows (pairs or KTO's unpaired rows):
+    the prompt renders identically as the prefix of every completion's sequence (so chosen and
+    rejected share it), each completion ends in an end-of-turn token that is supervised
+    (completion_mask 1 in the trainer's own collator, within max_length), and no double BOS.
+    Raises ContractError naming the first bad rows by id; returns None when all pass."""
+    if not rows:
+        raise ContractError(f"{name} split is empty: nothing to train on")
+    eos_ids = end_of_turn_ids(tokenizer, generation_config)
+    if not eos_ids:
+        raise ContractError("the tokenizer has no EOS token: generation could never stop")
+    bad: list[PairViolation] = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        checked = []  # (row position in chunk, field, end-of-turn position, ids)
+        examples = []
+        for pos, row in enumerate(chunk):
+            fields = [f for f in COMPLETION_FIELDS if f in row]
+            example: dict[str, Any] = {}
+            row_ok = True
+            for field in fields:
+                prompt_ids, full = tokenize_completion(tokenizer, row["prompt"], row[field])
+                violation, eos_at = check_completion(str(row["id"]), field, prompt_ids, full, tokenizer, eos_ids,
+                                                     max_length)
+                if violation is not None:
+                    bad.append(violation)
+                    row_ok = False
+                    continue
+                example["prompt_ids"] = prompt_ids
+                example["completion_ids" if field == "completion" else f"{field}_ids"] = full[len(prompt_ids):]
+                checked.append((pos, field, eos_at))
+            if "label" in row:
+                example["label"] = bool(row["label"])
+            examples.append(example if row_ok else None)
+        if collator is None or not checked:
+            continue
+        good = [i for i, e in enumerate(examples) if e is not None]
+        if not good:
+            continue
+        masks = collator([examples[i] for i in good])["completion_mask"].tolist()
+        where = {pos: k for k, pos in enumerate(good)}
+        for pos, field, eos_at in checked:
+            if pos not in where:
+                continue
+            k = where[pos]
+            mask = masks[len(good) + k] if field == "rejected" else masks[k]  # DPO batches chosen, then rejected
+            if eos_at >= len(mask) or not mask[eos_at]:
+                bad.append(PairViolation(str(chunk[pos]["id"]), field,
+                                         f"the end-of-turn token {tokenizer.eos_token!r} is not supervised: the "
+                                         f"trainer's collator masks it out of the completion"))
+    if bad:
+        shown = "\n".join(f"  {v}" for v in bad[:5])
+        more = f"\n  ... and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise ContractError(f"pair contract failed for {len(bad)} completion(s) of {len(rows)} {name} rows:\n"
+                            f"{shown}{more}")
+
+
+def prompt_gate(rows: list[dict[str, Any]], tokenizer: Any, *, name: str = "train") -> None:
+    """GRPO's prompts: they render with the generation prompt and start with at most one BOS."""
+    bos = tokenizer.bos_token_id
+    bad = []
+    for row in rows:
+        ids = _ids(tokenizer, row["prompt"], add_generation_prompt=True)
+        if bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
+            bad.append(f"  row id {row['id']}: starts with a double BOS {tokenizer.bos_token!r}")
+    if bad:
+        raise ContractError(f"prompt contract failed for {len(bad)} of {len(rows)} {name} rows:\n" + "\n".join(bad[:5]))

@@ -114,6 +114,15 @@ def load_full(base, section, cuda, tokenizer, grow_vocab):
     return _from_pretrained(base, section, cuda, tokenizer, grow_vocab, dtype=torch.float32)
 
 
+def load_reference(base, section, cuda, tokenizer, grow_vocab):
+    """The frozen starting model that dpo and kto compare the policy with, when the method trains the
+    weights themselves (full; adapter methods disable the adapter instead): loaded as the base is,
+    in the recipe's dtype, without gradients."""
+    model = _from_pretrained(base, section, cuda, tokenizer, grow_vocab)
+    model.requires_grad_(False)
+    return model.eval()
+
+
 def load_lora(base, section, cuda, tokenizer, grow_vocab):
     from peft import get_peft_model
 

@@ -111,6 +111,9 @@ class Fit:
     save: Callable[[Any, Path], None]          # (trainer, tmp folder) -> writes the model folder
     before_train: Callable[[Any], None] | None = None  # (trainer) -> e.g. the contract gate
     extra_metrics: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)        # the objective's own section (train.dpo, ...)
+    trainer_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. GRPO's reward functions, DPO's ref_model
+    histories_path: Path | None = None  # plot of the objective's step histories (rewards, margins, ...)
 
 
 def fit(job: Fit) -> Result:
@@ -122,10 +125,11 @@ def fit(job: Fit) -> Result:
     gc = bool(job.args["gradient_checkpointing"]) and not job.method.own_gradient_checkpointing
     config = training_arguments(job.objective.config_class(), job.args, optim=job.args["optim"] or job.method.default_optim,
                                 gradient_checkpointing=gc, output_dir=job.checkpoints, cuda=job.cuda,
-                                has_eval=job.eval_dataset is not None, **job.objective.config_kwargs(job.args))
+                                has_eval=job.eval_dataset is not None,
+                                **job.objective.config_kwargs(job.args, job.settings))
     history = trainkit.make_history_callback()
     trainer = job.objective.build_trainer(job.model, job.tokenizer, config, job.train_dataset, job.eval_dataset,
-                                          [history])
+                                          [history], **job.trainer_kwargs)
     if job.before_train is not None:
         job.before_train(trainer)
     # Rank 0 discards stale checkpoints and sets corrupt ones aside; the others then take the
@@ -137,13 +141,17 @@ def fit(job: Fit) -> Result:
 
     initial_file = job.checkpoints / "initial_eval.json"
     initial_eval = None
+    initial_figures: dict[str, float] = {}
     if job.eval_dataset is not None:
         if resume is None or not initial_file.is_file():
-            initial_eval = float(trainer.evaluate()["eval_loss"])
+            first = trainer.evaluate()
+            initial_eval, initial_figures = float(first["eval_loss"]), _eval_figures(first, job.objective)
             if rank0:
-                initial_file.write_text(json.dumps({"eval_loss": initial_eval}))
+                initial_file.write_text(json.dumps({"eval_loss": initial_eval, **initial_figures}))
         else:
-            initial_eval = float(json.loads(initial_file.read_text())["eval_loss"])
+            saved = json.loads(initial_file.read_text())
+            initial_eval = float(saved.pop("eval_loss"))
+            initial_figures = saved
         log.info("eval loss before training: %.4f", initial_eval)
 
     resumed_from = trainkit.checkpoint_step(resume) if resume is not None else 0
@@ -157,12 +165,17 @@ def fit(job: Fit) -> Result:
     train_started = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     train_seconds = time.time() - train_started
-    final_eval = float(trainer.evaluate()["eval_loss"]) if job.eval_dataset is not None else None
+    last = trainer.evaluate() if job.eval_dataset is not None else None
+    final_eval = float(last["eval_loss"]) if last is not None else None
+    final_figures = _eval_figures(last, job.objective) if last is not None else {}
 
     step = int(trainer.state.global_step)
     steps_run = step - resumed_from
     tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0) - tokens_before
     train_hist, eval_hist = trainkit.full_history(trainer)
+    # What the objective logs beside the loss (DPO's rewards/margins, GRPO's reward mean): from the
+    # trainer state, like the loss, so a resumed run keeps the steps before the crash.
+    curves = trainkit.objective_histories(trainer.state.log_history, getattr(job.objective, "HISTORIES", ()))
     if final_eval is not None:
         eval_hist = [e for e in eval_hist if e[0] != step] + [(step, final_eval)]
     if initial_eval is not None:
@@ -181,7 +194,9 @@ def fit(job: Fit) -> Result:
         "train_loss_last": train_hist[-1][1] if train_hist else None,
         "eval_loss_initial": initial_eval,
         "eval_loss": final_eval,
-        "eval_perplexity": float(torch.exp(torch.tensor(final_eval))) if final_eval is not None else None,
+        # exp(loss) is a perplexity only where the loss is the token NLL (not DPO's, KTO's or GRPO's)
+        "eval_perplexity": float(torch.exp(torch.tensor(final_eval)))
+        if final_eval is not None and getattr(job.objective, "LOSS_IS_NLL", True) else None,
         "steps": step,
         "steps_this_run": int(steps_run),
         "resumed_from_step": int(resumed_from),
@@ -197,6 +212,13 @@ def fit(job: Fit) -> Result:
         "loss_history": [{"step": s, "loss": v} for s, v in train_hist],
         "eval_history": [{"step": s, "eval_loss": v} for s, v in eval_hist],
     }
+    for name, points in curves.items():
+        metrics[f"{name}_first"], metrics[f"{name}_last"] = points[0][1], points[-1][1]
+    # The objective's figures on the held-out rows before and after (DPO's eval reward accuracy).
+    metrics.update({f"{k}_initial": v for k, v in initial_figures.items()})
+    metrics.update(final_figures)
+    if curves:
+        metrics["histories"] = {name: [{"step": s, "value": v} for s, v in points] for name, points in curves.items()}
 
     tmp = job.model_out.with_name(f".{job.model_out.name}.tmp")
     if trainer.is_world_process_zero():
@@ -210,16 +232,28 @@ def fit(job: Fit) -> Result:
     replace_dir(tmp, job.model_out)
     metrics["wall_seconds"] = time.time() - started
     trainkit.plot_loss(train_hist, eval_hist, job.loss_path, f"{job.title}: {step} steps")
+    artifacts = [str(job.metrics_path), str(job.loss_path)]
+    if job.histories_path is not None:
+        trainkit.plot_histories(curves, job.histories_path, f"{job.objective.NAME}, {job.title}: {step} steps")
+        artifacts.append(str(job.histories_path))
     write_json(job.metrics_path, metrics)
     scalars = {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
     scalars["train_loss_mean"], scalars["eval_loss_final"] = scalars.pop("train_loss"), scalars.pop("eval_loss")
-    return Result(metrics=scalars, histories={"train_loss": train_hist, "eval_loss": eval_hist},
-                  artifacts=[str(job.metrics_path), str(job.loss_path)],
+    return Result(metrics=scalars, histories={"train_loss": train_hist, "eval_loss": eval_hist, **curves},
+                  artifacts=artifacts,
                   tags={"tunesmith.train.method": job.method.name, "tunesmith.train.objective": job.objective.NAME,
                         "tunesmith.train.device": metrics["device"]},
                   summary=f"{job.objective.NAME}/{job.method.name} on {metrics['device']}: loss "
                           f"{_fmt(metrics['train_loss_first'])} -> {_fmt(metrics['train_loss_last'])}, eval "
-                          f"{_fmt(initial_eval)} -> {_fmt(final_eval)}, {step} steps, {train_seconds:.0f} s")
+                          f"{_fmt(initial_eval)} -> {_fmt(final_eval)}, {step} steps, {train_seconds:.0f} s"
+                          + "".join(f", {name} {_fmt(curves[name][-1][1])}"
+                                    for name in getattr(job.objective, "HEADLINE", ()) if name in curves))
+
+
+def _eval_figures(out: dict[str, Any], objective: Any) -> dict[str, float]:
+    """eval_<name> for each step figure the objective names (not the prefixes), from evaluate()."""
+    names = [n for n in getattr(objective, "HISTORIES", ()) if not n.endswith("/")]
+    return {f"eval_{n}": float(out[f"eval_{n}"]) for n in names if isinstance(out.get(f"eval_{n}"), (int, float))}
 
 
 def _fmt(value: float | None) -> str:

@@ -316,6 +316,49 @@ def full_history(trainer: Any) -> tuple[list[tuple[int, float]], list[tuple[int,
     return train, evals
 
 
+def objective_histories(log_history: list[dict[str, Any]], names: tuple[str, ...]) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) curves of the train-time figures an objective logs beside the loss, in the order
+    of `names`; a name ending in '/' takes every logged key under it (GRPO's rewards/<function>/mean)."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for name in names:
+        for entry in log_history:
+            if "step" not in entry or "loss" not in entry:  # train logs only; eval logs carry eval_ keys
+                continue
+            keys = sorted(k for k in entry if k.startswith(name)) if name.endswith("/") else [name] if name in entry else []
+            for key in keys:
+                value = entry[key]
+                if isinstance(value, (int, float)) and value == value:  # NaN: a batch without that kind of row
+                    curves.setdefault(key, []).append((int(entry["step"]), float(value)))
+    return curves
+
+
+def plot_histories(curves: dict[str, list[tuple[int, float]]], path: str | Path, title: str) -> None:
+    """One small panel per curve (rewards/chosen, rewards/margins, reward, ...), sharing the step axis."""
+    from tunesmith.fileio import pyplot, save_figure
+
+    plt = pyplot()
+    names = list(curves) or ["(none)"]
+    cols = 2 if len(names) > 1 else 1
+    rows = (len(names) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 2.6 * rows), squeeze=False, sharex=True)
+    for ax, name in zip(axes.flat, names):
+        points = curves.get(name, [])
+        if points:
+            ax.plot([s for s, _ in points], [v for _, v in points], marker=".")
+        else:
+            ax.text(0.5, 0.5, "no logged steps", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("optimizer step")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
 def plot_loss(train: list[tuple[int, float]], evals: list[tuple[int, float]], path: str | Path, title: str) -> None:
     from tunesmith.fileio import pyplot
 

@@ -13,7 +13,7 @@ def config_class():
     return TrainingArguments
 
 
-def config_kwargs(args: dict[str, Any]) -> dict[str, Any]:
+def config_kwargs(args: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
@@ -23,7 +23,7 @@ def dataset(blocks: list[list[int]]):
     return Dataset.from_dict({"input_ids": blocks, "labels": blocks})
 
 
-def build_trainer(model: Any, tokenizer: Any, config: Any, train: Any, evals: Any, callbacks: list[Any]):
+def build_trainer(model: Any, tokenizer: Any, config: Any, train: Any, evals: Any, callbacks: list[Any], **extra: Any):
     from transformers import Trainer, default_data_collator
 
     return Trainer(model=model, args=config, train_dataset=train, eval_dataset=evals,

@@ -18,7 +18,7 @@ def config_class():
     return SFTConfig
 
 
-def config_kwargs(args: dict[str, Any]) -> dict[str, Any]:
+def config_kwargs(args: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
     return {"max_length": args["max_length"], "packing": bool(args["packing"])}
 
 
@@ -28,7 +28,7 @@ def dataset(examples: list[dict[str, Any]]):
     return Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
 
 
-def build_trainer(model: Any, tokenizer: Any, config: Any, train: Any, evals: Any, callbacks: list[Any]):
+def build_trainer(model: Any, tokenizer: Any, config: Any, train: Any, evals: Any, callbacks: list[Any], **extra: Any):
     from trl import SFTTrainer
 
     return SFTTrainer(model=model, args=config, train_dataset=train, eval_dataset=evals,

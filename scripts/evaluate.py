@@ -9,7 +9,8 @@ def main(io):
     tuned = io.stage == "evaluate"
     return evaluate.stage(io.stage, io.input["tuned" if tuned else "base"], io.output, io.section,
                           eval_jsonl=io.one("eval"), template=io.one("template"), gguf_dir=io.one("gguf"),
-                          base_scores=io.one("base_scores"), recipe=io.recipe, variant=io.variant, threads=io.threads)
+                          base_scores=io.one("base_scores"), recipe=io.recipe, variant=io.variant, threads=io.threads,
+                          upstream=io.one("upstream"))
 
 
 if __name__ == "__main__":

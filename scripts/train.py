@@ -1,4 +1,4 @@
-"""train: SFT (full | lora | qlora | unsloth) with trl, resumable.
+"""train: an objective (sft | dpo | kto | grpo) on a method (full | lora | qlora | unsloth) with trl, resumable.
 
 By hand:  python scripts/train.py --recipe demo --input train=... --input eval=... --input template=... \
               --input base=resources/models/smollm2-135m-instruct --output model=.../model/trained \
@@ -15,11 +15,22 @@ def main(io):
     trainkit.require_device(train_cfg["method"])  # fail fast, before model loading
     if trainkit.needs_relaunch(train_cfg["gpus"]):
         return trainkit.relaunch_multi_gpu(Path(__file__).resolve(), train_cfg["gpus"], io)
-    from tunesmith.training import SFTPaths, train_sft
+    from tunesmith import training
 
-    return train_sft(SFTPaths(train=io.input["train"], eval=io.one("eval") or "", template=io.one("template") or "",
-                              base=io.input["base"], model=io.output["model"], metrics=io.output["metrics"],
-                              loss=io.output["loss"]), io.section)
+    objective = train_cfg["objective"]
+    if objective == "sft":
+        return training.train_sft(training.SFTPaths(
+            train=io.input["train"], eval=io.one("eval") or "", template=io.one("template") or "",
+            base=io.input["base"], model=io.output["model"], metrics=io.output["metrics"], loss=io.output["loss"]),
+            io.section)
+    # The objective's step histories (rewards, margins, accuracies) plot beside the loss curve.
+    paths = training.ObjectivePaths(
+        train=io.input["train"], eval=io.one("eval") or "", template=io.one("template") or "", base=io.input["base"],
+        model=io.output["model"], metrics=io.output["metrics"], loss=io.output["loss"],
+        plot=str(Path(io.output["metrics"]).with_name("rewards.png")))
+    if objective == "grpo":
+        return training.train_grpo(paths, io.section)
+    return training.train_preference(paths, io.section)
 
 
 if __name__ == "__main__":

@@ -172,7 +172,7 @@ def test_dry_run_plans_every_recipe():
     for path in RECIPES:
         assert f"results/{path.stem}/" in proc.stdout
     for rule in ("download", "tokenize_count", "filter", "dedupe", "select", "format", "train",
-                 "merge", "evaluate", "quantize", "train_tokenizer", "pretrain"):
+                 "merge", "evaluate", "quantize", "train_tokenizer", "pretrain", "build_pairs", "curate_pairs"):
         assert f"rule {rule}:" in proc.stdout or f"localrule {rule}:" in proc.stdout, rule
 
 

@@ -327,6 +327,26 @@ def compare(base: dict[str, Any], tuned: dict[str, Any]) -> dict[str, Any]:
     return {"base_model": base.get("model"), "tuned_model": tuned.get("model"), "tasks": tasks}
 
 
+def chain(upstream: dict[str, Any], comparison: dict[str, Any], recipe: str, source: str) -> list[dict[str, Any]]:
+    """base -> each recipe of a chain -> this recipe -> its GGUFs, per task. Upstream entries are
+    the upstream comparison's own scores (its held-out rows; `source` names the file): a chained
+    recipe on the same data shows its upstream model's score twice, here and as its own base."""
+    links = upstream.get("chain") or [
+        {"label": "base", "model": upstream.get("base_model"),
+         "tasks": {n: t["base"] for n, t in upstream["tasks"].items()}},
+        {"label": upstream.get("recipe") or "upstream", "model": upstream.get("tuned_model"),
+         "tasks": {n: t["tuned"] for n, t in upstream["tasks"].items()}},
+    ]
+    # an upstream's GGUF scores are not on the way to this recipe's model
+    links = [dict(link, source=link.get("source", source)) for link in links if not link.get("gguf")]
+    links.append({"label": recipe, "model": comparison.get("tuned_model"),
+                  "tasks": {n: t["tuned"] for n, t in comparison["tasks"].items()}})
+    for qtype in sorted({q for t in comparison["tasks"].values() for q in t.get("gguf", {})}):
+        links.append({"label": qtype, "gguf": True, "tasks": {n: t["gguf"][qtype] for n, t in comparison["tasks"].items()
+                                               if qtype in t.get("gguf", {})}})
+    return links
+
+
 def plot(comparison: dict[str, Any], path: str | Path, title: str = "") -> None:
     plt = fileio.pyplot()
 
@@ -368,7 +388,7 @@ def env_threads(threads: int) -> None:
 
 def stage(name: str, model_dir: str, outputs: dict[str, str], section: dict[str, Any], *, eval_jsonl: str | None,
           template: str | None, gguf_dir: str | None = None, base_scores: str | None = None, recipe: str,
-          variant: str | None, threads: int = 2):
+          variant: str | None, threads: int = 2, upstream: str | None = None):
     """evaluate_base (the base model: writes `scores`) or evaluate (the tuned model, then each GGUF in
     gguf_dir, compared with base_scores: also writes `compare` and `plot`).
     Figures: tasks -> {base | tuned | <GGUF type>: score}."""
@@ -407,6 +427,8 @@ def stage(name: str, model_dir: str, outputs: dict[str, str], section: dict[str,
 
     comparison = compare(json.loads(Path(base_scores).read_text()), scores)
     comparison.update(recipe=recipe, variant=variant)
+    if upstream:  # model.base: recipe:<name>: the whole way from the root base model to here
+        comparison["chain"] = chain(json.loads(Path(upstream).read_text()), comparison, recipe, upstream)
     fileio.write_json(outputs["compare"], comparison)
     plot(comparison, outputs["plot"], title=f"{recipe} [{variant}]: base vs tuned" + (" vs GGUF" if scores.get("gguf") else ""))
     for n, c in comparison["tasks"].items():
@@ -416,5 +438,9 @@ def stage(name: str, model_dir: str, outputs: dict[str, str], section: dict[str,
         gg = "".join(f" -> {q} {s:.3f}" for q, s in (c.get("gguf") or {}).items())
         base = "-" if c["base"] is None else f"{c['base']:.3f}"
         lines.append(f"{n} ({c['metric']}, limit {c['limit']}): base {base} -> tuned {c['tuned']:.3f}{gg}")
+    for name in comparison["tasks"] if "chain" in comparison else ():
+        lines.append(f"{name} chain: " + " -> ".join(
+            f"{link['label']} {link['tasks'][name]:.3f}" for link in comparison["chain"]
+            if link["tasks"].get(name) is not None))
     return Result(figures={"tasks": tasks}, artifacts=[*artifacts, outputs["compare"], outputs["plot"]], tags=tags,
                   summary="; ".join(lines))

@@ -115,15 +115,48 @@ def _report_rows(reports: list[str]) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+LINEAGE = "tunesmith_lineage.json"
+
+
+def lineage(base: Path, step: dict[str, Any]) -> list[dict[str, Any]]:
+    """The steps from the root base model to this merged model: the base folder's own lineage (a
+    chained recipe starts from another recipe's merged model) plus this step."""
+    path = base / LINEAGE
+    return [*(json.loads(path.read_text()) if path.is_file() else []), step]
+
+
+def upstream_tags(base: Path) -> dict[str, str]:
+    """MLflow tags linking a chained recipe's runs to the upstream merge run that made its base:
+    results/<up>/<variant>/model/merged -> results/<up>/tracking/<variant>/merge.json."""
+    if not (base / LINEAGE).is_file():
+        return {}
+    last = json.loads((base / LINEAGE).read_text())[-1]
+    tags = {"tunesmith.upstream": f"{last['recipe']}/{last['variant']}"}
+    record = base.parents[2] / "tracking" / last["variant"] / "merge.json"
+    if record.is_file() and json.loads(record.read_text()).get("run_id"):
+        tags["tunesmith.upstream.merge_run_id"] = json.loads(record.read_text())["run_id"]
+    return tags
+
+
 def model_card(*, recipe: str, base_source: str, method: str, section: dict[str, Any], card: dict[str, Any],
                train_metrics: dict[str, Any], check: dict[str, Any], reports: list[str],
-               samples: list[tuple[str, str]]) -> str:
+               samples: list[tuple[str, str]], steps: list[dict[str, Any]] | None = None) -> str:
     import yaml
 
     lines = ["---", f"base_model: {base_source}", "library_name: transformers", "tags:", "- tunesmith",
              f"- {method}", "---", "", f"# {recipe}", ""]
     if card.get("description"):
         lines += [str(card["description"]), ""]
+    if steps and len(steps) > 1:
+        lines += ["## Lineage", "", f"`{base_source}`, then, in order:", "",
+                  "| recipe | objective / method | data | rows or pairs | loss first → last | held-out exact match |",
+                  "|---|---|---|---|---|---|"]
+        for st in steps:
+            first, last = st.get("train_loss_first"), st.get("train_loss_last")
+            loss = f"{first:.4g} → {last:.4g}" if first is not None and last is not None else "-"
+            lines.append(f"| {st['recipe']}/{st['variant']} | {st['objective']} / {st['method']} | "
+                         f"`{st.get('dataset')}` | {st.get('rows')} | {loss} | {st.get('heldout_exact_match')} |")
+        lines.append("")
     lines += ["## Base model", "", f"`{base_source}`, fine-tuned with method `{method}` "
               f"({'adapter merged into the 16-bit base' if method != 'full' else 'full weights'}), "
               "saved as bf16 safetensors. The tokenizer carries the chat template the data was formatted with.", ""]
@@ -197,7 +230,8 @@ def _norm(text: str) -> str:
 def merge(*, trained: str | Path, base: str | Path, template: str | Path, merged: str | Path,
           samples_path: str | Path, check_path: str | Path, section: dict[str, Any],
           eval_path: str | Path | None = None, recipe: str = "", card: dict[str, Any] | None = None,
-          train_metrics_path: str | Path | None = None, reports: list[str] | None = None) -> Result:
+          train_metrics_path: str | Path | None = None, reports: list[str] | None = None,
+          variant: str = "main") -> Result:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -322,10 +356,20 @@ def merge(*, trained: str | Path, base: str | Path, template: str | Path, merged
     train_metrics = json.loads(Path(train_metrics_path).read_text()) if train_metrics_path else {}
     source = json.loads((base / "tunesmith_source.json").read_text()).get("source") \
         if (base / "tunesmith_source.json").is_file() else str(base)
+    steps = lineage(base, {
+        "recipe": recipe, "variant": variant, "objective": train_metrics.get("objective", "sft"), "method": method,
+        "base": str(base), "dataset": (card or {}).get("dataset", {}).get("source"),
+        "rows": train_metrics.get("train_pairs", train_metrics.get("train_prompts", train_metrics.get("train_rows"))),
+        "train_loss_first": train_metrics.get("train_loss_first"), "train_loss_last": train_metrics.get("train_loss_last"),
+        "heldout_exact_match": f"{tuned_em}/{len(held)}" if held else None})
+    source = steps[0]["base"] if len(steps) > 1 else source  # the root model of a chain
+    if len(steps) > 1 and (Path(steps[0]["base"]) / "tunesmith_source.json").is_file():
+        source = json.loads((Path(steps[0]["base"]) / "tunesmith_source.json").read_text()).get("source", source)
     card_text = model_card(recipe=recipe, base_source=source, method=method, section=section, card=card or {},
                            train_metrics=train_metrics, check=check, reports=list(reports or []),
-                           samples=list(zip(prompts, answers)))
+                           samples=list(zip(prompts, answers)), steps=steps)
     (tmp / "README.md").write_text(card_text, encoding="utf-8")
+    (tmp / LINEAGE).write_text(json.dumps(steps, indent=1), encoding="utf-8")
     replace_dir(tmp, merged)
     check["heldout_rows"] = len(held)
     check["heldout_exact_match_tuned"] = tuned_em
@@ -334,7 +378,9 @@ def merge(*, trained: str | Path, base: str | Path, template: str | Path, merged
     write_text(samples_path, samples_text + "\n")
     write_json(check_path, check)
     return Result(metrics={k: v for k, v in check.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
-                  tags={"tunesmith.merge.passed": str(check["passed"])},
+                  tags={"tunesmith.merge.passed": str(check["passed"]),
+                        "tunesmith.lineage": " > ".join([source] + [f"{st['recipe']}/{st['variant']}" for st in steps]),
+                        **upstream_tags(base)},
                   artifacts=[str(check_path), str(samples_path), str(merged / "README.md")],
                   summary=f"merged ({method}): max logit diff {max_diff:.3g}, held-out exact match tuned "
                           f"{tuned_em}/{len(held)} vs base {base_em}/{len(held)}")

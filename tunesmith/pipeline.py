@@ -15,7 +15,7 @@ from pathlib import Path
 @dataclass(frozen=True)
 class Stage:
     name: str                  # the Snakemake rule name, also the MLflow child run name
-    group: str                 # data | model | train | evaluate | export | compare
+    group: str                 # data | pairs | model | train | evaluate | export | compare
     script: str                # scripts/<script>: the rule's entry
     rows_report: str | None = None  # data stages: results/<recipe>/data/<file> that holds the rows kept
     per_variant: bool = False  # one run per sweep variant (else one per recipe)
@@ -29,6 +29,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("dedupe", "data", "dedupe.py", rows_report="dedupe_report.json"),
     Stage("select", "data", "select_rows.py", rows_report="select_report.json"),
     Stage("format", "data", "format.py", rows_report="format_report.json"),
+    Stage("build_pairs", "pairs", "build_pairs.py"),
+    Stage("curate_pairs", "pairs", "curate_pairs.py"),
     Stage("train_tokenizer", "train", "train_tokenizer.py"),
     Stage("pretrain", "train", "pretrain.py"),
     Stage("train", "train", "train.py", per_variant=True),

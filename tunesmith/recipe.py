@@ -7,6 +7,7 @@ import copy
 import difflib
 import functools
 import itertools
+import re
 from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
@@ -199,6 +200,9 @@ def _check_semantics(recipe: dict[str, Any], source: str) -> None:
         raise RecipeError(f"{source}: key 'pretrain.corpus.source' is required for kind: pretrain")
     if recipe["model"]["base"] == "pretrained" and recipe["kind"] != "pretrain":
         raise RecipeError(f"{source}: model.base 'pretrained' needs kind: pretrain")
+    base = recipe["model"]["base"]
+    if base.startswith(CHAIN_PREFIX) and not re.fullmatch(r"recipe:[A-Za-z0-9._-]+(/[A-Za-z0-9._=-]+)?", base):
+        raise RecipeError(f"{source}: model.base '{base}' is not recipe:<name> or recipe:<name>/<variant>")
     if recipe["format"]["template"] == "custom" and not recipe["format"]["custom_template"]:
         raise RecipeError(f"{source}: format.template is 'custom' but format.custom_template is empty")
     if recipe["model"]["trust_remote_code"] and not (recipe["model"]["trust_remote_code_reason"] or "").strip():
@@ -207,6 +211,66 @@ def _check_semantics(recipe: dict[str, Any], source: str) -> None:
         )
     for key in recipe["sweep"]:
         _get_dotted(recipe, key, source)
+
+
+CHAIN_PREFIX = "recipe:"
+
+
+def upstream(recipe: dict[str, Any]) -> tuple[str, str] | None:
+    """(recipe, variant) that `model.base: recipe:<name>[/<variant>]` names, or None."""
+    base = recipe["model"]["base"]
+    if not base.startswith(CHAIN_PREFIX):
+        return None
+    name, _, variant = base[len(CHAIN_PREFIX):].partition("/")
+    return name, variant or DEFAULT_VARIANT
+
+
+def resolve_chains(recipes: dict[str, dict[str, Any]], recipes_dir: str | Path,
+                   load: Any) -> dict[str, dict[str, Any]]:
+    """Add every recipe that the named ones start from (transitively), loaded with load(path, name),
+    and check each link: the upstream exists, trains a model of its own, has the variant named, and
+    no chain comes back to where it began. Returns the recipes, upstream ones included."""
+    out = dict(recipes)
+    todo = list(out)
+    while todo:
+        name = todo.pop()
+        link = upstream(out[name])
+        if link is None:
+            continue
+        up, variant = link
+        source = f"recipes/{name}.yaml: model.base '{out[name]['model']['base']}'"
+        if up not in out:
+            path = Path(recipes_dir) / f"{up}.yaml"
+            if not path.is_file():
+                known = sorted(p.stem for p in Path(recipes_dir).glob("*.yaml"))
+                near = difflib.get_close_matches(up, known, n=1)
+                hint = f"; did you mean 'recipe:{near[0]}'?" if near else f"; recipes there: {', '.join(known)}"
+                raise RecipeError(f"{source} names no recipe in {recipes_dir}{hint}")
+            out[up] = load(path, up)
+            todo.append(up)
+        if not out[up]["dataset"]["source"]:
+            raise RecipeError(f"{source}: recipe '{up}' trains no model to start from (kind: "
+                              f"{out[up]['kind']}, no dataset.source): chain on a recipe that fine-tunes")
+        names = variants(out[up])
+        if variant not in names:
+            raise RecipeError(f"{source}: recipe '{up}' has no variant '{variant}'; its variants: {', '.join(names)}")
+    for name in out:  # a chain that comes back to where it began
+        seen, at = [name], upstream(out[name])
+        while at is not None:
+            if at[0] in seen:
+                raise RecipeError("recipes chain in a circle: " + " -> ".join([*seen, at[0]]))
+            seen.append(at[0])
+            at = upstream(out[at[0]])
+    return out
+
+
+def chain(recipes: dict[str, dict[str, Any]], name: str) -> list[tuple[str, str]]:
+    """[(recipe, variant), ...] from the root upstream down to (not including) `name`."""
+    links, at = [], upstream(recipes[name])
+    while at is not None:
+        links.insert(0, at)
+        at = upstream(recipes[at[0]])
+    return links
 
 
 def _get_dotted(data: dict[str, Any], dotted: str, source: str) -> Any:

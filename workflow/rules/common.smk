@@ -8,7 +8,7 @@ sys.path.insert(0, workflow.basedir)
 from tunesmith import pipeline, tracking
 from tunesmith.settings import configure_environment
 from tunesmith.errors import TunesmithError
-from tunesmith.recipe import check_config, load_recipe, variants
+from tunesmith.recipe import check_config, load_recipe, resolve_chains, upstream, variants
 from tunesmith.methods import METHODS
 from tunesmith.models import model_slug
 
@@ -21,6 +21,10 @@ def _load_all():
         for name in cfg["recipes"]:
             path = Path(cfg["recipes_dir"]) / f"{name}.yaml"
             recipes[name] = load_recipe(path, cfg["overrides"].get(name))
+        # Recipes that the named ones start from (model.base: recipe:<name>) join the workflow,
+        # with their overrides; only the named ones are final targets.
+        recipes = resolve_chains(recipes, cfg["recipes_dir"],
+                                 lambda path, name: load_recipe(path, cfg["overrides"].get(name)))
         unknown = sorted(set(cfg["overrides"]) - set(recipes))
         if unknown:
             raise TunesmithError(f"config overrides name recipes that are not run: {', '.join(unknown)}")
@@ -48,9 +52,13 @@ def has_sft(recipe):
 
 
 def base_model_dir(recipe):
-    """Where the base model lives as safetensors: resources/models/<slug> or this recipe's pretrain output."""
+    """Where the base model lives as safetensors: resources/models/<slug>, this recipe's pretrain
+    output, or the merged model of the recipe it chains on."""
     if recipe["model"]["base"] == "pretrained":
         return f"{RESULTS}/{recipe['name']}/pretrain/model"
+    link = upstream(recipe)
+    if link is not None:
+        return f"{RESULTS}/{link[0]}/{link[1]}/model/merged"
     return f"resources/models/{model_slug(recipe['model']['base'])}"
 
 
@@ -70,7 +78,7 @@ def model_sources():
     out = {}
     for recipe in RECIPES.values():
         for source in (recipe["model"]["base"], recipe["tokenize"]["tokenizer"]):
-            if source and source != "pretrained":
+            if source and source != "pretrained" and not source.startswith("recipe:"):
                 out[model_slug(source)] = {
                     "source": source,
                     "revision": recipe["model"]["revision"],
@@ -181,6 +189,38 @@ def eval_data_input(wildcards):
     return local_paths(*(t.get("data_files") for t in tasks if isinstance(t, dict)))
 
 
+def train_inputs(wildcards):
+    """What train reads, by objective: prompt/completion rows (sft, and grpo's prompts with their
+    reference answers) or curated preference pairs (dpo, kto)."""
+    recipe = variant_of(wildcards)
+    data = f"{RESULTS}/{wildcards.recipe}/data"
+    objective = recipe["train"]["objective"]
+    inputs = {"template": f"{data}/chat_template.jinja", "base": base_model_dir(recipe),
+              "dataset": dataset_input(wildcards)}
+    if objective in ("dpo", "kto"):
+        inputs["train"] = f"{data}/pairs.jsonl"
+    else:
+        inputs["train"] = f"{data}/train.jsonl"
+    if objective == "sft":
+        inputs["eval"] = f"{data}/eval.jsonl"
+    return inputs
+
+
+def pairs_input(wildcards):
+    """The pairs curate_pairs reads: preference.source when it is a local file (a hub id is read
+    by the script itself), else the verifier's pairs."""
+    source = recipe_of(wildcards)["preference"]["source"]
+    if source:
+        return local_paths(source)
+    return f"{RESULTS}/{wildcards.recipe}/data/pairs_built.jsonl"
+
+
+def upstream_compare_input(wildcards):
+    """A chained recipe's comparison extends its upstream's: base -> upstream -> this recipe."""
+    link = upstream(recipe_of(wildcards))
+    return f"{RESULTS}/{link[0]}/{link[1]}/eval/compare.json" if link else []
+
+
 def gguf_input(wildcards):
     recipe = recipe_of(wildcards)
     if recipe["quantize"]["enabled"] and recipe["evaluate"]["gguf"]:
@@ -190,7 +230,8 @@ def gguf_input(wildcards):
 
 def final_targets():
     out = []
-    for name, recipe in RECIPES.items():
+    for name in CFG["recipes"]:  # recipes joined only as upstream of a chain build what it reads
+        recipe = RECIPES[name]
         for variant in VARIANTS[name]:
             base = f"{RESULTS}/{name}/{variant}"
             if has_sft(recipe):

@@ -1,15 +1,12 @@
-# Training: SFT (full | lora | qlora | unsloth) and merge; the pretrain-from-scratch path.
+# Training: an objective (sft | dpo | kto | grpo) on a method (full | lora | qlora | unsloth), and
+# merge; the pretrain-from-scratch path.
 # Outputs under results/{recipe}/{variant}/ (variant 'main' unless the recipe has a sweep).
 
 
 rule train:
-    """Fine-tune the base model with trl's SFTTrainer; resumes from the last checkpoint after a crash."""
+    """Train the base model for the recipe's objective (sft, dpo, kto, grpo) with trl; resumes from the last checkpoint after a crash."""
     input:
-        train=rules.format.output.train,
-        eval=rules.format.output.eval,
-        template=rules.format.output.template,
-        base=base_model_input,
-        dataset=dataset_input,
+        unpack(train_inputs),
     output:
         model=directory(f"{RESULTS}/{{recipe}}/{{variant}}/model/trained"),
         metrics=f"{RESULTS}/{{recipe}}/{{variant}}/train/metrics.json",

@@ -279,29 +279,35 @@ def _string(record: dict[str, Any], column: str, canonical: str, where: str, req
     return value
 
 
-def _messages(record: dict[str, Any], column: str, where: str) -> list[dict[str, str]]:
-    if column not in record:
-        raise BadRow(where, "missing_field", column, f"no '{column}' (mapped to messages) in this row")
-    value = record[column]
+def message_list(value: Any, field: str, where: str) -> list[dict[str, str]]:
+    """A list of role/content (or ShareGPT from/value) messages -> canonical {role, content}
+    messages; the one reader of message lists (SFT rows and preference pairs alike)."""
     if hasattr(value, "tolist"):  # numpy arrays from parquet
         value = value.tolist()
     if not isinstance(value, list):
-        raise BadRow(where, "bad_messages", column, f"expected a list of messages, got {type(value).__name__}")
+        raise BadRow(where, "bad_messages", field, f"expected a list of messages, got {type(value).__name__}")
     out: list[dict[str, str]] = []
     for i, msg in enumerate(value, start=1):
         if not isinstance(msg, dict):
-            raise BadRow(where, "bad_messages", f"{column}[{i}]", f"expected an object, got {type(msg).__name__}")
+            raise BadRow(where, "bad_messages", f"{field}[{i}]", f"expected an object, got {type(msg).__name__}")
         role = msg.get("role", msg.get("from"))
         content = msg.get("content", msg.get("value"))
         if not isinstance(role, str) or role.lower() not in ROLE_MAP:
-            raise BadRow(where, "bad_messages", f"{column}[{i}].role",
+            raise BadRow(where, "bad_messages", f"{field}[{i}].role",
                          f"unknown role {role!r} (known: {', '.join(sorted(ROLE_MAP))})")
         if not isinstance(content, str):
-            raise BadRow(where, "non_string_field", f"{column}[{i}].content",
+            raise BadRow(where, "non_string_field", f"{field}[{i}].content",
                          f"expected a string, got {type(content).__name__}")
         if _SURROGATE.search(content):
-            raise BadRow(where, "non_utf8", f"{column}[{i}].content", "bytes that are not UTF-8")
+            raise BadRow(where, "non_utf8", f"{field}[{i}].content", "bytes that are not UTF-8")
         out.append({"role": ROLE_MAP[role.lower()], "content": content})
+    return out
+
+
+def _messages(record: dict[str, Any], column: str, where: str) -> list[dict[str, str]]:
+    if column not in record:
+        raise BadRow(where, "missing_field", column, f"no '{column}' (mapped to messages) in this row")
+    out = message_list(record[column], column, where)
     last = max((i for i, m in enumerate(out) if m["role"] == "assistant"), default=-1)
     if last < 0 or not any(m["role"] == "user" for m in out[:last]):
         raise BadRow(where, "bad_messages", column, "no user message followed by an assistant message")

@@ -30,7 +30,8 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
-from tunesmith.data.load import (ROLE_MAP, BadRow, Skipped, file_format, read_hub, read_local, source_kind)
+from tunesmith.data.load import (ROLE_MAP, BadRow, Skipped, file_format, message_list, read_hub, read_local,
+                                 source_kind)
 from tunesmith.errors import DataError
 
 LAYOUTS = ("auto", "trl", "hh", "ultrafeedback", "kto")
@@ -42,24 +43,9 @@ _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 # ---------------------------------------------------------------- fields
 
 def _messages(value: Any, field: str, where: str) -> list[dict[str, str]]:
-    if hasattr(value, "tolist"):  # numpy arrays from parquet
-        value = value.tolist()
-    if not isinstance(value, list) or not value:
-        raise BadRow(where, "bad_messages", field, f"expected a non-empty list of messages, got "
-                                                   f"{type(value).__name__} {str(value)[:60]!r}")
-    out = []
-    for i, msg in enumerate(value):
-        if not isinstance(msg, dict):
-            raise BadRow(where, "bad_messages", f"{field}[{i}]", f"expected a message object, got {type(msg).__name__}")
-        role = msg.get("role", msg.get("from"))
-        content = msg.get("content", msg.get("value"))
-        if not isinstance(role, str) or role.lower() not in ROLE_MAP:
-            raise BadRow(where, "bad_messages", f"{field}[{i}].role",
-                         f"unknown role {role!r} (known: {', '.join(sorted(ROLE_MAP))})")
-        if not isinstance(content, str):
-            raise BadRow(where, "non_string_field", f"{field}[{i}].content",
-                         f"expected text, got {type(content).__name__}")
-        out.append({"role": ROLE_MAP[role.lower()], "content": content})
+    out = message_list(value, field, where)
+    if not out:
+        raise BadRow(where, "bad_messages", field, "expected a non-empty list of messages")
     return out
 
 

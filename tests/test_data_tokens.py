@@ -66,3 +66,25 @@ def test_stage_writes_counts_stats_and_png(tmp_path, data_tokenizer, smollm2_dir
 
     img = np.asarray(Image.open(tmp_path / "h.png").convert("L"))
     assert img.shape[1] > 800 and img.std() > 10
+
+
+def test_a_saved_tokenizer_that_pads_still_counts_each_text(data_tokenizer, tmp_path):
+    """A tokenizer.json saved after padded batch calls pads every batch it encodes: a model merged
+    that way once counted every row as long as the longest one."""
+    import copy
+
+    from transformers import AutoTokenizer
+
+    from tunesmith.data.tokens import count_tokens, switch_off_padding
+
+    texts = ["Reverse: a, b", "Reverse the order of these words: lamp, ocean, tiger, castle"]
+    expected = count_tokens(texts, data_tokenizer).tolist()
+    padded = copy.deepcopy(data_tokenizer)
+    padded(texts, padding=True)  # switches padding on in the Rust tokenizer
+    padded.save_pretrained(tmp_path / "padded")
+    reloaded = AutoTokenizer.from_pretrained(tmp_path / "padded")
+    assert reloaded.backend_tokenizer.padding is not None
+    assert count_tokens(texts, reloaded).tolist() == expected
+    switch_off_padding(padded)
+    padded.save_pretrained(tmp_path / "clean")
+    assert AutoTokenizer.from_pretrained(tmp_path / "clean").backend_tokenizer.padding is None

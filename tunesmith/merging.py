@@ -235,6 +235,7 @@ def merge(*, trained: str | Path, base: str | Path, template: str | Path, merged
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tunesmith.data.tokens import switch_off_padding
     from tunesmith.fileio import replace_dir, write_json, write_text
 
     started = time.time()
@@ -298,6 +299,7 @@ def merge(*, trained: str | Path, base: str | Path, template: str | Path, merged
         gen.eos_token_id = gen.eos_token_id[0]
     gen.pad_token_id = tokenizer.pad_token_id
     gen.save_pretrained(str(tmp))
+    switch_off_padding(tokenizer)  # the batched generate calls above switched it on
     tokenizer.save_pretrained(str(tmp))
     (tmp / "chat_template.jinja").write_text(original_template, encoding="utf-8")
     del model

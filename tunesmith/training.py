@@ -26,6 +26,7 @@ from tunesmith import contract, methods, objectives, trainkit
 from tunesmith import trainer as trainer_loop
 from tunesmith.data import preference
 from tunesmith.data.formatting import read_split
+from tunesmith.data.tokens import switch_off_padding
 from tunesmith.errors import TunesmithError
 from tunesmith.result import Result
 
@@ -144,6 +145,7 @@ def saver(s: Setup, base: str) -> Any:
         if not trainer.is_world_process_zero():
             return
         (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the folder holds safetensors and JSON
+        switch_off_padding(s.tokenizer)
         s.tokenizer.save_pretrained(str(tmp))
         info = {"method": s.method.name, "objective": s.objective.NAME, "base": str(Path(base).resolve()),
                 "adapter": s.method.adapter, "pad_token": s.tokenizer.pad_token, "vocab_grown": s.grow_vocab,

@@ -38,6 +38,16 @@ def backend(tokenizer: Any) -> Any:
     return getattr(tokenizer, "backend_tokenizer", tokenizer)
 
 
+def switch_off_padding(tokenizer: Any) -> None:
+    """Before saving a tokenizer: batched calls with padding=True leave padding and truncation on in
+    the Rust tokenizer, and tokenizer.json keeps them, so every later encode of the saved tokenizer
+    would pad to the longest text of its batch."""
+    rust = getattr(tokenizer, "backend_tokenizer", None)
+    if rust is not None:
+        rust.no_padding()
+        rust.no_truncation()
+
+
 def prompt_texts(frame: pd.DataFrame) -> list[str]:
     """instruction + blank line + input (when there is an input), per row."""
     return [f"{i}\n\n{x}" if x else i for i, x in zip(frame["instruction"].tolist(), frame["input"].tolist())]
@@ -46,6 +56,13 @@ def prompt_texts(frame: pd.DataFrame) -> list[str]:
 def count_tokens(texts: Sequence[str], tokenizer: Any, batch_size: int = 1000, progress: bool = False) -> np.ndarray:
     """Token count of each text. One Rust call per batch (encode_batch_fast skips offsets)."""
     rust = backend(tokenizer)
+    if getattr(rust, "padding", None) is not None or getattr(rust, "truncation", None) is not None:
+        # A tokenizer.json saved with padding on (see switch_off_padding): count on a copy without.
+        from tokenizers import Tokenizer
+
+        rust = Tokenizer.from_str(rust.to_str())
+        rust.no_padding()
+        rust.no_truncation()
     encode = getattr(rust, "encode_batch_fast", None) or rust.encode_batch
     out = np.zeros(len(texts), dtype=np.int64)
     starts = range(0, len(texts), batch_size)

@@ -108,6 +108,9 @@ def test_sft_then_dpo_chain_runs_and_reruns_what_a_change_touches(tmp_path, tiny
     assert proc.returncode == 0, failure_text(proc, work)
 
     dpo = work / "results" / "tiny-dpo"
+    # curated alike, split alike: no held-out row of the chain is a row its upstream trained on
+    sft_data = work / "results" / "tiny-sft" / "data"
+    assert (dpo / "data" / "eval.jsonl").read_bytes() == (sft_data / "eval.jsonl").read_bytes()
     built = read_json(dpo / "data" / "pairs_built.json")
     assert built["prompts"] == built["all_correct"] + built["all_wrong"] + built["mixed"] == 6
     assert built["pairs"] == built["pairs_from_samples"] + built["pairs_from_reference"] > 0

@@ -77,6 +77,16 @@ def test_compare_keeps_limits_and_gguf_scores_in_order():
     c = evaluate.compare(base, tuned)["tasks"]["heldout"]
     assert c["delta"] == pytest.approx(0.6) and c["limit"] == 50 and c["base_limit"] == 50
     assert list(c["gguf"]) == ["Q8_0", "Q4_K_M"] and c["gguf_delta_vs_tuned"]["Q4_K_M"] == pytest.approx(-0.1)
+    assert c["regressed"] is False
+
+
+def test_a_tuned_model_below_its_base_is_marked_with_the_noise_of_the_difference():
+    """A chained recipe's base is its upstream model: DPO scoring below SFT must say so."""
+    base = {"model": "sft", "tasks": {"heldout": {"metric": "exact_match,none", "score": 0.96, "limit": 50}}}
+    tuned = {"model": "dpo", "tasks": {"heldout": {"metric": "exact_match,none", "score": 0.94, "limit": 50}}}
+    c = evaluate.compare(base, tuned)["tasks"]["heldout"]
+    assert c["regressed"] is True
+    assert c["delta_stderr"] == pytest.approx(((0.96 * 0.04 + 0.94 * 0.06) / 50) ** 0.5)
 
 
 def test_bad_eval_row_names_file_and_line(tmp_path, eval_split, smollm2_dir):

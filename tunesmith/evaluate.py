@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -307,6 +308,12 @@ def score_gguf_files(gguf_dir: str | Path, specs: list[dict[str, Any]], task_dir
 
 # ---------------------------------------------------------------- comparison
 
+def _delta_stderr(p1: float, n1: int | None, p2: float, n2: int | None) -> float | None:
+    if not n1 or not n2 or not (0 <= p1 <= 1 and 0 <= p2 <= 1):
+        return None
+    return math.sqrt(p1 * (1 - p1) / n1 + p2 * (1 - p2) / n2)
+
+
 def compare(base: dict[str, Any], tuned: dict[str, Any]) -> dict[str, Any]:
     tasks = {}
     for name, t in tuned["tasks"].items():
@@ -319,6 +326,12 @@ def compare(base: dict[str, Any], tuned: dict[str, Any]) -> dict[str, Any]:
             "tuned": t["score"],
             "delta": (t["score"] - b["score"]) if b else None,
         }
+        if b is not None:
+            # A chain that regresses must say so: tuned below its base (for a chained recipe, the
+            # upstream model), with the standard error of the difference of two proportions so a
+            # reader can tell a row or two of noise from a real drop.
+            entry["regressed"] = t["score"] < b["score"]
+            entry["delta_stderr"] = _delta_stderr(t["score"], t["limit"], b["score"], b["limit"])
         gguf = {q: g["tasks"][name]["score"] for q, g in (tuned.get("gguf") or {}).items() if name in g["tasks"]}
         if gguf:
             entry["gguf"] = gguf
@@ -438,6 +451,13 @@ def stage(name: str, model_dir: str, outputs: dict[str, str], section: dict[str,
         gg = "".join(f" -> {q} {s:.3f}" for q, s in (c.get("gguf") or {}).items())
         base = "-" if c["base"] is None else f"{c['base']:.3f}"
         lines.append(f"{n} ({c['metric']}, limit {c['limit']}): base {base} -> tuned {c['tuned']:.3f}{gg}")
+    for n, c in comparison["tasks"].items():
+        if c.get("regressed"):
+            se = f", standard error of the difference {c['delta_stderr']:.3f}" if c.get("delta_stderr") else ""
+            warning = (f"{n}: the tuned model scores BELOW its base ({c['tuned']:.3f} < {c['base']:.3f}, "
+                       f"delta {c['delta']:+.3f}{se}, limit {c['limit']})")
+            log.warning(warning)
+            lines.append("REGRESSED " + warning)
     for name in comparison["tasks"] if "chain" in comparison else ():
         lines.append(f"{name} chain: " + " -> ".join(
             f"{link['label']} {link['tasks'][name]:.3f}" for link in comparison["chain"]

@@ -120,6 +120,16 @@ def check_example(index: int, example: dict[str, Any], labels: list[int], tokeni
                             f"the chat template must close the assistant turn with EOS")
 
 
+def _split_eos_ids(rows: list[Any], tokenizer: Any, generation_config: Any, name: str) -> set[int]:
+    """What both gates need before looking at a row: something to train on, and an EOS to end it."""
+    if not rows:
+        raise ContractError(f"{name} split is empty: nothing to train on")
+    eos_ids = end_of_turn_ids(tokenizer, generation_config)
+    if not eos_ids:
+        raise ContractError("the tokenizer has no EOS token: generation could never stop")
+    return eos_ids
+
+
 def gate(examples: list[dict[str, Any]], tokenizer: Any, *, collator: Callable | None = None,
          generation_config: Any = None, max_length: int | None = None, batch_size: int = 8,
          name: str = "train") -> None:
@@ -127,11 +137,7 @@ def gate(examples: list[dict[str, Any]], tokenizer: Any, *, collator: Callable |
 
     With a collator, labels are taken from its output, batched so that padding happens: that is
     where a pad token equal to EOS masks EOS away."""
-    if not examples:
-        raise ContractError(f"{name} split is empty: nothing to train on")
-    eos_ids = end_of_turn_ids(tokenizer, generation_config)
-    if not eos_ids:
-        raise ContractError("the tokenizer has no EOS token: generation could never stop")
+    eos_ids = _split_eos_ids(examples, tokenizer, generation_config, name)
     bad: list[Violation] = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
@@ -226,11 +232,7 @@ def pair_gate(rows: list[dict[str, Any]], tokenizer: Any, *, collator: Callable 
     rejected share it), each completion ends in an end-of-turn token that is supervised
     (completion_mask 1 in the trainer's own collator, within max_length), and no double BOS.
     Raises ContractError naming the first bad rows by id; returns None when all pass."""
-    if not rows:
-        raise ContractError(f"{name} split is empty: nothing to train on")
-    eos_ids = end_of_turn_ids(tokenizer, generation_config)
-    if not eos_ids:
-        raise ContractError("the tokenizer has no EOS token: generation could never stop")
+    eos_ids = _split_eos_ids(rows, tokenizer, generation_config, name)
     bad: list[PairViolation] = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]

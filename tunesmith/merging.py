@@ -125,17 +125,24 @@ def lineage(base: Path, step: dict[str, Any]) -> list[dict[str, Any]]:
     return [*(json.loads(path.read_text()) if path.is_file() else []), step]
 
 
-def upstream_tags(base: Path) -> dict[str, str]:
+def upstream_tags(base: Path, steps: list[dict[str, Any]]) -> dict[str, str]:
     """MLflow tags linking a chained recipe's runs to the upstream merge run that made its base:
     results/<up>/<variant>/model/merged -> results/<up>/tracking/<variant>/merge.json."""
-    if not (base / LINEAGE).is_file():
+    if len(steps) < 2:
         return {}
-    last = json.loads((base / LINEAGE).read_text())[-1]
-    tags = {"tunesmith.upstream": f"{last['recipe']}/{last['variant']}"}
-    record = base.parents[2] / "tracking" / last["variant"] / "merge.json"
-    if record.is_file() and json.loads(record.read_text()).get("run_id"):
-        tags["tunesmith.upstream.merge_run_id"] = json.loads(record.read_text())["run_id"]
+    up = steps[-2]
+    tags = {"tunesmith.upstream": f"{up['recipe']}/{up['variant']}"}
+    record = base.parents[2] / "tracking" / up["variant"] / "merge.json"
+    run_id = json.loads(record.read_text()).get("run_id") if record.is_file() else None
+    if run_id:
+        tags["tunesmith.upstream.merge_run_id"] = run_id
     return tags
+
+
+def _model_source(folder: Path) -> str:
+    """What a prepared model folder was made from (hub id, GGUF, alias), else the folder itself."""
+    info = folder / "tunesmith_source.json"
+    return json.loads(info.read_text()).get("source", str(folder)) if info.is_file() else str(folder)
 
 
 def model_card(*, recipe: str, base_source: str, method: str, section: dict[str, Any], card: dict[str, Any],
@@ -356,17 +363,13 @@ def merge(*, trained: str | Path, base: str | Path, template: str | Path, merged
     samples_text = "\n".join(lines)
 
     train_metrics = json.loads(Path(train_metrics_path).read_text()) if train_metrics_path else {}
-    source = json.loads((base / "tunesmith_source.json").read_text()).get("source") \
-        if (base / "tunesmith_source.json").is_file() else str(base)
     steps = lineage(base, {
         "recipe": recipe, "variant": variant, "objective": train_metrics.get("objective", "sft"), "method": method,
         "base": str(base), "dataset": (card or {}).get("dataset", {}).get("source"),
         "rows": train_metrics.get("train_pairs", train_metrics.get("train_prompts", train_metrics.get("train_rows"))),
         "train_loss_first": train_metrics.get("train_loss_first"), "train_loss_last": train_metrics.get("train_loss_last"),
         "heldout_exact_match": f"{tuned_em}/{len(held)}" if held else None})
-    source = steps[0]["base"] if len(steps) > 1 else source  # the root model of a chain
-    if len(steps) > 1 and (Path(steps[0]["base"]) / "tunesmith_source.json").is_file():
-        source = json.loads((Path(steps[0]["base"]) / "tunesmith_source.json").read_text()).get("source", source)
+    source = _model_source(Path(steps[0]["base"]))  # the root model of a chain (this base without one)
     card_text = model_card(recipe=recipe, base_source=source, method=method, section=section, card=card or {},
                            train_metrics=train_metrics, check=check, reports=list(reports or []),
                            samples=list(zip(prompts, answers)), steps=steps)
@@ -382,7 +385,7 @@ def merge(*, trained: str | Path, base: str | Path, template: str | Path, merged
     return Result(metrics={k: v for k, v in check.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
                   tags={"tunesmith.merge.passed": str(check["passed"]),
                         "tunesmith.lineage": " > ".join([source] + [f"{st['recipe']}/{st['variant']}" for st in steps]),
-                        **upstream_tags(base)},
+                        **upstream_tags(base, steps)},
                   artifacts=[str(check_path), str(samples_path), str(merged / "README.md")],
                   summary=f"merged ({method}): max logit diff {max_diff:.3g}, held-out exact match tuned "
                           f"{tuned_em}/{len(held)} vs base {base_em}/{len(held)}")

@@ -154,6 +154,12 @@ def saver(s: Setup, base: str) -> Any:
     return save
 
 
+def _fingerprint(paths: Any, section: dict[str, Any]) -> str:
+    """What a checkpoint must match to be resumed: the section and the files read (SFTPaths or ObjectivePaths)."""
+    return trainkit.fingerprint(section, {"train": paths.train, "eval": paths.eval, "template": paths.template,
+                                          "base": paths.base})
+
+
 # ---------------------------------------------------------------- sft
 
 def train_sft(paths: SFTPaths, section: dict[str, Any]) -> Result:
@@ -182,12 +188,10 @@ def train_sft(paths: SFTPaths, section: dict[str, Any]) -> Result:
                  len(train_examples), len(eval_examples), tokenizer.eos_token)
 
     objective, method = s.objective, s.method
-    fingerprint = trainkit.fingerprint(section, {"train": paths.train, "eval": paths.eval, "template": paths.template,
-                                                 "base": paths.base})
     return trainer_loop.fit(trainer_loop.Fit(
         objective=objective, model=model, tokenizer=tokenizer, train_dataset=objective.dataset(train_examples),
         eval_dataset=objective.dataset(eval_examples) if eval_examples else None, args=args, method=method,
-        cuda=s.cuda, checkpoints=paths.checkpoints, fingerprint=fingerprint, model_out=Path(paths.model),
+        cuda=s.cuda, checkpoints=paths.checkpoints, fingerprint=_fingerprint(paths, section), model_out=Path(paths.model),
         metrics_path=Path(paths.metrics), loss_path=Path(paths.loss), title=f"{method.name} on {Path(paths.base).name}",
         save=saver(s, paths.base), before_train=gate,
         extra_metrics={"base": str(paths.base), "load_seconds": load_seconds, "pad_token": tokenizer.pad_token,
@@ -213,11 +217,6 @@ class ObjectivePaths:
     @property
     def checkpoints(self) -> Path:
         return Path(self.metrics).parent / "checkpoints"
-
-
-def _fingerprint(paths: ObjectivePaths, section: dict[str, Any]) -> str:
-    return trainkit.fingerprint(section, {"train": paths.train, "eval": paths.eval, "template": paths.template,
-                                          "base": paths.base})
 
 
 def read_preference_split(path: str, objective: str) -> list[dict[str, Any]]:

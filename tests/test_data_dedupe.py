@@ -58,6 +58,38 @@ def test_flat_rescan_finds_a_kept_row_beyond_k():
     assert result.keep.tolist() == [True] + [False] * 11
 
 
+class GpuLikeIndex:
+    """What faiss's GPU flat index offers the dedupe: search with k at most 2048, no range search."""
+
+    def __init__(self, cpu_index):
+        self.cpu = cpu_index
+
+    def search(self, x, k):
+        assert k <= dedupe.GPU_MAX_K, f"faiss GPU k-selection stops at 2048, asked {k}"
+        return self.cpu.search(x, k)
+
+
+def test_gpu_flat_index_caps_k_and_rescans_on_its_cpu_copy(monkeypatch):
+    # A cluster bigger than k (and k above the GPU's cap): the GPU path searched without a rescan
+    # used to keep rows the CPU path removes. Now it caps k and rescans on the CPU flat copy.
+    vectors = np.vstack([np.repeat(random_unit(1, seed=3), 30, axis=0), random_unit(20, seed=4)])
+    cpu = dedupe.near_duplicates(vectors, 0.9, k=3, index="flat")
+    real_build = dedupe.build_index
+
+    def on_gpu(vecs, kind):
+        index, _, flat = real_build(vecs, kind)
+        return GpuLikeIndex(index), "gpu", flat
+
+    monkeypatch.setattr(dedupe, "build_index", on_gpu)
+    gpu = dedupe.near_duplicates(vectors, 0.9, k=3, index="flat")
+    assert gpu.index_device == "gpu"
+    assert gpu.keep.tolist() == cpu.keep.tolist() == [True] + [False] * 29 + [True] * 20
+    many = random_unit(2100, seed=5)
+    index, _, _ = real_build(many, "flat")
+    sims, ids = dedupe.neighbours(GpuLikeIndex(index), many, 3000, "gpu")
+    assert sims.shape == ids.shape == (2100, dedupe.GPU_MAX_K)
+
+
 def test_auto_index_switches_to_approximate_beyond_100k():
     assert dedupe.index_kind(100_000) == "flat" and dedupe.index_kind(100_001) == "hnsw"
     assert dedupe.index_kind(10, "ivf") == "ivf"

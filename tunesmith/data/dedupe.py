@@ -125,8 +125,14 @@ def index_kind(n_rows: int, wanted: str = "auto") -> str:
     return "flat" if n_rows <= FLAT_MAX_ROWS else "hnsw"
 
 
-def build_index(vectors: np.ndarray, kind: str) -> tuple[Any, str]:
-    """faiss inner-product index over normalised vectors; on GPU where faiss sees one."""
+# faiss's GPU k-selection stops at 2048 neighbours (GPU_MAX_SELECTION_K).
+GPU_MAX_K = 2048
+
+
+def build_index(vectors: np.ndarray, kind: str) -> tuple[Any, str, Any]:
+    """faiss inner-product index over normalised vectors, on GPU where faiss sees one, and the
+    CPU flat index the rescan needs (None for hnsw/ivf): faiss's GPU indexes have no range
+    search, so a flat index moved to the GPU keeps its CPU copy for that."""
     import faiss
 
     n, dim = vectors.shape
@@ -144,16 +150,16 @@ def build_index(vectors: np.ndarray, kind: str) -> tuple[Any, str]:
         index.nprobe = min(nlist, 16)
     else:
         raise DataError(f"dedupe.index '{kind}' is not one of auto, flat, hnsw, ivf")
-    where = "cpu"
-    if kind != "hnsw" and faiss.get_num_gpus() > 0:  # faiss has no GPU HNSW
-        index = faiss.index_cpu_to_all_gpus(index)
-        where = "gpu"
     index.add(vectors)
-    return index, where
+    flat = index if kind == "flat" else None
+    if kind != "hnsw" and faiss.get_num_gpus() > 0:  # faiss has no GPU HNSW
+        return faiss.index_cpu_to_all_gpus(index), "gpu", flat
+    return index, "cpu", flat
 
 
-def neighbours(index: Any, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    k = min(k, len(vectors))
+def neighbours(index: Any, vectors: np.ndarray, k: int, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """k nearest rows of every row; on GPU at most GPU_MAX_K (the rescan finds the rest)."""
+    k = min(k, len(vectors), GPU_MAX_K if device == "gpu" else len(vectors))
     sims, ids = index.search(vectors, k)
     return sims, ids
 
@@ -197,12 +203,12 @@ def greedy_keep(sims: np.ndarray, ids: np.ndarray, threshold: float,
 def near_duplicates(vectors: np.ndarray, threshold: float, *, k: int = 10, index: str = "auto") -> NearResult:
     kind = index_kind(len(vectors), index)
     started = time.perf_counter()
-    idx, device = build_index(vectors, kind)
-    sims, ids = neighbours(idx, vectors, k + 1)
+    idx, device, flat = build_index(vectors, kind)
+    sims, ids = neighbours(idx, vectors, k + 1, device)
     rescan = None
-    if kind == "flat" and device == "cpu":
+    if flat is not None:
         def rescan(pos: int) -> tuple[np.ndarray, np.ndarray]:
-            lims, dist, found = idx.range_search(vectors[pos:pos + 1], float(np.nextafter(threshold, -1)))
+            lims, dist, found = flat.range_search(vectors[pos:pos + 1], float(np.nextafter(threshold, -1)))
             return dist[lims[0]:lims[1]], found[lims[0]:lims[1]]
     keep, pairs = greedy_keep(sims, ids, threshold, rescan)
     elapsed = time.perf_counter() - started

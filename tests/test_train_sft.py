@@ -204,3 +204,27 @@ def test_qlora_trains_and_merges_on_cpu(tmp_path, llama256_dir, sft_data, sectio
     check = json.loads((run / "merge/check.json").read_text())
     assert check["passed"] and check["max_abs_logit_diff"] < 1e-3  # merged == 16-bit base + adapter
     assert 0 < check["max_abs_logit_diff_vs_4bit_base"]  # the 4-bit rounding the adapter was trained with
+
+
+def test_merge_job_memory_is_sized_from_the_base_model(tmp_path, tiny_llama_dir):
+    # A fixed 8 GB used to be asked for whatever the model; a 7B merge holds ~60 GB in fp32.
+    from safetensors import safe_open
+
+    from tunesmith.models import MERGE_MEM_FALLBACK_MB, merge_mem_mb, parameter_count
+
+    with safe_open(str(tiny_llama_dir / "model.safetensors"), "pt") as fh:
+        expected = sum(_prod(fh.get_slice(name).get_shape()) for name in fh.keys())
+    assert parameter_count(tiny_llama_dir) == expected > 0
+    assert merge_mem_mb(tmp_path / "not-prepared-yet") == MERGE_MEM_FALLBACK_MB
+    seven_b = tmp_path / "7b"
+    seven_b.mkdir()
+    header = json.dumps({"w": {"dtype": "BF16", "shape": [7_000_000_000], "data_offsets": [0, 0]}}).encode()
+    (seven_b / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    assert 55_000 < merge_mem_mb(seven_b) < 65_000
+
+
+def _prod(shape):
+    out = 1
+    for dim in shape:
+        out *= dim
+    return out

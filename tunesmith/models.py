@@ -33,6 +33,38 @@ def builtin_gguf(name: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def parameter_count(folder: str | Path) -> int | None:
+    """Parameters in a folder's safetensors, from the file headers alone (no weights are read);
+    None where the folder holds none yet."""
+    total, found = 0, False
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with path.open("rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(size))
+        for name, tensor in header.items():
+            if name != "__metadata__":
+                count = 1
+                for dim in tensor["shape"]:
+                    count *= dim
+                total += count
+        found = True
+    return total if found else None
+
+
+MERGE_MEM_FALLBACK_MB = 8000
+
+
+def merge_mem_mb(base: str | Path) -> int:
+    """Memory the merge job asks for: at its peak it holds two fp32 copies of the model (the reloaded
+    merged folder and the base it samples for comparison), 8 bytes a parameter, plus the runtime.
+    Snakemake recomputes resources when the job is scheduled, so a base not prepared yet gets the
+    fallback only in the plan."""
+    params = parameter_count(base)
+    if params is None:
+        return MERGE_MEM_FALLBACK_MB
+    return int(params * 8 * 1.15 / 2**20) + 2000
+
+
 def model_slug(source: str) -> str:
     """A folder name for resources/models/ that is stable for the same source."""
     if source == BUILTIN_SMOLLM2:

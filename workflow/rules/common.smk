@@ -10,7 +10,7 @@ from tunesmith.settings import configure_environment
 from tunesmith.errors import TunesmithError
 from tunesmith.recipe import check_config, load_recipe, resolve_chains, upstream, variants
 from tunesmith.methods import METHODS
-from tunesmith.models import model_slug
+from tunesmith.models import merge_mem_mb, model_slug
 
 
 def _load_all():
@@ -128,6 +128,10 @@ def train_gpus(wildcards):
 
 def train_mem(wildcards):
     return recipe_of(wildcards)["train"]["mem_mb"]
+
+
+def merge_mem(wildcards, input):
+    return merge_mem_mb(input.base)
 
 
 def train_runtime(wildcards):

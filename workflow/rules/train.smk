@@ -53,7 +53,7 @@ rule merge:
         "benchmarks/{recipe}/{variant}/merge.tsv"
     threads: 2
     resources:
-        mem_mb=8000,
+        mem_mb=merge_mem,
         runtime=60,
     conda:
         "../../envs/cpu.yaml"

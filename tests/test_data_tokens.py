@@ -11,6 +11,7 @@ import pytest
 from tunesmith.data import load, tokens
 from tunesmith.data.stages import tokenize_count
 from tunesmith.recipe import section_defaults
+from workflow_helpers import SHARED
 
 
 def frame(n=25):
@@ -28,6 +29,17 @@ def test_batched_counts_match_one_by_one(data_tokenizer):
     assert counts["n_instruction_tokens"].tolist() == expected_in
     assert counts["n_output_tokens"].tolist() == expected_out
     assert (counts["n_tokens"] == counts["n_instruction_tokens"] + counts["n_output_tokens"]).all()
+
+
+def test_counter_from_tokenizer_json_counts_what_transformers_counts(data_tokenizer, smollm2_dir):
+    # tokenize_count reads tokenizer.json with the tokenizers library alone (no torch import); the
+    # counts must be transformers' own, on real rows with special-token text and unicode in them.
+    texts = [json.loads(line)["question"] for line in (SHARED / "data" / "gsm8k" / "test.jsonl").open()][:300] if SHARED.is_dir() \
+        else []
+    texts += ["<|im_end|> inside a row", "naïve café — ünïcödé", "  leading spaces", "tabs\tand\nnewlines", ""]
+    counter = tokens.load_counter(smollm2_dir)
+    assert type(counter).__module__.startswith("tokenizers")
+    assert tokens.count_tokens(texts, counter).tolist() == tokens.count_tokens(texts, data_tokenizer).tolist()
 
 
 def test_one_tokenizer_call_per_batch(data_tokenizer):

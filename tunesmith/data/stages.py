@@ -80,7 +80,7 @@ def _compare_with_last(history: Path, info: dict[str, Any]) -> dict[str, Any] | 
 def tokenize_count(raw_path: str, tokenizer_dir: str, section: dict[str, Any], counts_path: str,
                    stats_path: str, hist_path: str, *, tokenizer: Any = None, recipe: str = "") -> Result:
     t0 = time.perf_counter()
-    tok = tokenizer if tokenizer is not None else tokens.load_tokenizer(tokenizer_dir)
+    tok = tokenizer if tokenizer is not None else tokens.load_counter(tokenizer_dir)
     t1 = time.perf_counter()
     frame = load.read_rows(raw_path)
     t2 = time.perf_counter()

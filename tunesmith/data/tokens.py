@@ -33,6 +33,23 @@ def load_tokenizer(path: str | Path) -> Any:
     return tok
 
 
+def load_counter(path: str | Path) -> Any:
+    """What token counting needs: the Rust tokenizer of a folder, read from its tokenizer.json.
+    Counting encodes without special tokens on that Rust object, which is all transformers would
+    hand over, and reading it alone skips transformers' import of torch (8.5 s -> 0.25 s here per
+    tokenize_count job). A folder without tokenizer.json goes through transformers."""
+    file = Path(path) / "tokenizer.json"
+    if not file.is_file():
+        return load_tokenizer(path)
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as exc:  # noqa: BLE001 - name the file, not the Rust error's internals
+        raise DataError(f"{file}: not a tokenizer file the tokenizers library can read "
+                        f"({type(exc).__name__}: {exc})") from None
+
+
 def backend(tokenizer: Any) -> Any:
     """The Rust `tokenizers.Tokenizer` behind a transformers fast tokenizer (or the object itself)."""
     return getattr(tokenizer, "backend_tokenizer", tokenizer)

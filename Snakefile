@@ -16,6 +16,7 @@ envvars:
     "TUNESMITH_TRACKING_URI",
     "TUNESMITH_TRACKING",
     "TUNESMITH_TRACKING_TIMEOUT",
+    "TUNESMITH_TRACKING_WRITER",
     "TUNESMITH_RESULTS",
     "TUNESMITH_OFFLINE",
 
@@ -38,6 +39,10 @@ rule all:
         final_targets(),
         compare_targets(),
     default_target: True
+
+
+onstart:
+    start_tracking()
 
 
 onsuccess:

@@ -177,3 +177,39 @@ def test_sync_pushes_to_the_records_own_store_and_closes_the_parent(tmp_path, mo
     db.close()
     assert statuses == {"parent": "FAILED", "stage": "FINISHED"}
     assert json.loads((tmp_path / "results/down/tracking/invocations/inv-down.json").read_text())["closed"] is True
+
+
+def test_the_workflow_writer_pushes_what_jobs_write_once(store, tmp_path, monkeypatch):
+    """Under Snakemake a stage only writes its record; the main process's writer pushes it within
+    seconds, and again never: a second pusher (compare, sync-mlflow) finds it synced. A record meant
+    for another store is left to sync-mlflow."""
+    uri, _ = store
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(tracking.ENV_INVOCATION, "inv-writer")
+    monkeypatch.setenv(tracking.ENV_WRITER, "")
+    tracking.start_writer(["w"], "results")
+    try:
+        assert tracking.os.environ[tracking.ENV_WRITER] == "inv-writer"  # what jobs inherit
+        rec = tracking.StageRecord(recipe="w", stage="filter", results_dir="results")  # a job's stage
+        rec.log_metrics({"rows_in": 5, "rows_out": 4})
+        tracking.finish(rec)
+        other = tracking.StageRecord(recipe="w", stage="select", results_dir="results",
+                                     target_uri=f"sqlite:///{tmp_path / 'other.db'}")
+        tracking.finish(other)
+        path = tmp_path / "results/w/tracking/filter.json"
+        assert json.loads(path.read_text())["synced"] is False  # the job did not push
+        deadline = tracking.time.time() + 60
+        while not json.loads(path.read_text())["synced"] and tracking.time.time() < deadline:
+            tracking.time.sleep(0.2)
+        assert json.loads(path.read_text())["synced"] is True
+        assert tracking.push_file(path) is None  # already pushed: no second run
+    finally:
+        tracking.stop_writer()
+    assert json.loads((tmp_path / "results/w/tracking/select.json").read_text())["synced"] is False
+    assert not (tmp_path / "other.db").exists()
+    db = sqlite3.connect(uri.removeprefix("sqlite:///"))
+    children = db.execute("select count(*) from tags a join tags b on a.run_uuid = b.run_uuid "
+                          "where a.key = 'tunesmith.invocation' and a.value = 'inv-writer' "
+                          "and b.key = 'tunesmith.stage' and b.value = 'filter'").fetchone()[0]
+    db.close()
+    assert children == 1

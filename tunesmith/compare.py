@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.pipeline import DATA_STAGES, STAGE_ORDER
+from tunesmith.tracking import redact_uri
 
 log = logging.getLogger("tunesmith.compare")
 
@@ -210,7 +211,7 @@ def _fmt(value: Any) -> str:
 
 def to_markdown(frame: Any, uri: str) -> str:
     lines = ["# tunesmith comparison", "",
-             f"From MLflow at `{_redact(uri)}`: the latest finished stage runs per recipe and sweep variant.",
+             f"From MLflow at `{redact_uri(uri)}`: the latest finished stage runs per recipe and sweep variant.",
              "Empty cells: that stage did not run or did not log the figure.", ""]
     if frame.empty:
         return "\n".join(lines + ["No tunesmith stage runs found.", ""])
@@ -230,10 +231,6 @@ def to_markdown(frame: Any, uri: str) -> str:
             lines.append("| " + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
         lines.append("")
     return "\n".join(lines)
-
-
-def _redact(uri: str) -> str:
-    return re.sub(r"//[^/@]+@", "//***@", uri)
 
 
 def plot(frame: Any, path: str | Path) -> None:
@@ -315,13 +312,17 @@ def write(uri: str, out_dir: str | Path, experiments: list[str] | None = None,
     write_text(paths["md"], to_markdown(frame, uri))
     write_text(paths["csv"], frame.to_csv(index=False))
     plot(frame, paths["png"])
-    log.info("compared %d row(s) from %s into %s", len(frame), _redact(uri), out)
+    log.info("compared %d row(s) from %s into %s", len(frame), redact_uri(uri), out)
     return paths
 
 
 def stage(uri: str, outputs: dict[str, str], experiments: list[str] | None = None):
     """The compare rule: write() into the folder of its outputs."""
+    from tunesmith import settings, tracking
     from tunesmith.result import Result
 
+    # The workflow's tracking writer may not have pushed the last stages' records yet: push them
+    # here (the push lock makes one run per record) so the comparison sees every stage.
+    tracking.push_waiting(experiments or [], settings.results_dir())
     paths = write(uri, Path(outputs["md"]).parent, experiments)
     return Result(summary=", ".join(f"{kind}: {path}" for kind, path in paths.items()))

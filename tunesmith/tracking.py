@@ -5,6 +5,12 @@ stage ends the record is written to results/{recipe}/tracking/<stage>.json first
 MLflow in one go. If the tracking server is down the push warns and the record stays marked
 unsynced; `tunesmith sync-mlflow results/<recipe>` pushes it later.
 
+Under Snakemake the workflow's main process does the pushing (start_writer, from the Snakefile's
+onstart): a stage only writes its record, and one writer thread pushes records as they appear.
+Importing mlflow and opening its store cost a stage process about 4.5 s on 2 cores, more than most
+data stages take to run; with one writer that cost is paid once per workflow, and SLURM jobs on
+other nodes never write to a SQLite store themselves. Scripts run by hand push their own record.
+
 Layout in MLflow: one experiment per recipe, one parent run per workflow invocation of that
 recipe (found by the invocation tag, created by whichever stage comes first), one child run per
 stage. Stages run in separate processes, maybe on separate nodes, so the link is the tag
@@ -20,6 +26,8 @@ import json
 import logging
 import os
 import subprocess
+import sys
+import threading
 import time
 import uuid
 import warnings
@@ -40,6 +48,8 @@ ENV_URI = "TUNESMITH_TRACKING_URI"
 ENV_ENABLED = "TUNESMITH_TRACKING"
 ENV_TIMEOUT = "TUNESMITH_TRACKING_TIMEOUT"
 ENV_INVOCATION = "TUNESMITH_INVOCATION"
+# The invocation whose main process pushes the records (start_writer); empty: each stage pushes.
+ENV_WRITER = "TUNESMITH_TRACKING_WRITER"
 
 
 def default_uri(workdir: str | Path = ".") -> str:
@@ -63,6 +73,7 @@ def configure_env(cfg: dict[str, Any], workdir: str | Path = ".") -> None:
     os.environ[ENV_URI] = cfg.get("uri") or default_uri(workdir)
     os.environ[ENV_ENABLED] = "1" if cfg.get("enabled", True) else "0"
     os.environ[ENV_TIMEOUT] = str(cfg.get("timeout_s", 10))
+    os.environ.setdefault(ENV_WRITER, "")  # declared in the Snakefile's envvars: it must exist
     invocation_id()
 
 
@@ -314,6 +325,10 @@ def finish(record: StageRecord, status: str = "FINISHED") -> None:
     record.save()
     if not _enabled():
         return
+    if os.environ.get(ENV_WRITER) and os.environ[ENV_WRITER] == record.invocation:
+        log.info("MLflow: %s is written to %s; the workflow's tracking writer pushes it", record.run_name,
+                 record.record_path)
+        return
     try:
         record.run_id = push(record)
         record.synced = True
@@ -368,14 +383,8 @@ def sync(recipe_results: str | Path, uri: str | None = None) -> tuple[int, int]:
     for path in sorted(folder.rglob("*.json")):
         if path.parent.name == INVOCATIONS:
             continue
-        record = StageRecord.load(path)
-        if record.synced or record.status != "FINISHED":
-            continue
         try:
-            record.run_id = push(record, uri)
-            record.synced = True
-            record.save(path)  # back where it was read: results_dir in it may be relative to another CWD
-            pushed += 1
+            pushed += bool(push_file(path, uri))
         except Exception as exc:  # noqa: BLE001
             log.warning("could not push %s: %s", path, exc)
             failed += 1
@@ -394,6 +403,135 @@ def sync(recipe_results: str | Path, uri: str | None = None) -> tuple[int, int]:
 
 
 INVOCATIONS = "invocations"
+
+
+def push_file(path: Path, uri: str | None = None) -> str | None:
+    """Push the record in `path` unless it is pushed already or unfinished; the run id, or None.
+
+    A lock per tracking folder keeps two pushers (the workflow's writer, compare, sync-mlflow) from
+    making two runs of one record."""
+    lock = _tracking_folder(path) / ".push.lock"
+    with open(lock, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            record = StageRecord.load(path)
+            if record.synced or record.status != "FINISHED":
+                return None
+            record.run_id = push(record, uri)
+            record.synced = True
+            record.save(path)  # back where it was read: results_dir in it may be relative to another CWD
+            return record.run_id
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _tracking_folder(path: Path) -> Path:
+    for parent in path.parents:
+        if parent.name == "tracking":
+            return parent
+    return path.parent
+
+
+def waiting_records(recipes: list[str], results_dir: str | Path = "results") -> list[Path]:
+    """Finished, unpushed records of these recipes that belong to the current tracking store, oldest
+    first: this workflow's, and those an earlier one left behind (a stopped writer, an outage)."""
+    uri = tracking_uri()
+    found = []
+    for recipe in recipes:
+        for path in Path(results_dir, recipe, "tracking").rglob("*.json"):
+            if path.parent.name == INVOCATIONS:
+                continue
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if not data.get("synced") and data.get("status") == "FINISHED" and data.get("target_uri", uri) == uri:
+                found.append((data.get("ended") or 0, path))
+    return [path for _, path in sorted(found)]
+
+
+def push_waiting(recipes: list[str], results_dir: str | Path = "results") -> tuple[int, list[Path]]:
+    """Push waiting records until one fails (the store is down: the rest would wait out their
+    timeouts one by one). Returns (pushed, still waiting)."""
+    waiting = waiting_records(recipes, results_dir)
+    for i, path in enumerate(waiting):
+        try:
+            push_file(path)
+        except Exception as exc:  # noqa: BLE001 - tracking never fails the workflow
+            log.warning("MLflow tracking failed for %s (%s: %s). It waits in its file; push it later "
+                        "with: tunesmith sync-mlflow %s", path, type(exc).__name__,
+                        str(exc).splitlines()[0][:300] if str(exc) else "", _tracking_folder(path).parent)
+            return i, waiting[i:]
+    return len(waiting), []
+
+
+class _Writer(threading.Thread):
+    """The workflow's one MLflow writer: pushes stage records as the jobs write them."""
+
+    def __init__(self, recipes: list[str], results_dir: str | Path):
+        super().__init__(name="tunesmith-mlflow-writer", daemon=True)
+        self.recipes, self.results_dir = recipes, results_dir
+        self.stopping = threading.Event()
+        self.pushed = 0
+        self.retry_at = 0.0
+
+    def run(self) -> None:
+        while not self.stopping.wait(1.0):
+            if time.time() < self.retry_at:
+                continue
+            pushed, left = push_waiting(self.recipes, self.results_dir)
+            self.pushed += pushed
+            if left:  # the store is down: try again in a while, not every second
+                self.retry_at = time.time() + 30
+
+
+_writer: _Writer | None = None
+
+
+def start_writer(recipes: list[str], results_dir: str | Path = "results") -> None:
+    """Snakefile onstart: push the stage records of this workflow from its main process (jobs see
+    TUNESMITH_TRACKING_WRITER and leave the pushing to it)."""
+    global _writer
+    if not _enabled() or _writer is not None:
+        return
+    os.environ[ENV_WRITER] = invocation_id()
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # not mlflow's table set-up chatter on the terminal
+    if not log.handlers and not logging.getLogger().handlers:
+        # Snakemake's main process configures only its own logger: the writer's warnings (a store
+        # that is down) must still reach the terminal.
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("tunesmith: %(message)s"))
+        handler.setLevel(logging.WARNING)
+        log.addHandler(handler)
+    _writer = _Writer(list(recipes), results_dir)
+    _writer.start()
+
+
+def stop_writer() -> None:
+    """Snakefile onsuccess/onerror: stop the writer, push what is left, and say where the runs went."""
+    global _writer
+    if _writer is None:
+        return
+    writer, _writer = _writer, None
+    writer.stopping.set()
+    writer.join()
+    pushed, left = push_waiting(writer.recipes, writer.results_dir)
+    pushed += writer.pushed
+    uri = tracking_uri()
+    if pushed:
+        print(f"MLflow: {pushed} stage run(s) logged to {redact_uri(uri)}", file=sys.stderr, flush=True)
+    if left:
+        print(f"MLflow: {len(left)} stage record(s) could not be pushed and wait in results/<recipe>/tracking; "
+              f"push them with: tunesmith sync-mlflow " + " ".join(sorted({str(_tracking_folder(p).parent)
+                                                                              for p in left})),
+              file=sys.stderr, flush=True)
+
+
+def redact_uri(uri: str) -> str:
+    """A URI without the credentials a user may have put in it."""
+    import re
+
+    return re.sub(r"//[^/@]+@", "//***@", uri)
 
 
 def _close(uri: str, invocation: str, status: str) -> int:

@@ -249,7 +249,13 @@ def final_targets():
     return out
 
 
+def start_tracking():
+    """One MLflow writer in this main process pushes every job's stage record (tunesmith.tracking)."""
+    tracking.start_writer(list(RECIPES), RESULTS)
+
+
 def close_tracking(status):
+    tracking.stop_writer()
     tracking.close_parents(status, list(RECIPES), RESULTS)
 
 

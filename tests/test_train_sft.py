@@ -206,6 +206,19 @@ def test_qlora_trains_and_merges_on_cpu(tmp_path, llama256_dir, sft_data, sectio
     assert 0 < check["max_abs_logit_diff_vs_4bit_base"]  # the 4-bit rounding the adapter was trained with
 
 
+def test_4bit_layers_compute_in_fp32_on_a_cpu_without_native_half_precision():
+    # bf16 compute on this CPU (no AVX512-BF16/AMX): 258 s a step for SmolLM2-135M QLoRA; fp32: 55 s.
+    import torch
+
+    from tunesmith.methods import compute_dtype_4bit
+
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert compute_dtype_4bit("bfloat16", cuda=False) == (torch.bfloat16 if native else torch.float32)
+    assert compute_dtype_4bit("float16", cuda=False) == torch.float32
+    assert compute_dtype_4bit("float16", cuda=True) == torch.float16  # GPUs keep what the recipe says
+    assert compute_dtype_4bit("float32", cuda=False) == torch.float32
+
+
 def test_merge_job_memory_is_sized_from_the_base_model(tmp_path, tiny_llama_dir):
     # A fixed 8 GB used to be asked for whatever the model; a 7B merge holds ~60 GB in fp32.
     from safetensors import safe_open

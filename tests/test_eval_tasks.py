@@ -23,6 +23,14 @@ def _no_model():
 
 
 @pytest.fixture(scope="module")
+def builtin_tasks(tmp_path_factory):
+    """lm-eval's index of its built-in tasks: built once (it reads ~15k files)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(tmp_path_factory.mktemp("no-local-tasks")))
+
+
+@pytest.fixture(scope="module")
 def gsm8k_file():
     path = evaluate.default_gsm8k_file()
     if not path.is_file():
@@ -34,7 +42,8 @@ def test_gsm8k_local_reuses_lm_eval_definition_over_local_file(tmp_path, gsm8k_f
     from lm_eval.tasks import TaskManager, get_task_dict
 
     evaluate.write_gsm8k_task(tmp_path, data_files=gsm8k_file)
-    task = get_task_dict(["gsm8k_local"], TaskManager(include_path=str(tmp_path)))["gsm8k_local"]
+    # as evaluate.score builds it for local tasks: without lm-eval's built-in index
+    task = get_task_dict(["gsm8k_local"], TaskManager(include_path=str(tmp_path), include_defaults=False))["gsm8k_local"]
     docs = list(task.test_docs())
     assert len(docs) == 1319
     assert task.doc_to_text(docs[0]).startswith("Question: Janet")
@@ -48,13 +57,11 @@ def test_gsm8k_local_missing_file_says_how_to_point_it(tmp_path):
         evaluate.write_gsm8k_task(tmp_path, data_files=tmp_path / "nope.jsonl")
 
 
-def test_builtin_task_offline_error_names_task_and_local_alternative(tmp_path, monkeypatch):
-    from lm_eval.tasks import TaskManager
-
+def test_builtin_task_offline_error_names_task_and_local_alternative(tmp_path, monkeypatch, builtin_tasks):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("TUNESMITH_OFFLINE", "1")
-    tm = TaskManager(include_path=str(tmp_path))
+    tm = builtin_tasks
     spec = evaluate.task_specs(section_defaults("evaluate", {"tasks": ["arc_easy"], "limit": 2}))[0]
     with pytest.raises(TunesmithError) as err:
         evaluate.run_task(_no_model(), spec, tm, tmp_path, label="base")  # fails at the dataset, before the model
@@ -63,12 +70,10 @@ def test_builtin_task_offline_error_names_task_and_local_alternative(tmp_path, m
     assert "Traceback" not in text
 
 
-def test_unknown_task_name_is_clear(tmp_path):
-    from lm_eval.tasks import TaskManager
-
+def test_unknown_task_name_is_clear(tmp_path, builtin_tasks):
     spec = evaluate.task_specs(section_defaults("evaluate", {"tasks": ["no_such_task_xyz"], "limit": 2}))[0]
     with pytest.raises(TunesmithError, match="unknown task 'no_such_task_xyz'"):
-        evaluate.run_task(_no_model(), spec, TaskManager(include_path=str(tmp_path)), tmp_path, label="base")
+        evaluate.run_task(_no_model(), spec, builtin_tasks, tmp_path, label="base")
 
 
 @pytest.mark.slow

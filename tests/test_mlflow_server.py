@@ -157,10 +157,12 @@ def test_stage_records_over_http(server, tmp_path, monkeypatch):
     assert rec.synced, (results / "http-check" / "tracking" / "r-8" / "train.json").read_text()
 
     runs = server.runs("http-check")
-    parents = [r for r in runs if tags(r).get("tunesmith.role") == "parent"]
-    assert len(parents) == 1 and tags(parents[0])["tunesmith.invocation"] == "rest-check-1"
+    # A variant's stages hang under the variant's top-level run, not under the invocation's parent.
+    variants = [r for r in runs if tags(r).get("tunesmith.role") == "variant"]
+    assert len(variants) == 1 and tags(variants[0])["tunesmith.invocation"] == "rest-check-1"
+    assert "mlflow.parentRunId" not in tags(variants[0]) and variants[0]["info"]["run_name"] == "r-8"
     child = by_stage(runs)["train"]
-    assert tags(child)["mlflow.parentRunId"] == parents[0]["info"]["run_id"]
+    assert tags(child)["mlflow.parentRunId"] == variants[0]["info"]["run_id"]
     assert child["info"]["run_name"] == "train[r-8]" and child["info"]["status"] == "FINISHED"
     assert params(child) == {"train.method": "lora", "train.lora.r": "8"}
     history = server.get("metrics/get-history", run_id=child["info"]["run_id"], metric_key="train_loss")["metrics"]
@@ -253,3 +255,86 @@ def test_server_down_mid_run_then_sync_then_train_over_http(server, tmp_path):
     assert any(k.startswith("tunesmith.input.") for k in tags(stages["filter"]))
     files = server.get("artifacts/list", run_id=stages["filter"]["info"]["run_id"]).get("files", [])
     assert "filter_report.json" in [f["path"] for f in files]
+
+
+def test_datasets_logged_model_registry_over_http(server, tmp_path, monkeypatch):
+    """What a user finds in MLflow after train -> merge -> evaluate of one variant, read back
+    through the REST API: the experiment typed (it opens on its runs), the train run's dataset
+    inputs with digest and row count, the merged model as a logged model made by the train run
+    and registered under the recipe's name with its eval scores and the `best` alias, and the
+    variant's top-level run carrying the loss curve and the scores. Stage records pushed through
+    tracking.stage_run against the live server; a stand-in model folder, no training: seconds."""
+    from tunesmith.result import Result
+
+    monkeypatch.setenv(tracking.ENV_URI, server.uri)
+    monkeypatch.chdir(tmp_path)
+    recipe, results = "registry-check", "results"
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"id": i, "prompt": [{"role": "user", "content": f"reverse a{i} b{i}"}],
+             "completion": [{"role": "assistant", "content": f"b{i} a{i}"}]} for i in range(6)]
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
+    (data / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[4:]))
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "config.json").write_text('{"model_type": "llama"}')
+    (merged / "README.md").write_text("# card\n")
+    (merged / "model.safetensors").write_bytes(b"\0" * 4096)  # stands in for the weights: never copied
+
+    def one_invocation(invocation: str, score: float) -> None:
+        monkeypatch.setenv(tracking.ENV_INVOCATION, invocation)
+        train_data = {str(data / "train.jsonl"): "training", str(data / "eval.jsonl"): "evaluation"}
+        with tracking.stage_run("train", {}, {}, recipe=recipe, variant="main", results_dir=results,
+                                section={"train": {"args": {"learning_rate": 0.001}}}, datasets=train_data) as rec:
+            rec.take(Result(histories={"train_loss": [(1, 2.0), (2, 1.0)]}))
+        with tracking.stage_run("merge", {}, {"merged": str(merged)}, recipe=recipe, variant="main",
+                                results_dir=results, model_dir=str(merged)):
+            pass
+        with tracking.stage_run("evaluate", {}, {}, recipe=recipe, variant="main", results_dir=results,
+                                datasets={str(data / "eval.jsonl"): "evaluation"}) as rec:
+            rec.take(Result(figures={"tasks": {"heldout": {"base": 0.0, "tuned": score, "Q8_0": score,
+                                                           "limit": 2, "metric": "exact_match,none"}}}))
+        tracking.close_parents("FINISHED", [recipe], results)
+
+    one_invocation("registry-1", 0.5)
+    one_invocation("registry-2", 0.25)  # worse: the alias stays on version 1
+    records = {p.stem: json.loads(p.read_text()) for p in (tmp_path / results / recipe / "tracking" / "main").glob("*.json")}
+    assert all(r["synced"] for r in records.values()), {k: r["synced"] for k, r in records.items()}
+
+    exp = server.get("experiments/get-by-name", experiment_name=recipe)["experiment"]
+    assert {t["key"]: t["value"] for t in exp["tags"]}["mlflow.experimentKind"] == "custom_model_development"
+    runs = server.runs(recipe)
+    train = next(r for r in runs if tags(r).get("tunesmith.stage") == "train"
+                 and tags(r)["tunesmith.invocation"] == "registry-1")
+    inputs = {d["dataset"]["name"]: d for d in train["inputs"]["dataset_inputs"]}
+    assert set(inputs) == {f"{recipe}/train", f"{recipe}/eval"}
+    ds = inputs[f"{recipe}/train"]
+    assert ds["dataset"]["digest"] and json.loads(ds["dataset"]["profile"])["num_rows"] == 4
+    assert json.loads(ds["dataset"]["source"])["uri"] == str(data / "train.jsonl")
+    assert "prompt" in ds["dataset"]["schema"] and {"key": "mlflow.data.context", "value": "training"} in ds["tags"]
+
+    model_id = records["merge"]["model"]["model_id"]
+    model = server.get(f"logged-models/{model_id}")["model"]
+    assert model["info"]["source_run_id"] == train["info"]["run_id"] or records["train"]["run_id"] != train["info"]["run_id"]
+    assert model["info"]["status"] == "LOGGED_MODEL_READY"
+    assert {m["key"]: m["value"] for m in model["data"]["metrics"]}["heldout_exact_match"] == 0.25
+
+    versions = server.get("model-versions/search", filter=f"name='{recipe}'")["model_versions"]
+    assert sorted(int(v["version"]) for v in versions) == [1, 2]  # one version per run
+    v1 = next(v for v in versions if v["version"] == "1")
+    vtags = {t["key"]: t["value"] for t in v1["tags"]}
+    assert vtags["eval.heldout.exact_match.tuned"] == "0.5" and vtags["eval.heldout.exact_match.Q8_0"] == "0.5"
+    assert vtags["tunesmith.weights.path"] == str(merged)
+    # The card and a reference to the weights reach the artifact store; the weights do not.
+    stored = {p.name for p in (server.root / "artifacts").rglob("*") if p.is_file()}
+    assert {"weights.json", "README.md", "config.json"} <= stored and "model.safetensors" not in stored
+    reg = server.get("registered-models/get", name=recipe)["registered_model"]
+    assert {a["alias"]: a["version"] for a in reg["aliases"]} == {"best": "1"}
+
+    variant = next(r for r in runs if tags(r).get("tunesmith.role") == "variant"
+                   and tags(r)["tunesmith.invocation"] == "registry-1")
+    assert variant["info"]["status"] == "FINISHED" and "mlflow.parentRunId" not in tags(variant)
+    assert metrics(variant)["tasks.heldout.tuned"] == 0.5 and params(variant)["train.args.learning_rate"] == "0.001"
+    loss = server.get("metrics/get-history", run_id=variant["info"]["run_id"], metric_key="train_loss")["metrics"]
+    assert sorted((m["step"], m["value"]) for m in loss) == [(1, 2.0), (2, 1.0)]
+    assert variant["inputs"]["dataset_inputs"] and variant["outputs"]["model_outputs"][0]["model_id"]

@@ -2,7 +2,7 @@
 
 
 rule quantize:
-    """Convert to F16 GGUF with the training chat template embedded, quantize, load each file in llama.cpp."""
+    """Convert to F16 GGUF with the training chat template embedded, quantize, load each file in llama.cpp; an Ollama Modelfile beside each."""
     input:
         model=tuned_source,
         eval=eval_texts_input,
@@ -10,7 +10,7 @@ rule quantize:
         gguf=directory(f"{RESULTS}/{{recipe}}/{{variant}}/gguf"),
     params:
         code=stage_code("quantize"),
-        section=stage_params("quantize", "pretrain"),
+        section=stage_params("quantize", "pretrain", "format"),
     log:
         "logs/{recipe}/{variant}/quantize.log",
     benchmark:

@@ -1,4 +1,4 @@
-"""Tracking over HTTP against a live `mlflow server` on 127.0.0.1 (as on a cluster), checked
+"""Tracking over HTTP against a live basic-auth `mlflow server` on 127.0.0.1 (as on a cluster), checked
 through MLflow's REST API only (urllib): parent and child runs, params, metric history with
 steps, artifacts. And a server that dies mid-run: the stages finish, their figures stay in
 results/<recipe>/tracking/*.json with synced false, and `tunesmith sync-mlflow` pushes them once
@@ -9,7 +9,9 @@ training for the loss history."""
 
 from __future__ import annotations
 
+import base64
 import json
+import logging
 import os
 import signal
 import socket
@@ -39,22 +41,36 @@ def _free_port() -> int:
 
 
 class Server:
-    """`mlflow server` in its own process group; stop() kills that group (by PID), start() again
-    reuses the same SQLite store and artifact folder."""
+    """`mlflow server --app-name basic-auth` (as the README tells a cluster to run it) in its own
+    process group; stop() kills that group (by PID), start() again reuses the same SQLite stores
+    and artifact folder. The admin user is created on first start; clients log in through
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD."""
+
+    USER = "admin"
 
     def __init__(self, root: Path):
         self.root = root
         self.port = _free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
+        self.password = "pw-" + os.urandom(12).hex()
+        self.secret = os.urandom(16).hex()  # CSRF key of the auth app: the same across restarts
+        # Credentials are checked once per minute per user, not with a PBKDF2 hash on every request.
+        (root / "basic_auth.ini").write_text(
+            "[mlflow]\ndefault_permission = READ\n"
+            f"database_uri = sqlite:///{root / 'basic_auth.db'}\nadmin_username = {self.USER}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            "auth_cache_ttl_seconds = 60\n")
 
     def start(self, wait_s: float = 120) -> None:
         log = open(self.root / "server.log", "a")
+        env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(self.root / "basic_auth.ini"),
+               "MLFLOW_AUTH_ADMIN_PASSWORD": self.password, "MLFLOW_FLASK_SERVER_SECRET_KEY": self.secret}
         self.proc = subprocess.Popen(
-            [MLFLOW, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+            [MLFLOW, "server", "--app-name", "basic-auth", "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
              "--artifacts-destination", str(self.root / "artifacts")],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root)
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root, env=env)
         deadline = time.time() + wait_s
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -79,14 +95,20 @@ class Server:
         self.proc = None
 
     # ---- REST
+    @property
+    def auth(self) -> dict[str, str]:
+        token = base64.b64encode(f"{self.USER}:{self.password}".encode()).decode()
+        return {"Authorization": f"Basic {token}"}
+
     def get(self, path: str, **query) -> dict:
-        url = f"{self.uri}/api/2.0/mlflow/{path}?{urllib.parse.urlencode(query)}"
-        with urllib.request.urlopen(url, timeout=20) as resp:
+        req = urllib.request.Request(f"{self.uri}/api/2.0/mlflow/{path}?{urllib.parse.urlencode(query)}",
+                                     headers=self.auth)
+        with urllib.request.urlopen(req, timeout=20) as resp:
             return json.loads(resp.read() or b"{}")
 
     def post(self, path: str, body: dict) -> dict:
         req = urllib.request.Request(f"{self.uri}/api/2.0/mlflow/{path}", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
+                                     headers={"Content-Type": "application/json", **self.auth}, method="POST")
         with urllib.request.urlopen(req, timeout=20) as resp:
             return json.loads(resp.read() or b"{}")
 
@@ -125,7 +147,10 @@ def server(tmp_path_factory):
     # One server for the module (it takes ~10 s to come up): the tests use different experiments.
     srv = Server(tmp_path_factory.mktemp("mlflow-server"))
     srv.start()
-    yield srv
+    with pytest.MonkeyPatch.context() as env:  # every client of this module, workflow jobs included
+        env.setenv(tracking.ENV_USER, srv.USER)
+        env.setenv(tracking.ENV_PASSWORD, srv.password)
+        yield srv
     srv.stop()
 
 
@@ -338,3 +363,28 @@ def test_datasets_logged_model_registry_over_http(server, tmp_path, monkeypatch)
     loss = server.get("metrics/get-history", run_id=variant["info"]["run_id"], metric_key="train_loss")["metrics"]
     assert sorted((m["step"], m["value"]) for m in loss) == [(1, 2.0), (2, 1.0)]
     assert variant["inputs"]["dataset_inputs"] and variant["outputs"]["model_outputs"][0]["model_id"]
+
+
+def test_a_wrong_password_is_a_clear_error_and_the_record_stays_unsynced(server, tmp_path, monkeypatch, caplog):
+    """A refused login costs the stage nothing: the record stays unsynced, the warning names the
+    user and the variable to fix (never the password), and sync pushes it once the password is
+    right. A password in tracking.uri is refused before any job."""
+    monkeypatch.setenv(tracking.ENV_URI, server.uri)
+    monkeypatch.setenv(tracking.ENV_INVOCATION, "auth-check-1")
+    monkeypatch.setenv(tracking.ENV_PASSWORD, "not-the-password")
+    results = tmp_path / "results"
+    with caplog.at_level(logging.WARNING, logger="tunesmith.tracking"):
+        with tracking.stage_run("filter", {}, {}, recipe="auth-check", results_dir=str(results),
+                                section={"filter": {"max_tokens": 256}}) as rec:
+            rec.log_metric("rows_in", 3)
+    assert not rec.synced
+    assert f"refused the credentials (HTTP 401) of user '{server.USER}': check MLFLOW_TRACKING_PASSWORD" in caplog.text
+    record = results / "auth-check" / "tracking" / "filter.json"
+    for text in (caplog.text, record.read_text()):
+        assert "not-the-password" not in text and server.password not in text
+    monkeypatch.setenv(tracking.ENV_PASSWORD, server.password)
+    assert tracking.sync(results / "auth-check") == (1, 0)
+    [run] = [r for r in server.runs("auth-check") if tags(r).get("tunesmith.stage") == "filter"]
+    assert metrics(run)["rows_in"] == 3 and server.password not in json.dumps(run)
+    with pytest.raises(Exception, match="tracking.uri carries a password .* set MLFLOW_TRACKING_USERNAME"):
+        tracking.check_uri(f"http://admin:{server.password}@127.0.0.1:5000")

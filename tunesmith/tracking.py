@@ -60,10 +60,38 @@ def invocation_id() -> str:
 
 def configure_env(cfg: dict[str, Any], workdir: str | Path = ".") -> None:
     """Called by the Snakefile: put the tracking settings where every job (local or SLURM) sees them."""
+    check_uri(cfg.get("uri"))
     os.environ[ENV_URI] = cfg.get("uri") or default_uri(workdir)
     os.environ[ENV_ENABLED] = "1" if cfg.get("enabled", True) else "0"
     os.environ[ENV_TIMEOUT] = str(cfg.get("timeout_s", 10))
     invocation_id()
+
+
+ENV_USER, ENV_PASSWORD = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
+
+
+def check_uri(uri: str | None) -> None:
+    """The URI is written into every stage record and the parent run's tags: no password in it."""
+    from urllib.parse import urlsplit
+
+    from tunesmith.errors import TunesmithError
+
+    if uri and urlsplit(uri).password:
+        raise TunesmithError(f"tracking.uri carries a password ({urlsplit(uri).hostname}): it would be written to every "
+                             f"stage record. Drop it from the URI and set {ENV_USER} and {ENV_PASSWORD} in the "
+                             f"environment instead")
+
+
+def _failure_text(exc: BaseException, uri: str) -> str:
+    """One line on why a push failed; a refused login says which variables to fix (never their values)."""
+    text = str(exc).splitlines()[0][:300] if str(exc) else ""
+    if "401" in text or "UNAUTHENTICATED" in text or "Unauthorized" in text:
+        who = os.environ.get(ENV_USER)
+        return (f"the MLflow server at {uri} refused the credentials (HTTP 401) "
+                + (f"of user {who!r}: check {ENV_PASSWORD}" if who else f"or needs them: set {ENV_USER} and {ENV_PASSWORD}"))
+    if "403" in text or "PERMISSION_DENIED" in text:
+        return f"the MLflow server at {uri} denied user {os.environ.get(ENV_USER)!r} permission: {text}"
+    return f"{type(exc).__name__}: {text}"
 
 
 # ---------------------------------------------------------------- provenance
@@ -510,10 +538,9 @@ def finish(record: StageRecord, status: str = "FINISHED") -> None:
         record.save()
         log.info("MLflow: logged %s to run %s", record.run_name, record.run_id)
     except Exception as exc:  # noqa: BLE001 - any tracking failure must stay a warning
-        log.warning("MLflow tracking failed for %s (%s: %s). The figures are kept in %s; push them "
-                    "later with: tunesmith sync-mlflow %s", record.run_name, type(exc).__name__,
-                    str(exc).splitlines()[0][:300] if str(exc) else "", record.record_path,
-                    Path(record.results_dir) / record.recipe)
+        log.warning("MLflow tracking failed for %s (%s). The figures are kept in %s; push them "
+                    "later with: tunesmith sync-mlflow %s", record.run_name, _failure_text(exc, record.target_uri),
+                    record.record_path, Path(record.results_dir) / record.recipe)
 
 
 @contextlib.contextmanager
@@ -581,7 +608,7 @@ def sync(recipe_results: str | Path, uri: str | None = None) -> tuple[int, int]:
             record.save(path)  # back where it was read: results_dir in it may be relative to another CWD
             pushed += 1
         except Exception as exc:  # noqa: BLE001
-            log.warning("could not push %s: %s", path, exc)
+            log.warning("could not push %s: %s", path, _failure_text(exc, uri or record.target_uri))
             failed += 1
     for path in sorted((folder / INVOCATIONS).glob("*.json")):
         state = json.loads(path.read_text())

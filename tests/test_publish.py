@@ -70,6 +70,10 @@ def test_the_plan_names_files_per_repository_and_cards_whose_metadata_parses(art
     assert sorted((r.metric_name, r.metric_value) for r in gguf.eval_results) == [
         ("exact_match (F16)", 0.94), ("exact_match (Q8_0)", 0.92)]
     assert "## Data" in repos["gguf"]["card"] and "tunesmith serve model/model-Q8_0.gguf" in repos["gguf"]["card"]
+    # every card states the scores base -> tuned -> quantized, the recipe and its commit
+    for repo in plan["repos"]:
+        assert "| heldout | exact_match | 0.000 | 0.940 | 0.940 | 0.920 |" in repo["card"], repo["kind"]
+        assert "tunesmith recipe `demo` (variant `main`) at git commit" in repo["card"]
     assert ModelCard(repos["adapter"]["card"]).data.library_name == "peft"
     hub = _plan(artifacts, dataset="HuggingFaceH4/no_robots")
     assert ModelCard(hub["repos"][0]["card"]).data.datasets == ["HuggingFaceH4/no_robots"]

@@ -93,13 +93,33 @@ def plan(*, recipe: str, variant: str, section: dict[str, Any], folders: dict[st
             files = {k: v for k, v in files.items() if k.endswith((".gguf", ".Modelfile")) or k == "report.json"}
         c = card(kind=kind, repo_id=repo_id, recipe=recipe, variant=variant, base_model=_root_base(merged),
                  datasets=[dataset_source] if is_hub_dataset else [], license=pub["license"],
-                 tags=list(pub.get("tags") or []), scores=flat, body=body.rstrip() + "\n\n" + _how_to_run(kind, repo_id))
+                 tags=list(pub.get("tags") or []), scores=flat,
+                 body=body.rstrip() + "\n\n" + _scores_table(flat) + _provenance(recipe, variant) + _how_to_run(kind, repo_id))
         out["repos"].append({"kind": kind, "repo_id": repo_id, "private": bool(pub.get("private", True)),
                              "commit_message": pub.get("commit_message") or f"tunesmith: {recipe}/{variant} {kind}",
                              "files": files, "card": str(c)})
     if not out["repos"]:
         raise TunesmithError("publish.repos: name at least one repository (adapter, merged or gguf)")
     return out
+
+
+def _scores_table(flat: dict[str, Any]) -> str:
+    """Held-out scores base -> tuned -> each GGUF, as evaluate measured them (compare.json)."""
+    if not flat:
+        return ""
+    labels = ["base", "tuned", *sorted({k for t in flat.values() for k in t} - {"base", "tuned", "metric"})]
+    lines = ["## Scores (held-out)", "", "| task | metric | " + " | ".join(labels) + " |",
+             "|---|---|" + "---|" * len(labels)]
+    for task, t in flat.items():
+        cells = [f"{t[k]:.3f}" if isinstance(t.get(k), (int, float)) else "-" for k in labels]
+        lines.append(f"| {task} | {str(t.get('metric')).split(',')[0]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n"
+
+
+def _provenance(recipe: str, variant: str) -> str:
+    from tunesmith.tracking import git_commit
+
+    return f"Made by tunesmith recipe `{recipe}` (variant `{variant}`) at git commit `{git_commit()}`.\n\n"
 
 
 def _how_to_run(kind: str, repo_id: str) -> str:

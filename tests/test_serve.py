@@ -8,6 +8,7 @@ recipe without GGUFs. ~40 s on 2 busy cores."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -108,6 +109,17 @@ def test_serve_answers_like_the_hf_model_and_stops_at_end_of_turn(smollm2_gguf, 
             raise AssertionError(f"serve did not stop on Ctrl+C:\n{out[-3000:]}")
     assert proc.returncode == 0, out[-3000:]
     assert f"http://127.0.0.1:{port}/v1" in out and "stop with Ctrl+C" in out and "stopped" in out
+
+
+@pytest.mark.slow
+def test_chat_talks_in_the_terminal_and_says_how_to_stop(smollm2_gguf):
+    out = io.StringIO()
+    serving.chat(smollm2_gguf, system="You reverse word lists.", inp=io.StringIO("Reverse: lamp, ocean\n/exit\n"),
+                 out=out, max_tokens=16, threads=2)
+    text = out.getvalue()
+    assert text.startswith(f"tunesmith chat: {smollm2_gguf} (in this terminal; stop with /exit or Ctrl+D)")
+    reply = text.split("> ", 1)[1].split("\n", 1)[0]
+    assert reply.strip() and text.rstrip().endswith("tunesmith chat: bye")
 
 
 def test_serve_refuses_a_wide_bind_without_a_key_and_names_missing_ggufs(tmp_path):

@@ -291,6 +291,8 @@ def test_datasets_logged_model_registry_over_http(server, tmp_path, monkeypatch)
     tracking.stage_run against the live server; a stand-in model folder, no training: seconds."""
     from tunesmith.result import Result
 
+    VARIANT = "learning_rate-0.001"  # a sweep variant: its dot is no valid MLflow model name as it is
+
     monkeypatch.setenv(tracking.ENV_URI, server.uri)
     monkeypatch.chdir(tmp_path)
     recipe, results = "registry-check", "results"
@@ -309,13 +311,13 @@ def test_datasets_logged_model_registry_over_http(server, tmp_path, monkeypatch)
     def one_invocation(invocation: str, score: float) -> None:
         monkeypatch.setenv(tracking.ENV_INVOCATION, invocation)
         train_data = {str(data / "train.jsonl"): "training", str(data / "eval.jsonl"): "evaluation"}
-        with tracking.stage_run("train", {}, {}, recipe=recipe, variant="main", results_dir=results,
+        with tracking.stage_run("train", {}, {}, recipe=recipe, variant=VARIANT, results_dir=results,
                                 section={"train": {"args": {"learning_rate": 0.001}}}, datasets=train_data) as rec:
             rec.take(Result(histories={"train_loss": [(1, 2.0), (2, 1.0)]}))
-        with tracking.stage_run("merge", {}, {"merged": str(merged)}, recipe=recipe, variant="main",
+        with tracking.stage_run("merge", {}, {"merged": str(merged)}, recipe=recipe, variant=VARIANT,
                                 results_dir=results, model_dir=str(merged)):
             pass
-        with tracking.stage_run("evaluate", {}, {}, recipe=recipe, variant="main", results_dir=results,
+        with tracking.stage_run("evaluate", {}, {}, recipe=recipe, variant=VARIANT, results_dir=results,
                                 datasets={str(data / "eval.jsonl"): "evaluation"}) as rec:
             rec.take(Result(figures={"tasks": {"heldout": {"base": 0.0, "tuned": score, "Q8_0": score,
                                                            "limit": 2, "metric": "exact_match,none"}}}))
@@ -323,7 +325,7 @@ def test_datasets_logged_model_registry_over_http(server, tmp_path, monkeypatch)
 
     one_invocation("registry-1", 0.5)
     one_invocation("registry-2", 0.25)  # worse: the alias stays on version 1
-    records = {p.stem: json.loads(p.read_text()) for p in (tmp_path / results / recipe / "tracking" / "main").glob("*.json")}
+    records = {p.stem: json.loads(p.read_text()) for p in (tmp_path / results / recipe / "tracking" / VARIANT).glob("*.json")}
     assert all(r["synced"] for r in records.values()), {k: r["synced"] for k, r in records.items()}
 
     exp = server.get("experiments/get-by-name", experiment_name=recipe)["experiment"]

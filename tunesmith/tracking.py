@@ -19,6 +19,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
 import subprocess
 import time
 import uuid
@@ -403,8 +404,11 @@ def _log_model(client: Any, exp_id: str, run_id: str, variant_run: str | None, r
     model = record.model or {}
     train = _sibling(record_file, record, "train")
     source_run = train.run_id if train is not None and train.run_id else run_id
+    name = record.recipe if not record.variant or record.variant == "main" else f"{record.recipe}-{record.variant}"
+    # MLflow refuses / : . % " ' in a model name, and sweep variants carry values like 0.001.
+    name = re.sub(r"[/:.%\"']", "_", name)
     logged = client.create_logged_model(
-        exp_id, name=record.recipe if not record.variant or record.variant == "main" else f"{record.recipe}-{record.variant}",
+        exp_id, name=name,
         source_run_id=source_run, model_type="merged-llm",
         params={k[:250]: v[:6000] for k, v in record.params.items()},
         tags={"tunesmith.recipe": record.recipe, "tunesmith.variant": record.variant or "",
@@ -482,8 +486,6 @@ def _score_model(client: Any, run_id: str, record: StageRecord, record_file: Pat
 def push(record: StageRecord, uri: str | None = None, record_file: str | Path | None = None) -> str:
     """Push one record to MLflow; returns the child run id. Raises on any tracking failure.
     record_file: where the record was read from (its sibling stages' records lie beside it)."""
-    from mlflow.entities import Metric, Param, RunTag
-
     uri = uri or record.target_uri or tracking_uri()
     record_file = Path(record_file) if record_file is not None else None
     with _store_lock(uri):
@@ -495,32 +497,45 @@ def push(record: StageRecord, uri: str | None = None, record_file: str | Path | 
         run = client.create_run(exp_id, run_name=record.run_name, start_time=int(record.started * 1000),
                                 tags={"mlflow.parentRunId": parent, "tunesmith.role": "stage"})
         run_id = run.info.run_id
-        params = [Param(k[:250], v) for k, v in record.params.items()]
-        tags = [RunTag(k, v[:5000]) for k, v in record.tags.items()]
-        metrics = [Metric(m["key"], m["value"], m["timestamp"], m["step"] or 0) for m in record.metrics]
-        _log_batches(client, run_id, params, tags, metrics)
-        if record.datasets:
-            client.log_inputs(run_id, datasets=_dataset_inputs(record))
-        if variant_run:  # its headline figures, so that the chart view compares variants at once
-            _log_batches(client, variant_run, params if record.stage == "train" else (),
-                         metrics=[m for m in metrics if m.key not in _NOT_MIRRORED])
-            if record.datasets and record.stage == "train":
-                client.log_inputs(variant_run, datasets=_dataset_inputs(record))
-        for path in record.artifacts:
-            p = Path(path)
-            if p.is_dir():
-                client.log_artifacts(run_id, str(p), artifact_path=p.name)
-            elif p.is_file():
-                client.log_artifact(run_id, str(p))
-        if record.model is not None and not record.model.get("model_id"):
-            _log_model(client, exp_id, run_id, variant_run, record, record_file)
-        if record.stage == "evaluate" and record.variant:
-            _score_model(client, run_id, record, record_file)
-        end = int((record.ended or time.time()) * 1000)
-        client.set_terminated(run_id, status=record.status, end_time=end)
-        if variant_run and record.status != "FINISHED":
-            client.set_terminated(variant_run, status=record.status, end_time=end)
+        try:
+            _fill(client, exp_id, run_id, variant_run, record, record_file)
+        except BaseException:
+            # A half-pushed run must not stay RUNNING beside the one a later sync makes.
+            with contextlib.suppress(Exception):
+                client.set_terminated(run_id, status="FAILED")
+            raise
     return run_id
+
+
+def _fill(client: Any, exp_id: str, run_id: str, variant_run: str | None, record: StageRecord,
+          record_file: Path | None) -> None:
+    from mlflow.entities import Metric, Param, RunTag
+
+    params = [Param(k[:250], v) for k, v in record.params.items()]
+    tags = [RunTag(k, v[:5000]) for k, v in record.tags.items()]
+    metrics = [Metric(m["key"], m["value"], m["timestamp"], m["step"] or 0) for m in record.metrics]
+    _log_batches(client, run_id, params, tags, metrics)
+    if record.datasets:
+        client.log_inputs(run_id, datasets=_dataset_inputs(record))
+    if variant_run:  # its headline figures, so that the chart view compares variants at once
+        _log_batches(client, variant_run, params if record.stage == "train" else (),
+                     metrics=[m for m in metrics if m.key not in _NOT_MIRRORED])
+        if record.datasets and record.stage == "train":
+            client.log_inputs(variant_run, datasets=_dataset_inputs(record))
+    for path in record.artifacts:
+        p = Path(path)
+        if p.is_dir():
+            client.log_artifacts(run_id, str(p), artifact_path=p.name)
+        elif p.is_file():
+            client.log_artifact(run_id, str(p))
+    if record.model is not None and not record.model.get("model_id"):
+        _log_model(client, exp_id, run_id, variant_run, record, record_file)
+    if record.stage == "evaluate" and record.variant:
+        _score_model(client, run_id, record, record_file)
+    end = int((record.ended or time.time()) * 1000)
+    client.set_terminated(run_id, status=record.status, end_time=end)
+    if variant_run and record.status != "FINISHED":
+        client.set_terminated(variant_run, status=record.status, end_time=end)
 
 
 def finish(record: StageRecord, status: str = "FINISHED") -> None:

@@ -439,17 +439,23 @@ def _log_model(client: Any, exp_id: str, run_id: str, variant_run: str | None, r
         tags={"tunesmith.variant": record.variant or "", "tunesmith.invocation": record.invocation,
               "tunesmith.weights.path": model["path"], "tunesmith.weights.sha256": model["sha256"]})
     model.update(model_id=logged.model_id, version=str(version.version), registered_name=record.recipe)
+    # evaluate may have reached MLflow first (this merge record was synced later): its scores now.
+    evaluate = _sibling(record_file, record, "evaluate")
+    if evaluate is not None and evaluate.synced and evaluate.run_id and evaluate.invocation == record.invocation:
+        _score_model(client, evaluate.run_id, evaluate, record_file, model=model)
 
 
-def _score_model(client: Any, run_id: str, record: StageRecord, record_file: Path | None) -> None:
+def _score_model(client: Any, run_id: str, record: StageRecord, record_file: Path | None,
+                 model: dict[str, Any] | None = None) -> None:
     """evaluate: the tuned scores become the logged model's metrics (linked to the eval dataset)
     and tags of its registered version; the alias `best` moves to it when its mean score beats the
     version the alias points at."""
     from mlflow.entities import LoggedModelInput, Metric
     from mlflow.exceptions import MlflowException
 
-    merge = _sibling(record_file, record, "merge")
-    model = (merge.model or {}) if merge is not None else {}
+    if model is None:
+        merge = _sibling(record_file, record, "merge")
+        model = (merge.model or {}) if merge is not None else {}
     tasks = (json.loads(record.tags.get("tunesmith.figures", "{}")).get("tasks") or {})
     if not model.get("model_id") or not tasks:
         log.warning("MLflow: no registered model to attach %s's scores to (merge not pushed yet?)", record.run_name)

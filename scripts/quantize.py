@@ -6,7 +6,7 @@ def main(io):
     from tunesmith import quantize
 
     return quantize.stage(io.input["model"], io.output["gguf"], io.section, eval_jsonl=io.one("eval"),
-                          threads=io.threads, log_file=io.log)
+                          threads=io.threads, log_file=io.log, name=io.recipe or "model")
 
 
 if __name__ == "__main__":

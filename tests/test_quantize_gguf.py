@@ -18,7 +18,8 @@ from tunesmith.errors import EnvironmentNotSupported, TunesmithError
 def exported(tmp_path_factory, llama256_dir, eval_split):
     out = tmp_path_factory.mktemp("gguf") / "gguf"
     report = quantize.export(llama256_dir, out, types=["Q8_0", "Q4_K_M"], smoke_prompt="Say hello.",
-                             eval_jsonl=eval_split["eval"], n_texts=6, max_tokens=64, pre_tokenizer_fallback="gpt-2")
+                             eval_jsonl=eval_split["eval"], n_texts=6, max_tokens=64, pre_tokenizer_fallback="gpt-2",
+                             system="You reverse word lists.", name="tiny")
     return out, report
 
 
@@ -44,6 +45,31 @@ def test_every_file_loads_generates_and_tokenises_like_hf(exported):
     assert files["Q4_K_M"]["k_quant_fallback"]["count"] == 0
     assert set(files["Q4_K_M"]["tensor_types"]) <= {"F32", "Q4_K", "Q6_K"}
     assert (out / "smoke.txt").read_text().count("== ") == 3
+    for name, info in files.items():  # what the quantize run records: path, size and sha256 of each file
+        assert info["sha256"] == quantize_sha256(out / info["file"]), name
+
+
+def quantize_sha256(path):
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_an_ollama_modelfile_beside_each_gguf(exported, llama256_dir):
+    out, report = exported
+    for info in report["files"].values():
+        text = (out / info["modelfile"]).read_text()
+        lines = text.splitlines()
+        assert f"FROM ./{info['file']}" in lines
+        # SmolLM2's end of turn; no TEMPLATE: Ollama takes the one embedded in the GGUF
+        assert 'PARAMETER stop "<|im_end|>"' in lines and not any(x.startswith("TEMPLATE") for x in lines)
+        assert 'SYSTEM """You reverse word lists."""' in lines
+        assert lines[0].startswith(f"# ollama create tiny -f {info['modelfile']}")
+    custom = quantize.modelfile("model-Q8_0.gguf", stops=["<|im_end|>"], system=None, template="{{ .Prompt }}", name="x")
+    assert 'TEMPLATE """{{ .Prompt }}"""' in custom.splitlines() and "SYSTEM" not in custom
+    with pytest.raises(TunesmithError, match="three double quotes"):
+        quantize.modelfile("m.gguf", stops=[], system='say """hi"""', template=None, name="x")
 
 
 @pytest.mark.slow

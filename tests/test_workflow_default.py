@@ -69,15 +69,21 @@ def test_every_gguf_loads_and_generates(run):
         assert info["tokenization_agreement"] >= 0.99, name
 
 
-def test_mlflow_holds_one_parent_with_a_child_per_stage(run):
+def test_mlflow_holds_a_parent_and_a_variant_run_with_a_child_per_stage(run):
+    """The shared stages under the invocation's parent; the variant's stages under its own
+    top-level run, which the chart view and the runs table show without expanding anything."""
     work, _ = run
     runs = [r for r in mlflow_runs(work / "mlflow.db") if r["experiment"] == RECIPE]
     parents = [r for r in runs if r["tags"].get("tunesmith.role") == "parent"]
-    assert len(parents) == 1
-    children = {r["tags"]["tunesmith.stage"] for r in runs
-                if r["tags"].get("mlflow.parentRunId") == parents[0]["run_id"]}
-    assert {"download", "tokenize_count", "filter", "dedupe", "select", "format", "train", "merge",
-            "quantize", "evaluate_base", "evaluate"} <= children
+    variants = [r for r in runs if r["tags"].get("tunesmith.role") == "variant"]
+    assert len(parents) == 1 and len(variants) == 1 and variants[0]["name"] == "main"
+    assert "mlflow.parentRunId" not in variants[0]["tags"]
+
+    def children(parent):
+        return {r["tags"]["tunesmith.stage"] for r in runs if r["tags"].get("mlflow.parentRunId") == parent["run_id"]}
+
+    assert {"download", "tokenize_count", "filter", "dedupe", "select", "format", "evaluate_base"} <= children(parents[0])
+    assert {"train", "merge", "quantize", "evaluate"} <= children(variants[0])
 
 
 def test_rerun_has_nothing_to_do(run):

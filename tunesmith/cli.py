@@ -4,6 +4,9 @@
     tunesmith sync-mlflow results/<recipe>     push stage records MLflow missed (server was down)
     tunesmith compare [--experiments A B] [--out results/compare]
                                                markdown + CSV + PNG across recipes and sweep variants
+    tunesmith serve <file.gguf | recipe[/variant]> [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+                                               OpenAI-compatible server (llama-cpp-python) on the GGUF
+    tunesmith chat <file.gguf | recipe[/variant]>  a conversation with it in the terminal
 
 The tracking URI comes from --tracking-uri, else TUNESMITH_TRACKING_URI, else config.yaml's
 tracking.uri, else the local ./mlflow.db the workflow uses by default.
@@ -104,6 +107,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tunesmith import serving
+
+    gguf = serving.find_gguf(args.target, args.results, args.type)
+    serving.serve(gguf, host=args.host, port=args.port, api_key=args.api_key or os.environ.get(serving.ENV_API_KEY),
+                  n_ctx=args.n_ctx, threads=args.threads, alias=args.alias, repeat_penalty=args.repeat_penalty)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from tunesmith import serving
+
+    gguf = serving.find_gguf(args.target, args.results, args.type)
+    serving.chat(gguf, system=args.system, n_ctx=args.n_ctx, threads=args.threads, max_tokens=args.max_tokens,
+                 temperature=args.temperature)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunesmith", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -134,6 +155,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/compare", help="output folder (default: results/compare)")
     p.add_argument("--by-invocation", action="store_true", help="one row per workflow invocation, not the latest")
     p.set_defaults(func=cmd_compare)
+
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("target", help="a .gguf file, or recipe[/variant] (its GGUF under --results)")
+        p.add_argument("--type", default=None, help="GGUF type of a recipe target (default: Q8_0, else Q4_K_M, else F16)")
+        p.add_argument("--results", default="results", help="the workflow's results folder (default: results)")
+        p.add_argument("--n-ctx", type=int, default=2048, help="context length in tokens (default 2048)")
+        p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+
+    p = sub.add_parser("serve", help="OpenAI-compatible server on a GGUF (llama-cpp-python), with its chat template")
+    model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=None, help="required for a --host other machines can reach "
+                   "(default: $TUNESMITH_API_KEY)")
+    p.add_argument("--alias", default=None, help="model name clients send (default: the GGUF's file name)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="for requests that set none (default 1.0: "
+                   "off, so that a greedy request gets the reply the model was evaluated on; llama-cpp-python's own is 1.1)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("chat", help="talk to a GGUF in the terminal")
+    model_args(p)
+    p.add_argument("--system", default=None, help="system prompt (e.g. the recipe's format.system_prompt)")
+    p.add_argument("--max-tokens", type=int, default=512, help="longest reply in tokens (default 512)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    p.set_defaults(func=cmd_chat)
     return parser
 
 

@@ -19,6 +19,10 @@ class Stage:
     script: str                # scripts/<script>: the rule's entry
     rows_report: str | None = None  # data stages: results/<recipe>/data/<file> that holds the rows kept
     per_variant: bool = False  # one run per sweep variant (else one per recipe)
+    # Inputs that are data the stage learns from or is scored on: (input name, MLflow context).
+    # The runner logs each as an MLflow dataset input, which fills the UI's Dataset column.
+    datasets: tuple[tuple[str, str], ...] = ()
+    model_output: str | None = None  # the output that is a model folder: an MLflow logged model
 
 
 STAGES: tuple[Stage, ...] = (
@@ -33,11 +37,12 @@ STAGES: tuple[Stage, ...] = (
     Stage("curate_pairs", "pairs", "curate_pairs.py"),
     Stage("train_tokenizer", "train", "train_tokenizer.py"),
     Stage("pretrain", "train", "pretrain.py"),
-    Stage("train", "train", "train.py", per_variant=True),
-    Stage("merge", "train", "merge.py", per_variant=True),
-    Stage("evaluate_base", "evaluate", "evaluate.py"),
+    Stage("train", "train", "train.py", per_variant=True, datasets=(("train", "training"), ("eval", "evaluation"))),
+    Stage("merge", "train", "merge.py", per_variant=True, model_output="merged"),
+    Stage("evaluate_base", "evaluate", "evaluate.py", datasets=(("eval", "evaluation"),)),
     Stage("quantize", "export", "quantize.py", per_variant=True),
-    Stage("evaluate", "evaluate", "evaluate.py", per_variant=True),
+    Stage("evaluate", "evaluate", "evaluate.py", per_variant=True, datasets=(("eval", "evaluation"),)),
+    Stage("publish", "export", "publish.py", per_variant=True),
     Stage("compare", "compare", "compare.py"),
 )
 

@@ -8,6 +8,7 @@ agreement, KL), and a generation through the chat template embedded in the file.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -246,17 +247,54 @@ def check_gguf(path: str | Path, refs: list[dict[str, Any]], *, smoke_prompt: st
         llm.close()
 
 
+# ---------------------------------------------------------------- Ollama
+
+def end_of_turn_tokens(model_dir: str | Path, tokenizer: Any) -> list[str]:
+    """The strings that end a turn: the tokenizer's EOS and every eos_token_id of the generation
+    config (chat models often list the end-of-turn token there, beside the plain EOS)."""
+    ids: list[int] = []
+    gen = Path(model_dir) / "generation_config.json"
+    if gen.is_file():
+        value = json.loads(gen.read_text()).get("eos_token_id")
+        ids += value if isinstance(value, list) else [value] if value is not None else []
+    found = [tokenizer.eos_token] if tokenizer.eos_token else []
+    found += [tokenizer.convert_ids_to_tokens(int(i)) for i in ids]
+    return [t for t in dict.fromkeys(found) if t]
+
+
+def _quoted(text: str) -> str:
+    if '"""' in text:
+        raise TunesmithError(f'an Ollama Modelfile cannot hold a text with three double quotes: {text[:80]!r}')
+    return f'"""{text}"""'
+
+
+def modelfile(gguf: str, *, stops: list[str], system: str | None, template: str | None, name: str) -> str:
+    """An Ollama Modelfile for one GGUF. Without TEMPLATE, Ollama takes the chat template embedded
+    in the GGUF (the one training used); the stops are the model's end-of-turn tokens."""
+    lines = [f"# ollama create {name} -f {Path(gguf).stem}.Modelfile   then: ollama run {name}",
+             f"FROM ./{Path(gguf).name}"]
+    if template:
+        lines.append(f"TEMPLATE {_quoted(template)}")
+    # Ollama reads a quoted PARAMETER value as a JSON string.
+    lines += [f"PARAMETER stop {json.dumps(stop, ensure_ascii=False)}" for stop in stops]
+    if system:
+        lines.append(f"SYSTEM {_quoted(system)}")
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------- the stage
 
 def export(model_dir: str | Path, out_dir: str | Path, *, types: list[str], smoke_prompt: str,
            n_texts: int, max_tokens: int, pre_tokenizer_fallback: str | None,
            eval_jsonl: str | None = None, corpus: dict[str, Any] | None = None,
-           threads: int = 2, log_file: str | None = None) -> dict[str, Any]:
+           threads: int = 2, log_file: str | None = None, system: str | None = None,
+           ollama_template: str | None = None, name: str = "model") -> dict[str, Any]:
     """Write model-f16.gguf + each type into out_dir (built in a temp folder, then renamed) with report.json.
 
     types, smoke_prompt, n_texts (check_texts), max_tokens (check_max_tokens): the recipe's quantize
     section; pre_tokenizer_fallback: pretrain.tokenizer.gguf_pre_tokenizer. Texts come from eval_jsonl,
-    else from corpus (the resolved pretrain.corpus section)."""
+    else from corpus (the resolved pretrain.corpus section). Beside each GGUF an Ollama Modelfile:
+    system (format.system_prompt) as SYSTEM, ollama_template (quantize.ollama_template) as TEMPLATE."""
     from transformers import AutoTokenizer
 
     from tunesmith import fileio
@@ -288,7 +326,7 @@ def export(model_dir: str | Path, out_dir: str | Path, *, types: list[str], smok
         for t in ["F16", *qtypes]:
             path = tmp / gguf_name(t)
             entry: dict[str, Any] = {"file": path.name, "size_bytes": path.stat().st_size,
-                                     "seconds_to_make": seconds[t]}
+                                     "sha256": fileio.sha256(path), "seconds_to_make": seconds[t]}
             entry.update(tensor_types(path, t))
             entry.update(check_gguf(path, refs, smoke_prompt=smoke_prompt, training_template=training_template,
                                     threads=threads))
@@ -298,6 +336,11 @@ def export(model_dir: str | Path, out_dir: str | Path, *, types: list[str], smok
                      entry["tokenization_agreement"], entry["smoke"]["reply"][:80])
             if not entry["chat_template_embedded"] and training_template:
                 raise TunesmithError(f"{path.name}: the converter did not embed the chat template of {model_dir}")
+        stops = end_of_turn_tokens(model_dir, tokenizer)
+        for t, entry in files.items():
+            entry["modelfile"] = f"{Path(entry['file']).stem}.Modelfile"
+            fileio.write_text(tmp / entry["modelfile"], modelfile(entry["file"], stops=stops, system=system,
+                                                                  template=ollama_template, name=name))
         report = {
             "model": str(model_dir),
             "converter": {"dir": str(llama_cpp_dir()), "pre_tokenizer_fallback": conv["pre_tokenizer_fallback"]},
@@ -315,7 +358,7 @@ def export(model_dir: str | Path, out_dir: str | Path, *, types: list[str], smok
 
 
 def stage(model_dir: str | Path, out_dir: str | Path, section: dict[str, Any], *, eval_jsonl: str | None,
-          threads: int = 2, log_file: str | None = None):
+          threads: int = 2, log_file: str | None = None, name: str = "model"):
     """The quantize stage: export() with the recipe's quantize and pretrain sections; figures per GGUF type."""
     from tunesmith.result import Result
 
@@ -323,15 +366,21 @@ def stage(model_dir: str | Path, out_dir: str | Path, section: dict[str, Any], *
     report = export(model_dir, out_dir, types=q["types"], smoke_prompt=q["smoke_prompt"], eval_jsonl=eval_jsonl,
                     corpus=pre["corpus"] if pre["corpus"]["source"] else None,
                     pre_tokenizer_fallback=pre["tokenizer"]["gguf_pre_tokenizer"], n_texts=q["check_texts"],
-                    max_tokens=q["check_max_tokens"], threads=threads, log_file=log_file)
+                    max_tokens=q["check_max_tokens"], threads=threads, log_file=log_file,
+                    system=(section.get("format") or {}).get("system_prompt"), ollama_template=q["ollama_template"],
+                    name=name)
     gguf = {qtype: {"size_bytes": e["size_bytes"], "top1_agreement": e["top1_agreement"], "mean_kl": e["mean_kl"],
                     "perplexity": e["perplexity"], "tokenization_agreement": e["tokenization_agreement"],
                     "k_quant_fallback_tensors": (e.get("k_quant_fallback") or {}).get("count", 0)}
             for qtype, e in report["files"].items()}
-    # The GGUFs themselves are too big for the artifact store: their paths go in as tags.
-    tags = {f"gguf.{qtype}.path": str(Path(out_dir, e["file"]).resolve()) for qtype, e in report["files"].items()}
+    # The GGUFs themselves are too big for the artifact store: path, size and sha256 go in as tags.
+    tags = {}
+    for qtype, e in report["files"].items():
+        tags.update({f"gguf.{qtype}.path": str(Path(out_dir, e["file"]).resolve()),
+                     f"gguf.{qtype}.size_bytes": str(e["size_bytes"]), f"gguf.{qtype}.sha256": e["sha256"]})
     tags["gguf.pre_tokenizer_fallback"] = report["converter"]["pre_tokenizer_fallback"] or ""
     return Result(figures={"gguf": gguf}, tags=tags,
-                  artifacts=[str(Path(out_dir) / "report.json"), str(Path(out_dir) / "smoke.txt")],
+                  artifacts=[str(Path(out_dir) / "report.json"), str(Path(out_dir) / "smoke.txt"),
+                             *(str(Path(out_dir) / e["modelfile"]) for e in report["files"].values())],
                   summary="; ".join(f"{t} {g['size_bytes'] / 1e6:.1f} MB top-1 {g['top1_agreement']:.3f}"
                                     for t, g in gguf.items()))

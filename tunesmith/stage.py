@@ -153,12 +153,16 @@ def _logging_to(path: str | None) -> Iterator[None]:
 def call_stage(stage_fn: Callable[[StageIO], Any], io: StageIO) -> Any:
     """Call the stage; rank 0 records its Result. Stages outside a recipe (prepare_model,
     compare) have no experiment to record under; other ranks of a multi-process run only compute."""
-    from tunesmith import settings, tracking, trainkit
+    from tunesmith import pipeline, settings, tracking, trainkit
 
     if trainkit.world_rank() != 0 or not io.recipe:
         return stage_fn(io)
+    entry = pipeline.BY_NAME.get(io.stage)
+    datasets = {io.one(name): context for name, context in (entry.datasets if entry else ()) if io.one(name)}
+    model_dir = io.output.get(entry.model_output) if entry and entry.model_output else None
     with tracking.stage_run(io.stage, io.input, io.output, recipe=io.recipe, variant=io.variant,
-                            results_dir=settings.results_dir(), section=io.section) as record:
+                            results_dir=settings.results_dir(), section=io.section, datasets=datasets,
+                            model_dir=model_dir) as record:
         result = stage_fn(io)
         if result is not None and result.delegated:
             record.discard = True

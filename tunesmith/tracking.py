@@ -25,6 +25,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -70,11 +71,39 @@ def invocation_id() -> str:
 
 def configure_env(cfg: dict[str, Any], workdir: str | Path = ".") -> None:
     """Called by the Snakefile: put the tracking settings where every job (local or SLURM) sees them."""
+    check_uri(cfg.get("uri"))
     os.environ[ENV_URI] = cfg.get("uri") or default_uri(workdir)
     os.environ[ENV_ENABLED] = "1" if cfg.get("enabled", True) else "0"
     os.environ[ENV_TIMEOUT] = str(cfg.get("timeout_s", 10))
     os.environ.setdefault(ENV_WRITER, "")  # declared in the Snakefile's envvars: it must exist
     invocation_id()
+
+
+ENV_USER, ENV_PASSWORD = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
+
+
+def check_uri(uri: str | None) -> None:
+    """The URI is written into every stage record and the parent run's tags: no password in it."""
+    from urllib.parse import urlsplit
+
+    from tunesmith.errors import TunesmithError
+
+    if uri and urlsplit(uri).password:
+        raise TunesmithError(f"tracking.uri carries a password ({urlsplit(uri).hostname}): it would be written to every "
+                             f"stage record. Drop it from the URI and set {ENV_USER} and {ENV_PASSWORD} in the "
+                             f"environment instead")
+
+
+def _failure_text(exc: BaseException, uri: str) -> str:
+    """One line on why a push failed; a refused login says which variables to fix (never their values)."""
+    text = str(exc).splitlines()[0][:300] if str(exc) else ""
+    if "401" in text or "UNAUTHENTICATED" in text or "Unauthorized" in text:
+        who = os.environ.get(ENV_USER)
+        return (f"the MLflow server at {uri} refused the credentials (HTTP 401) "
+                + (f"of user {who!r}: check {ENV_PASSWORD}" if who else f"or needs them: set {ENV_USER} and {ENV_PASSWORD}"))
+    if "403" in text or "PERMISSION_DENIED" in text:
+        return f"the MLflow server at {uri} denied user {os.environ.get(ENV_USER)!r} permission: {text}"
+    return f"{type(exc).__name__}: {text}"
 
 
 # ---------------------------------------------------------------- provenance
@@ -135,6 +164,11 @@ class StageRecord:
     synced: bool = False
     run_id: str | None = None
     discard: bool = False  # nothing to record here: child processes recorded the work
+    # MLflow dataset entities (name, digest, source, schema, profile) with their context.
+    datasets: list[dict[str, str]] = field(default_factory=list)
+    # The model folder this stage wrote (merge): path, sha256, files; after the push also the
+    # logged model id and the registered version.
+    model: dict[str, Any] | None = None
     target_uri: str = field(default_factory=lambda: tracking_uri())  # where this record belongs
 
     # ---- collecting
@@ -175,6 +209,15 @@ class StageRecord:
     def add_inputs(self, inputs: dict[str, str]) -> None:
         for name, path in inputs.items():
             self.inputs[name] = {"path": str(path), "sha256": sha256(path)}
+
+    def add_dataset(self, path: str | Path, context: str) -> None:
+        """Describe a data file as an MLflow dataset (digest, schema, row count) for the run's inputs."""
+        self.datasets.append({**describe_dataset(path, f"{self.recipe}/{Path(path).stem}"), "context": context})
+
+    def add_model(self, model_dir: str | Path) -> None:
+        folder = Path(model_dir).resolve()
+        self.model = {"path": str(folder), "sha256": self.outputs.get("merged", {}).get("sha256") or sha256(folder),
+                      "files": {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}}
 
     def add_outputs(self, outputs: dict[str, str]) -> None:
         for name, path in outputs.items():
@@ -223,7 +266,35 @@ class StageRecord:
             self.set_tag(f"tunesmith.output.{name}.sha256", info["sha256"])
 
 
+def describe_dataset(path: str | Path, name: str) -> dict[str, str]:
+    """mlflow.data's description of a JSONL/Parquet data file: its entity fields as a dict, kept in
+    the record file so that a later sync logs the same digest even if the file is gone."""
+    import pandas as pd
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import mlflow.data
+
+        path = Path(path).resolve()
+        frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_json(path, lines=True)
+        entity = mlflow.data.from_pandas(frame, source=str(path), name=name)._to_mlflow_entity()
+    return {"name": entity.name, "digest": entity.digest, "source_type": entity.source_type,
+            "source": entity.source, "schema": entity.schema, "profile": entity.profile}
+
+
 # ---------------------------------------------------------------- pushing
+
+# MLflow 3's UI opens an experiment on what its kind says: untyped ones land on an empty GenAI
+# traces overview; a "Machine learning" experiment opens on its runs.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+# The alias that follows the registered version with the best mean held-out score so far.
+BEST_ALIAS = "best"
+# Small files that describe the merged model: they go into the logged model's artifacts; the
+# weights stay where the workflow wrote them (see README, "MLflow").
+MODEL_CARD_FILES = ("README.md", "config.json", "generation_config.json", "tokenizer_config.json",
+                    "chat_template.jinja", "tunesmith_lineage.json")
+# Step-independent bookkeeping that means nothing on a variant's summary run.
+_NOT_MIRRORED = {"stage_seconds", "startup_seconds"}
 
 def _enabled() -> bool:
     return os.environ.get(ENV_ENABLED, "1") != "0"
@@ -262,12 +333,14 @@ def _experiment_id(client: Any, name: str, uri: str) -> str:
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
+        if exp.tags.get(EXPERIMENT_KIND[0]) is None:  # made by an older tunesmith
+            client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
         return exp.experiment_id
     location = None
     if uri.startswith("sqlite:///"):
         root = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" / name
         location = root.resolve().as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
 
 
 def _parent_run_id(client: Any, exp_id: str, record: StageRecord) -> str:
@@ -283,37 +356,203 @@ def _parent_run_id(client: Any, exp_id: str, record: StageRecord) -> str:
     return run.info.run_id
 
 
-def push(record: StageRecord, uri: str | None = None) -> str:
-    """Push one record to MLflow; returns the child run id. Raises on any tracking failure."""
-    from mlflow.entities import Metric, Param, RunTag
+def _variant_run_id(client: Any, exp_id: str, record: StageRecord) -> str:
+    """The top-level run of one sweep variant in this invocation: the parent of its train, merge,
+    quantize and evaluate runs, carrying their headline figures. Top level, because MLflow's chart
+    view and table show only the runs that are visible without expanding a parent."""
+    query = (f"tags.`tunesmith.invocation` = '{record.invocation}' and tags.`tunesmith.role` = 'variant' "
+             f"and tags.`tunesmith.variant` = '{record.variant}'")
+    found = client.search_runs([exp_id], filter_string=query, max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(exp_id, run_name=record.variant, start_time=int(record.started * 1000), tags={
+        "tunesmith.role": "variant", "tunesmith.invocation": record.invocation, "tunesmith.recipe": record.recipe,
+        "tunesmith.variant": record.variant or "", "tunesmith.git_commit": git_commit(),
+    })
+    return run.info.run_id
 
+
+def _log_batches(client: Any, run_id: str, params=(), tags=(), metrics=()) -> None:
+    # log_batch takes at most 100 params, 100 tags and 1000 entities per call.
+    for i in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[i:i + 100])
+    for i in range(0, len(tags), 100):
+        client.log_batch(run_id, tags=tags[i:i + 100])
+    for i in range(0, len(metrics), 900):
+        client.log_batch(run_id, metrics=metrics[i:i + 900])
+
+
+def _dataset_inputs(record: StageRecord) -> list[Any]:
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    return [DatasetInput(Dataset(**{k: v for k, v in d.items() if k != "context"}),
+                         tags=[InputTag("mlflow.data.context", d["context"])]) for d in record.datasets]
+
+
+def _sibling(record_file: Path | None, record: StageRecord, stage: str) -> StageRecord | None:
+    """Another stage's record of the same recipe and variant (train's, for merge; merge's, for
+    evaluate), read from beside this record's file."""
+    folder = record_file.parent if record_file is not None else record.record_path.parent
+    path = folder / f"{stage}.json"
+    if not path.is_file():
+        return None
+    with contextlib.suppress(ValueError, TypeError):
+        return StageRecord.load(path)
+    return None
+
+
+def _log_model(client: Any, exp_id: str, run_id: str, variant_run: str | None, record: StageRecord,
+               record_file: Path | None) -> None:
+    """The merged model as an MLflow 3 logged model made by the train run, its descriptive files
+    in the artifact store and its weights referenced by path and sha256, registered under the
+    recipe's name (one version per merge run)."""
+    import shutil
+    import tempfile
+
+    from mlflow.entities import LoggedModelOutput
+    from mlflow.exceptions import MlflowException
+
+    model = record.model or {}
+    train = _sibling(record_file, record, "train")
+    source_run = train.run_id if train is not None and train.run_id else run_id
+    name = record.recipe if not record.variant or record.variant == "main" else f"{record.recipe}-{record.variant}"
+    # MLflow refuses / : . % " ' in a model name, and sweep variants carry values like 0.001.
+    name = re.sub(r"[/:.%\"']", "_", name)
+    logged = client.create_logged_model(
+        exp_id, name=name,
+        source_run_id=source_run, model_type="merged-llm",
+        params={k[:250]: v[:6000] for k, v in record.params.items()},
+        tags={"tunesmith.recipe": record.recipe, "tunesmith.variant": record.variant or "",
+              "tunesmith.invocation": record.invocation, "tunesmith.weights.path": model["path"],
+              "tunesmith.weights.sha256": model["sha256"]})
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in MODEL_CARD_FILES:
+            if (Path(model["path"]) / name).is_file():
+                shutil.copy(Path(model["path"]) / name, Path(tmp) / name)
+        Path(tmp, "weights.json").write_text(json.dumps(
+            {"path": model["path"], "sha256": model["sha256"], "files_bytes": model["files"],
+             "note": "the weights are not copied into MLflow: load them from path; sha256 proves them unchanged"},
+            indent=1))
+        client.log_model_artifacts(logged.model_id, tmp)
+    client.finalize_logged_model(logged.model_id, "READY")
+    for rid in dict.fromkeys([source_run, run_id, variant_run]):
+        if rid:
+            client.log_outputs(rid, [LoggedModelOutput(logged.model_id, step=0)])
+    try:
+        client.create_registered_model(record.recipe, tags={"tunesmith.recipe": record.recipe},
+                                       description=f"Merged models of tunesmith recipe {record.recipe}, one version per run.")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(
+        record.recipe, source=f"models:/{logged.model_id}", run_id=source_run, model_id=logged.model_id,
+        await_creation_for=0,  # a local or tracking-server registry creates it at once; the default polls
+        tags={"tunesmith.variant": record.variant or "", "tunesmith.invocation": record.invocation,
+              "tunesmith.weights.path": model["path"], "tunesmith.weights.sha256": model["sha256"]})
+    model.update(model_id=logged.model_id, version=str(version.version), registered_name=record.recipe)
+    # evaluate may have reached MLflow first (this merge record was synced later): its scores now.
+    evaluate = _sibling(record_file, record, "evaluate")
+    if evaluate is not None and evaluate.synced and evaluate.run_id and evaluate.invocation == record.invocation:
+        _score_model(client, evaluate.run_id, evaluate, record_file, model=model)
+
+
+def _score_model(client: Any, run_id: str, record: StageRecord, record_file: Path | None,
+                 model: dict[str, Any] | None = None) -> None:
+    """evaluate: the tuned scores become the logged model's metrics (linked to the eval dataset)
+    and tags of its registered version; the alias `best` moves to it when its mean score beats the
+    version the alias points at."""
+    from mlflow.entities import LoggedModelInput, Metric
+    from mlflow.exceptions import MlflowException
+
+    if model is None:
+        merge = _sibling(record_file, record, "merge")
+        model = (merge.model or {}) if merge is not None else {}
+    tasks = (json.loads(record.tags.get("tunesmith.figures", "{}")).get("tasks") or {})
+    if not model.get("model_id") or not tasks:
+        log.warning("MLflow: no registered model to attach %s's scores to (merge not pushed yet?)", record.run_name)
+        return
+    data = next((d for d in record.datasets if d["context"] == "evaluation"), None)
+    now = int(time.time() * 1000)
+    metrics, version_tags = [], {}
+    for task, t in tasks.items():
+        metric = str(t.get("metric", "score")).split(",")[0]
+        if isinstance(t.get("tuned"), (int, float)):
+            metrics.append(Metric(f"{task}_{metric}", float(t["tuned"]), now, 0, model_id=model["model_id"],
+                                  dataset_name=data["name"] if data else None,
+                                  dataset_digest=data["digest"] if data else None))
+        for label, value in t.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and label != "limit":
+                version_tags[f"eval.{task}.{metric}.{label}"] = str(value)
+    client.log_batch(run_id, metrics=metrics)
+    client.log_inputs(run_id, models=[LoggedModelInput(model["model_id"])])
+    name, version = model["registered_name"], model["version"]
+    score = sum(m.value for m in metrics) / len(metrics) if metrics else None
+    for key, value in {**version_tags, "tunesmith.score": "" if score is None else str(score)}.items():
+        client.set_model_version_tag(name, version, key, value)
+    if score is None:
+        return
+    try:
+        best = client.get_model_version_by_alias(name, BEST_ALIAS)
+        best_score = float(best.tags.get("tunesmith.score") or "-inf")
+    except MlflowException:
+        best, best_score = None, float("-inf")
+    if best is None or score > best_score or best.version == version:
+        client.set_registered_model_alias(name, BEST_ALIAS, version)
+
+
+def push(record: StageRecord, uri: str | None = None, record_file: str | Path | None = None) -> str:
+    """Push one record to MLflow; returns the child run id. Raises on any tracking failure.
+    record_file: where the record was read from (its sibling stages' records lie beside it)."""
     uri = uri or record.target_uri or tracking_uri()
+    record_file = Path(record_file) if record_file is not None else None
     with _store_lock(uri):
         client = _client(uri)
         exp_id = _experiment_id(client, record.recipe, uri)
-        parent = _parent_run_id(client, exp_id, record)
+        # A variant's stages hang under the variant's run; the shared ones under the invocation's.
+        variant_run = _variant_run_id(client, exp_id, record) if record.variant else None
+        parent = variant_run or _parent_run_id(client, exp_id, record)
         run = client.create_run(exp_id, run_name=record.run_name, start_time=int(record.started * 1000),
                                 tags={"mlflow.parentRunId": parent, "tunesmith.role": "stage"})
         run_id = run.info.run_id
-        params = [Param(k[:250], v) for k, v in record.params.items()]
-        tags = [RunTag(k, v[:5000]) for k, v in record.tags.items()]
-        metrics = [Metric(m["key"], m["value"], m["timestamp"], m["step"] or 0) for m in record.metrics]
-        # log_batch takes at most 100 params, 100 tags and 1000 entities per call.
-        for i in range(0, len(params), 100):
-            client.log_batch(run_id, params=params[i:i + 100])
-        for i in range(0, len(tags), 100):
-            client.log_batch(run_id, tags=tags[i:i + 100])
-        for i in range(0, len(metrics), 900):
-            client.log_batch(run_id, metrics=metrics[i:i + 900])
-        for path in record.artifacts:
-            p = Path(path)
-            if p.is_dir():
-                client.log_artifacts(run_id, str(p), artifact_path=p.name)
-            elif p.is_file():
-                client.log_artifact(run_id, str(p))
-        client.set_terminated(run_id, status=record.status,
-                              end_time=int((record.ended or time.time()) * 1000))
+        try:
+            _fill(client, exp_id, run_id, variant_run, record, record_file)
+        except BaseException:
+            # A half-pushed run must not stay RUNNING beside the one a later sync makes.
+            with contextlib.suppress(Exception):
+                client.set_terminated(run_id, status="FAILED")
+            raise
     return run_id
+
+
+def _fill(client: Any, exp_id: str, run_id: str, variant_run: str | None, record: StageRecord,
+          record_file: Path | None) -> None:
+    from mlflow.entities import Metric, Param, RunTag
+
+    params = [Param(k[:250], v) for k, v in record.params.items()]
+    tags = [RunTag(k, v[:5000]) for k, v in record.tags.items()]
+    metrics = [Metric(m["key"], m["value"], m["timestamp"], m["step"] or 0) for m in record.metrics]
+    _log_batches(client, run_id, params, tags, metrics)
+    if record.datasets:
+        client.log_inputs(run_id, datasets=_dataset_inputs(record))
+    if variant_run:  # its headline figures, so that the chart view compares variants at once
+        _log_batches(client, variant_run, params if record.stage == "train" else (),
+                     metrics=[m for m in metrics if m.key not in _NOT_MIRRORED])
+        if record.datasets and record.stage == "train":
+            client.log_inputs(variant_run, datasets=_dataset_inputs(record))
+    for path in record.artifacts:
+        p = Path(path)
+        if p.is_dir():
+            client.log_artifacts(run_id, str(p), artifact_path=p.name)
+        elif p.is_file():
+            client.log_artifact(run_id, str(p))
+    if record.model is not None and not record.model.get("model_id"):
+        _log_model(client, exp_id, run_id, variant_run, record, record_file)
+    if record.stage == "evaluate" and record.variant:
+        _score_model(client, run_id, record, record_file)
+    end = int((record.ended or time.time()) * 1000)
+    client.set_terminated(run_id, status=record.status, end_time=end)
+    if variant_run and record.status != "FINISHED":
+        client.set_terminated(variant_run, status=record.status, end_time=end)
 
 
 def finish(record: StageRecord, status: str = "FINISHED") -> None:
@@ -330,22 +569,24 @@ def finish(record: StageRecord, status: str = "FINISHED") -> None:
                  record.record_path)
         return
     try:
-        record.run_id = push(record)
+        record.run_id = push(record, record_file=record.record_path)
         record.synced = True
         record.save()
         log.info("MLflow: logged %s to run %s", record.run_name, record.run_id)
     except Exception as exc:  # noqa: BLE001 - any tracking failure must stay a warning
-        log.warning("MLflow tracking failed for %s (%s: %s). The figures are kept in %s; push them "
-                    "later with: tunesmith sync-mlflow %s", record.run_name, type(exc).__name__,
-                    str(exc).splitlines()[0][:300] if str(exc) else "", record.record_path,
-                    Path(record.results_dir) / record.recipe)
+        log.warning("MLflow tracking failed for %s (%s). The figures are kept in %s; push them "
+                    "later with: tunesmith sync-mlflow %s", record.run_name, _failure_text(exc, record.target_uri),
+                    record.record_path, Path(record.results_dir) / record.recipe)
 
 
 @contextlib.contextmanager
 def stage_run(stage: str, inputs: dict[str, Any], outputs: dict[str, str], *, recipe: str,
               variant: str | None = None, results_dir: str = "results",
-              section: dict[str, Any] | None = None) -> Iterator[StageRecord]:
-    """Collect a stage's figures; on success hash outputs, save the record and push it."""
+              section: dict[str, Any] | None = None, datasets: dict[str, str] | None = None,
+              model_dir: str | None = None) -> Iterator[StageRecord]:
+    """Collect a stage's figures; on success hash outputs, save the record and push it.
+    datasets: data files the stage learned from or was scored on -> MLflow context ("training",
+    "evaluation"); model_dir: the model folder it wrote (an MLflow logged model)."""
     record = StageRecord(recipe=recipe, stage=stage, results_dir=results_dir, variant=variant)
     record.log_params(section or {})
     record.log_metric("startup_seconds", record.started - _process_start())
@@ -361,6 +602,13 @@ def stage_run(stage: str, inputs: dict[str, Any], outputs: dict[str, str], *, re
     if record.discard:
         return
     record.add_outputs({k: v for k, v in outputs.items() if isinstance(v, str) and Path(v).exists()})
+    for path, context in (datasets or {}).items():
+        try:
+            record.add_dataset(path, context)
+        except Exception as exc:  # noqa: BLE001 - a file mlflow.data cannot read costs the Dataset column only
+            log.warning("MLflow: could not describe %s as a dataset (%s: %s)", path, type(exc).__name__, exc)
+    if model_dir and Path(model_dir).is_dir():
+        record.add_model(model_dir)
     finish(record)
 
 
@@ -379,14 +627,18 @@ def sync(recipe_results: str | Path, uri: str | None = None) -> tuple[int, int]:
     for (uri: another one), then close the parent runs of finished invocations with the status
     the workflow ended with. Returns (pushed, failed)."""
     pushed = failed = 0
+    from tunesmith.pipeline import STAGE_ORDER
+
     folder = Path(recipe_results, "tracking")
-    for path in sorted(folder.rglob("*.json")):
+    # In stage order: evaluate attaches its scores to the model version that merge registers.
+    order = {name: i for i, name in enumerate(STAGE_ORDER)}
+    for path in sorted(folder.rglob("*.json"), key=lambda p: (str(p.parent), order.get(p.stem, len(order)), p.name)):
         if path.parent.name == INVOCATIONS:
             continue
         try:
             pushed += bool(push_file(path, uri))
         except Exception as exc:  # noqa: BLE001
-            log.warning("could not push %s: %s", path, exc)
+            log.warning("could not push %s: %s", path, _failure_text(exc, uri or tracking_uri()))
             failed += 1
     for path in sorted((folder / INVOCATIONS).glob("*.json")):
         state = json.loads(path.read_text())
@@ -417,7 +669,7 @@ def push_file(path: Path, uri: str | None = None) -> str | None:
             record = StageRecord.load(path)
             if record.synced or record.status != "FINISHED":
                 return None
-            record.run_id = push(record, uri)
+            record.run_id = push(record, uri, record_file=path)
             record.synced = True
             record.save(path)  # back where it was read: results_dir in it may be relative to another CWD
             return record.run_id
@@ -458,9 +710,9 @@ def push_waiting(recipes: list[str], results_dir: str | Path = "results") -> tup
         try:
             push_file(path)
         except Exception as exc:  # noqa: BLE001 - tracking never fails the workflow
-            log.warning("MLflow tracking failed for %s (%s: %s). It waits in its file; push it later "
-                        "with: tunesmith sync-mlflow %s", path, type(exc).__name__,
-                        str(exc).splitlines()[0][:300] if str(exc) else "", _tracking_folder(path).parent)
+            log.warning("MLflow tracking failed for %s (%s). It waits in its file; push it later "
+                        "with: tunesmith sync-mlflow %s", path, _failure_text(exc, tracking_uri()),
+                        _tracking_folder(path).parent)
             return i, waiting[i:]
     return len(waiting), []
 
@@ -537,9 +789,11 @@ def redact_uri(uri: str) -> str:
 def _close(uri: str, invocation: str, status: str) -> int:
     with _store_lock(uri):
         client = _client(uri)
-        query = f"tags.`tunesmith.invocation` = '{invocation}' and tags.`tunesmith.role` = 'parent'"
         exps = [e.experiment_id for e in client.search_experiments()]
-        runs = client.search_runs(exps, filter_string=query) if exps else []
+        runs = []
+        for role in ("parent", "variant"):
+            query = f"tags.`tunesmith.invocation` = '{invocation}' and tags.`tunesmith.role` = '{role}'"
+            runs += client.search_runs(exps, filter_string=query) if exps else []
         for run in runs:
             client.set_terminated(run.info.run_id, status=status)
     return len(runs)

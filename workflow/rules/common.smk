@@ -246,12 +246,25 @@ def final_targets():
                 out.append(f"{RESULTS}/{name}/pretrain/metrics.json")
             if recipe["quantize"]["enabled"]:
                 out.append(f"{base}/gguf")
+            if recipe["publish"]["enabled"] and has_sft(recipe):
+                out.append(f"{base}/publish/plan.json")
     return out
 
 
 def start_tracking():
     """One MLflow writer in this main process pushes every job's stage record (tunesmith.tracking)."""
     tracking.start_writer(list(RECIPES), RESULTS)
+
+
+def publish_gguf_input(wildcards):
+    if recipe_of(wildcards)["quantize"]["enabled"]:
+        return f"{RESULTS}/{wildcards.recipe}/{wildcards.variant}/gguf"
+    return []
+
+
+def dataset_source_param(wildcards):
+    """The dataset as the Hub card names it (a hub id goes into its metadata; a local file does not)."""
+    return recipe_of(wildcards)["dataset"]["source"] or ""
 
 
 def close_tracking(status):

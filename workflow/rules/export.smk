@@ -2,7 +2,7 @@
 
 
 rule quantize:
-    """Convert to F16 GGUF with the training chat template embedded, quantize, load each file in llama.cpp."""
+    """Convert to F16 GGUF with the training chat template embedded, quantize, load each file in llama.cpp; an Ollama Modelfile beside each."""
     input:
         model=tuned_source,
         eval=eval_texts_input,
@@ -10,7 +10,7 @@ rule quantize:
         gguf=directory(f"{RESULTS}/{{recipe}}/{{variant}}/gguf"),
     params:
         code=stage_code("quantize"),
-        section=stage_params("quantize", "pretrain"),
+        section=stage_params("quantize", "pretrain", "format"),
     log:
         "logs/{recipe}/{variant}/quantize.log",
     benchmark:
@@ -23,3 +23,28 @@ rule quantize:
         "../../envs/cpu.yaml"
     script:
         "../../scripts/quantize.py"
+
+
+rule publish:
+    """Opt-in (publish.enabled): push adapter, merged model and GGUFs to the Hub with model cards; offline it fails before any upload."""
+    input:
+        adapter=rules.train.output.model,
+        merged=rules.merge.output.merged,
+        gguf=publish_gguf_input,
+        compare=rules.evaluate.output.compare,
+    output:
+        plan=f"{RESULTS}/{{recipe}}/{{variant}}/publish/plan.json",
+    params:
+        code=stage_code("publish"),
+        section=stage_params("publish"),
+        dataset_source=dataset_source_param,
+    log:
+        "logs/{recipe}/{variant}/publish.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=120,
+    conda:
+        "../../envs/cpu.yaml"
+    script:
+        "../../scripts/publish.py"

@@ -1,0 +1,105 @@
+"""The publish plan, built offline: which files go to which Hub repository, and model cards whose
+metadata (base_model, license, tags, a model-index with the eval scores) huggingface_hub parses
+back. Offline, or without HF_TOKEN, publishing refuses before any upload and names every
+repository it did not push. No network, no model: seconds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tunesmith import publish
+from tunesmith.errors import TunesmithError
+
+
+@pytest.fixture
+def artifacts(tmp_path) -> dict[str, str]:
+    adapter, merged, gguf = (tmp_path / "model" / "trained", tmp_path / "model" / "merged", tmp_path / "gguf")
+    for folder in (adapter, merged, gguf):
+        folder.mkdir(parents=True)
+        (folder / ".snakemake_timestamp").write_text("")
+    (adapter / "adapter_model.safetensors").write_bytes(b"\0" * 64)
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "checkpoints").mkdir()
+    (adapter / "checkpoints" / "optimizer.pt").write_bytes(b"\0")
+    (merged / "model.safetensors").write_bytes(b"\0" * 128)
+    (merged / "config.json").write_text("{}")
+    (merged / "README.md").write_text("---\nbase_model: smollm2-135m-instruct\n---\n\n# demo\n\n## Data\n\n540 rows\n")
+    (merged / "tunesmith_lineage.json").write_text(json.dumps([{"recipe": "demo", "base": "resources/models/smollm2-135m-instruct"}]))
+    for name in ("model-f16.gguf", "model-Q8_0.gguf"):
+        (gguf / name).write_bytes(b"GGUF")
+        (gguf / name.replace(".gguf", ".Modelfile")).write_text(f"FROM ./{name}\n")
+    (gguf / "report.json").write_text("{}")
+    (gguf / "smoke.txt").write_text("hi")
+    compare = tmp_path / "compare.json"
+    compare.write_text(json.dumps({"tasks": {"heldout": {"base": 0.0, "tuned": 0.94, "metric": "exact_match,none",
+                                                         "gguf": {"F16": 0.94, "Q8_0": 0.92}}}}))
+    return {"adapter": str(adapter), "merged": str(merged), "gguf": str(gguf), "compare": str(compare)}
+
+
+SECTION = {"enabled": True, "repos": {"adapter": "me/demo-lora", "merged": "me/demo", "gguf": "me/demo-GGUF"},
+           "private": True, "commit_message": None, "license": "apache-2.0", "tags": ["word-reversal"]}
+
+
+def _plan(artifacts, section=SECTION, dataset="data/demo/reverse_words.jsonl"):
+    return publish.plan(recipe="demo", variant="main", section=section, compare=artifacts["compare"],
+                        folders={k: artifacts[k] for k in publish.KINDS}, dataset_source=dataset)
+
+
+def test_the_plan_names_files_per_repository_and_cards_whose_metadata_parses(artifacts):
+    from huggingface_hub import ModelCard
+
+    plan = _plan(artifacts)
+    repos = {r["kind"]: r for r in plan["repos"]}
+    assert list(repos["adapter"]["files"]) == ["adapter_config.json", "adapter_model.safetensors"]  # no checkpoints
+    assert list(repos["merged"]["files"]) == ["config.json", "model.safetensors", "tunesmith_lineage.json"]
+    assert list(repos["gguf"]["files"]) == ["model-Q8_0.Modelfile", "model-Q8_0.gguf", "model-f16.Modelfile",
+                                            "model-f16.gguf", "report.json"]
+    assert repos["merged"]["files"]["model.safetensors"]["bytes"] == 128
+    assert all(r["private"] for r in plan["repos"])
+    assert repos["gguf"]["commit_message"] == "tunesmith: demo/main gguf"
+
+    merged = ModelCard(repos["merged"]["card"]).data
+    assert merged.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and merged.license == "apache-2.0"
+    assert {"tunesmith", "merged", "word-reversal"} <= set(merged.tags) and merged.library_name == "transformers"
+    assert merged.datasets is None  # a local file is no Hub dataset
+    [result] = merged.eval_results
+    assert (result.dataset_type, result.metric_type, result.metric_value) == ("heldout", "exact_match", 0.94)
+    gguf = ModelCard(repos["gguf"]["card"]).data
+    assert sorted((r.metric_name, r.metric_value) for r in gguf.eval_results) == [
+        ("exact_match (F16)", 0.94), ("exact_match (Q8_0)", 0.92)]
+    assert "## Data" in repos["gguf"]["card"] and "tunesmith serve model/model-Q8_0.gguf" in repos["gguf"]["card"]
+    # every card states the scores base -> tuned -> quantized, the recipe and its commit
+    for repo in plan["repos"]:
+        assert "| heldout | exact_match | 0.000 | 0.940 | 0.940 | 0.920 |" in repo["card"], repo["kind"]
+        assert "tunesmith recipe `demo` (variant `main`) at git commit" in repo["card"]
+    assert ModelCard(repos["adapter"]["card"]).data.library_name == "peft"
+    hub = _plan(artifacts, dataset="HuggingFaceH4/no_robots")
+    assert ModelCard(hub["repos"][0]["card"]).data.datasets == ["HuggingFaceH4/no_robots"]
+
+
+def test_offline_or_tokenless_publishing_pushes_nothing_and_names_what_was_not_pushed(artifacts, monkeypatch):
+    plan = _plan(artifacts)
+    with pytest.raises(TunesmithError, match=r"offline .* nothing pushed\. Not pushed: me/demo-lora \(adapter, 2 files\), "
+                                             r"me/demo \(merged, 3 files\), me/demo-GGUF \(gguf, 5 files\)"):
+        publish.push(plan, offline=True)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(TunesmithError, match="HF_TOKEN is not set .* Not pushed: me/demo-lora"):
+        publish.push(plan, offline=False)
+    with pytest.raises(TunesmithError, match="publish.license"):
+        _plan(artifacts, {**SECTION, "license": None})
+    with pytest.raises(TunesmithError, match="publish.repos: name at least one"):
+        _plan(artifacts, {**SECTION, "repos": {}})
+
+
+def test_the_stage_writes_the_plan_before_refusing_offline(artifacts, tmp_path):
+    out = tmp_path / "publish" / "plan.json"
+    with pytest.raises(TunesmithError, match="Not pushed"):
+        publish.stage(recipe="demo", variant="main", section={"publish": SECTION}, compare=artifacts["compare"],
+                      folders={k: artifacts[k] for k in publish.KINDS}, dataset_source=None, plan_path=str(out),
+                      offline=True)
+    assert not out.exists()  # the rule's output means "pushed"
+    pending = json.loads(out.with_suffix(".pending.json").read_text())
+    assert [r["repo_id"] for r in pending["repos"]] == ["me/demo-lora", "me/demo", "me/demo-GGUF"]
+    assert "HF_TOKEN" not in json.dumps(pending)

@@ -54,10 +54,14 @@ def test_unsloth_without_cuda_names_the_method_and_the_cpu_alternative(tmp_path,
 
 @pytest.mark.slow
 @pytest.mark.skipif(not SHARED.is_dir(), reason=f"real datasets not available: {SHARED} is absent")
-def test_gsm8k_and_scratch_llama_run_end_to_end_on_cpu(tmp_path, llama256_dir):
-    """A plumbing check of both recipes' whole chains: GSM8K's data, its lm-eval task and its
-    GGUF on a random 2-layer Llama with SmolLM2's tokenizer (the default workflow's test is the one
-    real SmolLM2 run); scratch-llama's tokenizer, pretraining and SFT as the recipe has them."""
+def test_seed_recipes_run_end_to_end_on_cpu(tmp_path, llama256_dir):
+    """One workflow, three seed recipes reduced by tests/configs/cpu.yaml:
+    - gsm8k-smollm2-lora: a plumbing check of GSM8K's data, its lm-eval task and its GGUF on a
+      random 2-layer Llama with SmolLM2's tokenizer;
+    - scratch-llama: its tokenizer, pretraining and SFT as the recipe has them;
+    - platypus-llama2-qlora: the recipe's QLoRA (nf4, double quantisation, paged 8-bit AdamW, LoRA
+      on every linear layer) on the default model, merged into the 16-bit base,
+      quantized and scored base -> tuned -> Q4_K_M."""
     work = make_workdir(tmp_path)
     cfg = yaml.safe_load((REPO / "tests" / "configs" / "cpu.yaml").read_text())
     cfg["tracking"] = {"enabled": False}
@@ -65,7 +69,7 @@ def test_gsm8k_and_scratch_llama_run_end_to_end_on_cpu(tmp_path, llama256_dir):
     config = write_config(work, cfg)
     proc = snakemake(work, config, timeout=3600)
     assert proc.returncode == 0, failure_text(proc, work)
-    for recipe in ("gsm8k-smollm2-lora", "scratch-llama"):
+    for recipe in cfg["recipes"]:
         out = work / "results" / recipe / "main"
         compare = read_json(out / "eval" / "compare.json")
         assert compare["tasks"], recipe
@@ -78,3 +82,16 @@ def test_gsm8k_and_scratch_llama_run_end_to_end_on_cpu(tmp_path, llama256_dir):
     gsm = read_json(work / "results" / "gsm8k-smollm2-lora" / "main" / "eval" / "compare.json")
     assert "gsm8k_local" in gsm["tasks"] and gsm["tasks"]["gsm8k_local"]["limit"] == 5
     print(json.dumps(gsm, indent=1))
+
+    qlora = work / "results" / "platypus-llama2-qlora" / "main"
+    metrics = read_json(qlora / "train" / "metrics.json")
+    assert metrics["method"] == "qlora" and metrics["device"] == "cpu" and metrics["steps"] == 4
+    assert metrics["eval_loss"] < metrics["eval_loss_initial"], metrics  # the same held-out rows, before and after
+    check = read_json(qlora / "merge" / "merge_check.json")
+    assert check["passed"] and check["max_abs_logit_diff"] <= check["tolerance"]  # merged == 16-bit base + adapter
+    assert check["max_abs_logit_diff_vs_4bit_base"] > 0  # what the adapter saw in training: the 4-bit base
+    heldout = read_json(qlora / "eval" / "compare.json")["tasks"]["heldout"]
+    assert {"base", "tuned"} <= set(heldout) and heldout["gguf"]["Q4_K_M"] is not None, heldout
+    print(json.dumps({"train": {k: metrics[k] for k in ("train_loss_first", "train_loss_last", "eval_loss_initial",
+                                                        "eval_loss", "seconds_per_step")},
+                      "merge": check, "heldout": heldout}, indent=1))

@@ -211,6 +211,13 @@ def _check_semantics(recipe: dict[str, Any], source: str) -> None:
         )
     for key in recipe["sweep"]:
         _get_dotted(recipe, key, source)
+    headline = recipe["evaluate"]["headline"]
+    if headline:
+        tasks = [t if isinstance(t, str) else t["name"] for t in recipe["evaluate"]["tasks"]]
+        if headline["task"] not in tasks:
+            near = difflib.get_close_matches(headline["task"], tasks, n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else f"; the recipe runs {', '.join(tasks)}"
+            raise RecipeError(f"{source}: evaluate.headline.task '{headline['task']}' is not one of evaluate.tasks{hint}")
 
 
 CHAIN_PREFIX = "recipe:"

@@ -67,6 +67,25 @@ def task_specs(section: dict[str, Any]) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------- local task files
 
+def task_documents(section: dict[str, Any]) -> tuple[dict[str, Path], dict[str, str]]:
+    """The local file holding each task's documents, for decontamination: {task: path}, and
+    {task: why it is not checked}. `heldout` is the recipe's own split (checked as split leakage)."""
+    files: dict[str, Path] = {}
+    skipped: dict[str, str] = {}
+    for spec in task_specs(section):
+        name = spec["name"]
+        if name == "heldout":
+            continue
+        if spec.get("data_files"):
+            files[name] = Path(spec["data_files"])
+        elif name == "gsm8k_local":
+            files[name] = default_gsm8k_file()
+        else:
+            skipped[name] = "an lm-eval built-in task whose documents come from the hub: give it data_files to check it"
+    return files, skipped
+
+
+
 def render_heldout(eval_jsonl: str | Path, template_path: str | Path, tokenizer: Any) -> list[dict[str, Any]]:
     """eval.jsonl rows -> {id, prompt_text, answer}, the prompt rendered with the training template."""
     from tunesmith.data.formatting import read_split
@@ -428,6 +447,21 @@ def compare(base: dict[str, Any], tuned: dict[str, Any], wanted_headline: dict[s
     return {"headline": headline(out, wanted_headline), **out}
 
 
+def add_contamination(comparison: dict[str, Any], report: dict[str, Any]) -> None:
+    """Each task's contamination count (the decontaminate stage's report) beside its score:
+    training rows matching the task's documents (for heldout: train rows leaking into the held-out
+    split), and whether they were dropped or only flagged. A task it could not check says why."""
+    method = f"{report.get('ngram')}-gram" + (" + embedding" if report.get("embedding") else "")
+    for name, entry in comparison["tasks"].items():
+        found = report["heldout"] if name == "heldout" else (report.get("tasks") or {}).get(name)
+        if found is not None and (name != "heldout" or found.get("rows_checked")):
+            entry["contamination"] = {"rows": found["rows_matched"], "rows_checked": found["rows_checked"],
+                                      "action": report["action"], "method": method}
+        else:
+            entry["contamination"] = {"rows": None, "not_checked": (report.get("not_checked") or {}).get(
+                name, "no documents to check against")}
+
+
 def chain(upstream: dict[str, Any], comparison: dict[str, Any], recipe: str, source: str) -> list[dict[str, Any]]:
     """base -> each recipe of a chain -> this recipe -> its GGUFs, per task. Upstream entries are
     the upstream comparison's own scores (its held-out rows; `source` names the file): a chained
@@ -475,7 +509,9 @@ def plot(comparison: dict[str, Any], path: str | Path, title: str = "") -> None:
         ax.set_xticks(range(len(series)), series, fontsize=7, rotation=30)
         star = "★ " if (task, metric) == (head.get("task"), head.get("metric")) else ""
         arrow = "" if m.get("higher_is_better", True) else " (lower is better)"
-        ax.set_title(f"{star}{task}: {metric}{arrow}\nn={t['limit']}", fontsize=8)
+        dirty = (t.get("contamination") or {}).get("rows")
+        dirty = "" if dirty is None else f", contaminated rows {dirty}"
+        ax.set_title(f"{star}{task}: {metric}{arrow}\nn={t['limit']}{dirty}", fontsize=8)
         if metric in ("exact_match",) or metric.startswith("exact_match,"):
             ax.set_ylim(0, 1.15)
     fig.suptitle(title or "base vs tuned" + (" vs GGUF" if qtypes else ""), fontsize=9)
@@ -496,7 +532,7 @@ def env_threads(threads: int) -> None:
 
 def stage(name: str, model_dir: str, outputs: dict[str, str], section: dict[str, Any], *, eval_jsonl: str | None,
           template: str | None, gguf_dir: str | None = None, base_scores: str | None = None, recipe: str,
-          variant: str | None, threads: int = 2, upstream: str | None = None):
+          variant: str | None, threads: int = 2, upstream: str | None = None, contamination: str | None = None):
     """evaluate_base (the base model: writes `scores`) or evaluate (the tuned model, then each GGUF in
     gguf_dir, compared with base_scores: also writes `compare` and `plot`).
     Figures: tasks -> {base | tuned | <GGUF type>: score}."""
@@ -538,12 +574,16 @@ def stage(name: str, model_dir: str, outputs: dict[str, str], section: dict[str,
 
     comparison = compare(json.loads(Path(base_scores).read_text()), scores, ev["headline"])
     comparison.update(recipe=recipe, variant=variant)
+    if contamination:
+        add_contamination(comparison, json.loads(Path(contamination).read_text()))
     if upstream:  # model.base: recipe:<name>: the whole way from the root base model to here
         comparison["chain"] = chain(json.loads(Path(upstream).read_text()), comparison, recipe, upstream)
     fileio.write_json(outputs["compare"], comparison)
     plot(comparison, outputs["plot"], title=f"{recipe} [{variant}]: base vs tuned" + (" vs GGUF" if scores.get("gguf") else ""))
     for n, c in comparison["tasks"].items():
         tasks[n].update(base=c["base"], delta=c["delta"])
+        if (c.get("contamination") or {}).get("rows") is not None:
+            tasks[n]["contaminated_rows"] = c["contamination"]["rows"]
         for m, entry in c["metrics"].items():
             tasks[n]["metrics"][m].update(base=entry["base"], delta=entry["delta"])
     head = comparison["headline"]
@@ -555,7 +595,9 @@ def stage(name: str, model_dir: str, outputs: dict[str, str], section: dict[str,
     for n, c in comparison["tasks"].items():
         gg = "".join(f" -> {q} {s:.3f}" for q, s in (c.get("gguf") or {}).items())
         base = "-" if c["base"] is None else f"{c['base']:.3f}"
-        lines.append(f"{n} ({c['metric']}, limit {c['limit']}): base {base} -> tuned {c['tuned']:.3f}{gg}")
+        dirty = (c.get("contamination") or {}).get("rows")
+        dirty = "" if dirty is None else f" [training rows matching its documents: {dirty}, {c['contamination']['action']}]"
+        lines.append(f"{n} ({c['metric']}, limit {c['limit']}): base {base} -> tuned {c['tuned']:.3f}{gg}{dirty}")
         for m, entry in c["metrics"].items():
             if m != short_metric(c["metric"]) and (n, m) != (head.get("task"), head.get("metric")):
                 lines.append(_chain_text(n, m, entry))

@@ -132,8 +132,11 @@ def split_positions(n: int, fraction: float, max_rows: int, seed: int) -> np.nda
 def build(frame: pd.DataFrame, section: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """train rows, eval rows (prompt/completion; eval rows with 'answer')."""
     system_prompt = section["system_prompt"]
-    held = set(split_positions(len(frame), section["eval_fraction"], section["eval_max_rows"],
-                               section["seed"]).tolist())
+    if "split" in frame.columns:  # fixed by the decontaminate stage (the same function, before it drops leaks)
+        held = {pos for pos, s in enumerate(frame["split"]) if s == "eval"}
+    else:
+        held = set(split_positions(len(frame), section["eval_fraction"], section["eval_max_rows"],
+                                   section["seed"]).tolist())
     train: list[dict[str, Any]] = []
     evals: list[dict[str, Any]] = []
     for pos, row in enumerate(frame.to_dict("records")):

@@ -160,6 +160,41 @@ def select(in_path: str, section: dict[str, Any], out_path: str, report_path: st
                    report_path, summary=f"{report['strategy']}: {report['rows_in']} -> {report['rows_out']} rows")
 
 
+def decontaminate(in_path: str, section: dict[str, Any], out_path: str, report_path: str, *, offline: bool,
+                  embedder: Any = None) -> Result:
+    """section: the resolved decontaminate, evaluate and format sections (format fixes the split)."""
+    from tunesmith import evaluate
+    from tunesmith.data import decontaminate as decon
+
+    t0 = time.perf_counter()
+    cfg = section["decontaminate"]
+    emb = cfg["embedding"]
+    if emb["enabled"] and embedder is None:
+        embedder = dedupe_mod.load_embedder(emb["model"], offline=offline, device=emb["device"])
+    t1 = time.perf_counter()
+    frame = load.read_rows(in_path)
+    files, skipped = evaluate.task_documents(section["evaluate"])
+    tasks = {name: decon.read_documents(path, name) for name, path in files.items()}
+    kept, report = decon.run(frame, tasks, cfg, section["format"], skipped=skipped, embedder=embedder)
+    for name, path in files.items():
+        report["tasks"][name]["file"] = str(path)
+        report["tasks"][name]["sha256"] = fileio.sha256(path)
+    report = {"rows_in": len(frame), "rows_out": len(kept), "rows_dropped": len(frame) - len(kept), **report,
+              "settings": cfg}
+    fileio.write_parquet(out_path, kept)
+    fileio.write_json(report_path, report)
+    for name, why in skipped.items():
+        log.warning("decontaminate: task %s not checked: %s", name, why)
+    counts = {name: t["rows_matched"] for name, t in report["tasks"].items()}
+    counts["heldout"] = report["heldout"]["rows_matched"]
+    metrics = {"rows_in": len(frame), "rows_out": len(kept), "rows_dropped": len(frame) - len(kept),
+               "rows_flagged": report["rows_flagged"], **{f"matched_{k}": v for k, v in counts.items()},
+               "load_seconds": t1 - t0, "work_seconds": time.perf_counter() - t1}
+    verb = "dropped" if cfg["action"] == "drop" else "flagged"
+    return _result(metrics, report_path, summary=f"{len(frame)} -> {len(kept)} rows; rows matching each task "
+                   f"({verb}): " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+
 def format_rows(in_path: str, tokenizer_dir: str, section: dict[str, Any], train_path: str, eval_path: str,
                 preview_path: str, template_path: str, report_path: str, *, tokenizer: Any = None) -> Result:
     t0 = time.perf_counter()

@@ -183,6 +183,13 @@ def corpus_input(wildcards):
     return local_paths(recipe_of(wildcards)["pretrain"]["corpus"]["source"])
 
 
+def task_documents_input(wildcards):
+    """The local files holding the documents of the recipe's eval tasks (decontaminate reads them)."""
+    from tunesmith.evaluate import task_documents
+
+    return local_paths(*(str(p) for p in task_documents(recipe_of(wildcards)["evaluate"])[0].values()))
+
+
 def eval_data_input(wildcards):
     """Local data files of the recipe's lm-eval tasks."""
     tasks = recipe_of(wildcards)["evaluate"]["tasks"]

@@ -404,6 +404,18 @@ def _check_columns(file: str, schema: str, columns: dict[str, Any], seen: dict[s
                             f"the columns that exist are: {', '.join(map(str, seen)) or '(none)'}")
 
 
+def random_sample(records: Iterator[tuple[str, Any]], limit: int, seed: int) -> tuple[Iterator[tuple[str, Any]], dict[str, Any]]:
+    """A seeded sample of `limit` records, in source order; each keeps where it was read (file and
+    row), so a bad row in the sample is still named by its place in the source."""
+    import numpy as np
+
+    everything = list(records)
+    n = len(everything)
+    chosen = np.sort(np.random.default_rng(seed).choice(n, size=min(limit, n), replace=False)) if n else []
+    return iter([everything[i] for i in chosen]), {"strategy": "random", "seed": seed, "rows": len(chosen),
+                                                    "of_records": n}
+
+
 def load(section: dict[str, Any], *, offline: bool, cache_dir: str | Path = "resources/downloads") -> Loaded:
     """Read dataset.source per the recipe's dataset section; returns canonical rows + source facts."""
     source = section["source"]
@@ -425,8 +437,12 @@ def load(section: dict[str, Any], *, offline: bool, cache_dir: str | Path = "res
         records = read_local(path, fmt, on_bad)
         label = str(path)
         info.update(path=str(path.resolve()), format=fmt, sha256=sha256(path))
+    limit = section["limit"]
+    if limit is not None and section["sample"] == "random":
+        records, info["sample"] = random_sample(records, limit, section["seed"])
+        limit = None
     frame, facts = canonicalise(records, file=label, schema=info["schema"], columns=columns,
-                                on_bad_rows=on_bad, limit=section["limit"])
+                                on_bad_rows=on_bad, limit=limit)
     info.update(facts)
     info["rows"] = len(frame)
     info["columns"] = list(frame.columns)

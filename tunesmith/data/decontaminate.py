@@ -220,7 +220,7 @@ def run(frame: pd.DataFrame, tasks: dict[str, list[str]], section: dict[str, Any
     split (taken as the format stage takes it: split = the resolved format section). Returns the
     rows kept (with `split` = train | eval, and `contamination` naming the tasks a flagged row
     matched) and the report."""
-    from tunesmith.data.formatting import split_positions
+    from tunesmith.data.formatting import held_positions
 
     action = section["action"]
     texts = [row_text(r) for r in frame.to_dict("records")]
@@ -242,7 +242,7 @@ def run(frame: pd.DataFrame, tasks: dict[str, list[str]], section: dict[str, Any
         frame = frame[frame["contamination"] == ""].reset_index(drop=True)
     # The held-out split is fixed here, so dropping a leaking train row cannot move another row
     # across it; format keeps this split.
-    held = set(split_positions(len(frame), split["eval_fraction"], split["eval_max_rows"], split["seed"]).tolist())
+    held = held_positions(frame.drop(columns=["split"], errors="ignore"), split)
     frame["split"] = ["eval" if i in held else "train" for i in range(len(frame))]
     leak_report: dict[str, Any] = {"rows_checked": 0, "rows_matched": 0}
     if section["split_leakage"] and held:

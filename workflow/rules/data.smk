@@ -188,7 +188,7 @@ rule format:
         report=f"{RESULTS}/{{recipe}}/data/format_report.json",
     params:
         code=stage_code("format"),
-        section=stage_params("format", "model"),
+        section=stage_params("format", "model", "dataset"),
     log:
         "logs/{recipe}/format.log",
     threads: 1

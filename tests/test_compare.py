@@ -52,6 +52,7 @@ def store(tmp_path_factory):
             "headline": {"task": "heldout", "metric": "chrf", "base": 30.0, "tuned": 40.0 + r, "Q8_0": 39.0},
             "tasks": {"heldout": {
                 "tuned": 0.5 + r / 100, "Q8_0": 0.5, "base": 0.10, "delta": 0.4 + r / 100, "limit": 5,
+                "contaminated_rows": 3,
                 "metric": "exact_match,none", "metrics": {"exact_match": {"tuned": 0.5 + r / 100},
                                                           "chrf": {"base": 30.0, "tuned": 40.0 + r, "Q8_0": 39.0}}}}})
         push("tiny-sweep", "quantize", variant, figures={"gguf": {
@@ -88,6 +89,7 @@ def test_compare_writes_markdown_csv_png(store):
     # the free-form metric gets its own columns, and the recipe's headline leads the evaluation columns
     assert float(r16["eval.heldout.chrf.tuned"]) == 56.0 and "eval.heldout.exact_match.tuned" not in r16
     assert r16["headline"] == "heldout chrf" and float(r16["headline.Q8_0"]) == 39.0
+    assert r16["eval.heldout.contaminated_rows"] == "3.0"  # the task's contamination count beside its score
     md = (out / "compare.md").read_text()
     assert "## Data rows after each curation stage" in md and "| tiny-sweep | r-16 |" in md
     evaluation = md.split("## Evaluation")[1].splitlines()[2]

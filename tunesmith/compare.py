@@ -7,6 +7,7 @@ What each stage contributes (missing figures leave empty cells, never an error):
   evaluate(_base)  the figures tag: tasks -> {base | tuned | <GGUF type>: score}
                                                               -> eval.<task>.<label>, eval.<task>.delta
                    its other metrics (chrf, ref_logprob, ...)  -> eval.<task>.<metric>.<label>
+                   training rows matching its documents       -> eval.<task>.contaminated_rows
                    the recipe's headline figure               -> headline, headline.<label> (first)
   quantize         the figures tag: gguf -> {<type>: {size_bytes, top1_agreement, ...}}
                                                               -> gguf.<type>.MB / .agreement
@@ -293,8 +294,8 @@ def plot(frame: Any, path: str | Path) -> None:
 
     ax = axes[1][0]
     # primary metrics only (eval.<task>.<label>): chrF (0-100) or perplexity would flatten the rest
-    eval_cols = [c for c in frame.columns if c.startswith("eval.") and c.count(".") == 2 and not c.endswith(".delta")
-                 and not c.endswith(".limit")]
+    eval_cols = [c for c in frame.columns if c.startswith("eval.") and c.count(".") == 2
+                 and not c.endswith((".delta", ".limit", ".contaminated_rows"))]
     width = 0.8 / max(1, len(eval_cols))
     for i, col in enumerate(eval_cols):
         ax.bar(x + (i - (len(eval_cols) - 1) / 2) * width, frame[col].astype(float).fillna(0), width,

@@ -42,7 +42,11 @@ def test_local_task_scores_land_in_compare_json_and_mlflow(tmp_path, tiny_llama_
                                     output={"scores": str(base_json)}, params={"section": section}, threads=2,
                                     wildcards={"recipe": "r"}, stage="evaluate_base"))
     out = results / "main" / "eval"
+    contamination = tmp_path / "decontaminate_report.json"
+    contamination.write_text(json.dumps({"action": "flag", "ngram": 13, "embedding": None, "tasks": {},
+                                         "heldout": {"rows_checked": 20, "rows_matched": 1}, "not_checked": {}}))
     call_stage(script.main, StageIO(input={"tuned": str(tiny_llama_dir), "base_scores": str(base_json),
+                                           "contamination": str(contamination),
                                            "eval": eval_split["eval"], "template": eval_split["template"], "gguf": []},
                                     output={"scores": str(out / "tuned.json"), "compare": str(out / "compare.json"),
                                             "plot": str(out / "compare.png")},
@@ -61,6 +65,7 @@ def test_local_task_scores_land_in_compare_json_and_mlflow(tmp_path, tiny_llama_
     assert 0 <= metrics["chrf"]["tuned"] <= 100 and metrics["ref_logprob"]["tuned"] < 0
     assert metrics["ref_perplexity"]["tuned"] == pytest.approx(math.exp(-metrics["ref_logprob"]["tuned"]))
     assert metrics["ref_logprob"]["delta"] == 0 and metrics["ref_perplexity"]["higher_is_better"] is False
+    assert heldout["contamination"] == {"rows": 1, "rows_checked": 20, "action": "flag", "method": "13-gram"}
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
     # lm-eval's own results and samples are kept; the samples show the training chat format
     assert json.loads((out / "lm_eval" / "tuned" / "results_heldout.json").read_text())["results"]["heldout"]

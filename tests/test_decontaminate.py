@@ -79,3 +79,29 @@ def test_each_task_shows_its_contamination_count_beside_its_score():
                                                      "method": "13-gram"}
     assert tasks["heldout"]["contamination"]["rows"] == 2
     assert tasks["mmlu"]["contamination"] == {"rows": None, "not_checked": "an lm-eval built-in task"}
+
+
+class _FakeEmbedder:
+    """Texts about Paris point one way, the rest another; counts what it embeds."""
+
+    def __init__(self):
+        self.embedded = 0
+
+    def encode(self, texts, **kwargs):
+        import numpy as np
+
+        self.embedded += len(texts)
+        return np.array([[1.0, 0.0] if "Paris" in t else [0.0, 1.0] for t in texts], dtype="float32")
+
+
+def test_the_embedding_check_finds_a_paraphrase_the_n_grams_miss_and_embeds_each_text_once():
+    rows = [{"id": 0, "instruction": "Paris is the capital of which country", "output": "France"},
+            {"id": 1, "instruction": "Name a prime number", "output": "7"}]
+    section = section_defaults("decontaminate", {"embedding": {"enabled": True}, "split_leakage": False})
+    fake = _FakeEmbedder()
+    kept, report = decon.run(_frame(rows), {"t": ["Paris: which country has it as its capital?"]}, section,
+                             section_defaults("format"), embedder=fake)
+    assert list(kept["contamination"]) == ["t", ""]
+    assert report["tasks"]["t"]["by_method"] == {"ngram": 0, "embedding": 1, "embedding_only": 1}
+    assert report["tasks"]["t"]["examples"][0]["similarity"] == 1.0
+    assert fake.embedded == 3

@@ -214,6 +214,20 @@ def check(task: str, doc_texts: list[str], row_texts: list[str], section: dict[s
     return found, report
 
 
+class _EmbeddingCache:
+    """The rows are checked against every task and then against the held-out split: each text is
+    embedded once."""
+
+    def __init__(self, model: Any) -> None:
+        self.model, self.seen = model, {}
+
+    def encode(self, texts: list[str], **kwargs: Any) -> np.ndarray:
+        missing = list(dict.fromkeys(t for t in texts if t not in self.seen))
+        if missing:
+            self.seen.update(zip(missing, self.model.encode(missing, **kwargs)))
+        return np.stack([self.seen[t] for t in texts])
+
+
 def run(frame: pd.DataFrame, tasks: dict[str, list[str]], section: dict[str, Any], split: dict[str, Any], *,
         skipped: dict[str, str] | None = None, embedder: Any = None) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Check frame's rows against each task's documents, then the train split against the held-out
@@ -223,6 +237,7 @@ def run(frame: pd.DataFrame, tasks: dict[str, list[str]], section: dict[str, Any
     from tunesmith.data.formatting import held_positions
 
     action = section["action"]
+    embedder = _EmbeddingCache(embedder) if embedder is not None else None
     texts = [row_text(r) for r in frame.to_dict("records")]
     ids = [int(i) for i in frame["id"]]
     hits: dict[int, list[str]] = defaultdict(list)

@@ -146,3 +146,15 @@ def test_compare_leads_with_the_headline_metric_and_names_the_metrics_a_task_has
     assert m["ref_perplexity"]["delta"] < 0 and "gguf" not in m["ref_logprob"]  # Q8_0 had no log-likelihood here
     with pytest.raises(evaluate.TunesmithError, match=r"did you mean 'chrf'\?.*exact_match, chrf"):
         evaluate.compare(scores(0, 1, -1, "b"), scores(0, 1, -1, "t"), {"task": "heldout", "metric": "chrF"})
+
+
+def test_a_headline_the_recipe_cannot_have_stops_it_before_any_job(tmp_path):
+    from tunesmith.errors import RecipeError
+    from tunesmith.recipe import load_recipe
+
+    path = tmp_path / "r.yaml"
+    for headline, message in (({"task": "heldot", "metric": "chrf"}, r"did you mean 'heldout'\?"),
+                              ({"task": "heldout", "metric": "ref_logprb"}, r"did you mean 'ref_logprob'\?")):
+        path.write_text(json.dumps({"dataset": {"source": "d.jsonl"}, "evaluate": {"headline": headline}}))
+        with pytest.raises(RecipeError, match=message):
+            load_recipe(path)

@@ -40,6 +40,9 @@ LOCAL_TASKS = ("heldout", "gsm8k_local")
 PRIMARY_METRIC = {"heldout": "exact_match,none", "gsm8k_local": "exact_match,strict-match"}
 # Every other figure is higher-is-better (exact match, chrF, log-likelihood).
 LOWER_IS_BETTER = frozenset({"ref_perplexity"})
+# What the local tasks report, so a recipe's evaluate.headline is checked before any job runs.
+TASK_METRICS = {"heldout": ("exact_match", "chrf", "ref_logprob", "ref_perplexity"),
+                "gsm8k_local": ("exact_match,strict-match", "exact_match,flexible-extract")}
 # End-of-turn markers of common chat templates: generation stops at the first one.
 TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "</s>")
 

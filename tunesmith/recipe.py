@@ -233,6 +233,14 @@ def _check_semantics(recipe: dict[str, Any], source: str) -> None:
             near = difflib.get_close_matches(headline["task"], tasks, n=1)
             hint = f" (did you mean '{near[0]}'?)" if near else f"; the recipe runs {', '.join(tasks)}"
             raise RecipeError(f"{source}: evaluate.headline.task '{headline['task']}' is not one of evaluate.tasks{hint}")
+        from tunesmith.evaluate import TASK_METRICS
+
+        known = TASK_METRICS.get(headline["task"])
+        if known and headline["metric"] not in known:
+            near = difflib.get_close_matches(headline["metric"], known, n=1)
+            hint = f"did you mean '{near[0]}'? " if near else ""
+            raise RecipeError(f"{source}: evaluate.headline.metric '{headline['metric']}': task '{headline['task']}' "
+                              f"has no such metric; {hint}it reports {', '.join(known)}")
 
 
 CHAIN_PREFIX = "recipe:"

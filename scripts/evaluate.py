@@ -10,7 +10,7 @@ def main(io):
     return evaluate.stage(io.stage, io.input["tuned" if tuned else "base"], io.output, io.section,
                           eval_jsonl=io.one("eval"), template=io.one("template"), gguf_dir=io.one("gguf"),
                           base_scores=io.one("base_scores"), recipe=io.recipe, variant=io.variant, threads=io.threads,
-                          upstream=io.one("upstream"))
+                          upstream=io.one("upstream"), contamination=io.one("contamination"))
 
 
 if __name__ == "__main__":

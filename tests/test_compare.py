@@ -48,8 +48,13 @@ def store(tmp_path_factory):
         push("tiny-sweep", "train", variant, params={"train": train, "model": {"base": "smollm2"}},
              history=[(1, 2.0), (2, 1.5), (3, final)])
         push("tiny-sweep", "merge", variant)
-        push("tiny-sweep", "evaluate", variant, figures={"tasks": {"heldout": {
-            "tuned": 0.5 + r / 100, "Q8_0": 0.5, "base": 0.10, "delta": 0.4 + r / 100, "limit": 5}}})
+        push("tiny-sweep", "evaluate", variant, figures={
+            "headline": {"task": "heldout", "metric": "chrf", "base": 30.0, "tuned": 40.0 + r, "Q8_0": 39.0},
+            "tasks": {"heldout": {
+                "tuned": 0.5 + r / 100, "Q8_0": 0.5, "base": 0.10, "delta": 0.4 + r / 100, "limit": 5,
+                "contaminated_rows": 3,
+                "metric": "exact_match,none", "metrics": {"exact_match": {"tuned": 0.5 + r / 100},
+                                                          "chrf": {"base": 30.0, "tuned": 40.0 + r, "Q8_0": 39.0}}}}})
         push("tiny-sweep", "quantize", variant, figures={"gguf": {
             "Q8_0": {"size_bytes": 145e6, "top1_agreement": 0.92}, "F16": {"size_bytes": 270e6, "mean_kl": 0.001}}})
     # A second recipe with only some stages: the comparison leaves its other cells empty.
@@ -81,8 +86,14 @@ def test_compare_writes_markdown_csv_png(store):
     assert other["rows.download"] == "100" and other["method"] == "full" and other["eval.heldout.base"] == ""
     assert float(other["eval.gsm8k.delta"]) == pytest.approx(0.1)
     assert float(r8["eval.heldout.Q8_0"]) == 0.5 and float(r8["gguf.F16.MB"]) == 270.0
+    # the free-form metric gets its own columns, and the recipe's headline leads the evaluation columns
+    assert float(r16["eval.heldout.chrf.tuned"]) == 56.0 and "eval.heldout.exact_match.tuned" not in r16
+    assert r16["headline"] == "heldout chrf" and float(r16["headline.Q8_0"]) == 39.0
+    assert r16["eval.heldout.contaminated_rows"] == "3.0"  # the task's contamination count beside its score
     md = (out / "compare.md").read_text()
     assert "## Data rows after each curation stage" in md and "| tiny-sweep | r-16 |" in md
+    evaluation = md.split("## Evaluation")[1].splitlines()[2]
+    assert evaluation.startswith("| recipe | variant | headline | headline.base | headline.tuned | headline.Q8_0 |")
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

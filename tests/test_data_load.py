@@ -149,6 +149,26 @@ def test_limit_reads_first_rows(jsonl_file):
     assert len(load.load(section(jsonl_file(ROWS * 5), limit=3), offline=True).frame) == 3
 
 
+def test_limit_can_take_a_seeded_random_sample_in_source_order(jsonl_file):
+    path = jsonl_file([{"instruction": f"q{i}", "output": str(i)} for i in range(20)])
+    first = load.load(section(path, limit=5), offline=True).frame["output"].tolist()
+    out = load.load(section(path, limit=5, sample="random", seed=1), offline=True)
+    picked = [int(v) for v in out.frame["output"]]
+    assert first == ["0", "1", "2", "3", "4"] and picked != [0, 1, 2, 3, 4]
+    assert len(picked) == 5 and picked == sorted(picked)  # source order kept
+    assert picked == [int(v) for v in load.load(section(path, limit=5, sample="random", seed=1),
+                                                offline=True).frame["output"]]
+    assert picked != [int(v) for v in load.load(section(path, limit=5, sample="random", seed=2),
+                                                offline=True).frame["output"]]
+    assert out.info["sample"] == {"strategy": "random", "seed": 1, "rows": 5, "of_records": 20}
+
+
+def test_a_bad_row_in_a_random_sample_is_named_by_its_line_in_the_source(jsonl_file):
+    rows = [{"instruction": f"q{i}", "output": str(i)} for i in range(6)] + [{"instruction": "q6"}]
+    with pytest.raises(DataError, match=r"line 7"):
+        load.load(section(jsonl_file(rows), limit=7, sample="random"), offline=True)
+
+
 def test_a_changed_source_is_reported_on_the_next_download(tmp_path, jsonl_file, caplog):
     """Snakemake deletes source.json before rerunning download; the history beside it still tells
     that the same origin now returns other rows (as a hub id or URL can without any local edit)."""

@@ -6,6 +6,9 @@ What each stage contributes (missing figures leave empty cells, never an error):
   train/pretrain   train_loss (step history)                  -> train_loss.first / .last / .steps
   evaluate(_base)  the figures tag: tasks -> {base | tuned | <GGUF type>: score}
                                                               -> eval.<task>.<label>, eval.<task>.delta
+                   its other metrics (chrf, ref_logprob, ...)  -> eval.<task>.<metric>.<label>
+                   training rows matching its documents       -> eval.<task>.contaminated_rows
+                   the recipe's headline figure               -> headline, headline.<label> (first)
   quantize         the figures tag: gguf -> {<type>: {size_bytes, top1_agreement, ...}}
                                                               -> gguf.<type>.MB / .agreement
   every stage      stage_seconds (tracking.finish)            -> seconds.<stage>
@@ -133,6 +136,21 @@ def _row_for(stages: dict[str, Any], uri: str) -> dict[str, Any]:
                 row[f"eval.{task}.{label}"] = _num(value)
         if _num(values.get("base")) is not None and _num(values.get("tuned")) is not None:
             row[f"eval.{task}.delta"] = _num(values["tuned"]) - _num(values["base"])
+        primary = str(values.get("metric", "")).removesuffix(",none")
+        base_metrics = base_scores.get(task, {}).get("metrics") or {}
+        for metric, labels in (tuned_scores.get(task, {}).get("metrics") or {}).items():
+            if metric == primary:
+                continue
+            for label, value in {"base": (base_metrics.get(metric) or {}).get("base"), **labels}.items():
+                if _num(value) is not None:
+                    row[f"eval.{task}.{metric}.{label}"] = _num(value)
+    head = _figures(stages.get("evaluate")).get("headline") or {}
+    if head.get("task"):
+        row["headline"] = f"{head['task']} {head['metric']}"
+        for label, value in sorted(head.items(), key=lambda kv: ("base", "tuned", "delta").index(kv[0])
+                                   if kv[0] in ("base", "tuned", "delta") else 3):
+            if label not in ("task", "metric", "higher_is_better") and _num(value) is not None:
+                row[f"headline.{label}"] = _num(value)
     for qtype, g in _figures(stages.get("quantize")).get("gguf", {}).items():
         if _num(g.get("size_bytes")) is not None:
             row[f"gguf.{qtype}.MB"] = round(_num(g["size_bytes"]) / 1e6, 2)
@@ -181,7 +199,7 @@ def table(uri: str, experiments: list[str] | None = None, by_invocation: bool = 
             frame[col] = frame[col].astype("Int64")
     front = [c for c in ("recipe", "variant", "invocation", "method", "lora.r", "args.learning_rate") if c in frame]
     rest = [c for c in frame.columns if c not in front]
-    order = {"rows": 0, "train_loss": 1, "eval": 2, "gguf": 3, "seconds": 4}
+    order = {"rows": 0, "train_loss": 1, "headline": 2, "eval": 3, "gguf": 4, "seconds": 5}
     rest.sort(key=lambda c: (order.get(c.split(".")[0], -1), _stage_rank(c)))
     return frame[front + rest]
 
@@ -215,10 +233,11 @@ def to_markdown(frame: Any, uri: str) -> str:
              "Empty cells: that stage did not run or did not log the figure.", ""]
     if frame.empty:
         return "\n".join(lines + ["No tunesmith stage runs found.", ""])
-    groups = [("Run", [c for c in frame.columns if not re.match(r"^(rows|train_loss|eval|gguf|seconds)\.", c)]),
+    groups = [("Run", [c for c in frame.columns if not re.match(r"^(rows|train_loss|eval|gguf|seconds)\.|^headline", c)]),
               ("Data rows after each curation stage", [c for c in frame.columns if c.startswith("rows.")]),
               ("Training loss", [c for c in frame.columns if c.startswith("train_loss.")]),
-              ("Evaluation before/after", [c for c in frame.columns if c.startswith("eval.")]),
+              ("Evaluation before/after (the recipe's headline first)",
+               [c for c in frame.columns if c.startswith("headline")] + [c for c in frame.columns if c.startswith("eval.")]),
               ("GGUF", [c for c in frame.columns if c.startswith("gguf.")]),
               ("Wall time per stage (s)", [c for c in frame.columns if c.startswith("seconds.")])]
     for title, cols in groups:
@@ -246,7 +265,7 @@ def plot(frame: Any, path: str | Path) -> None:
 
     frame = frame.copy()
     for col in frame.columns:
-        if re.match(r"^(rows|train_loss|eval|gguf|seconds)\.", col):
+        if re.match(r"^(rows|train_loss|eval|gguf|seconds|headline)\.", col):
             frame[col] = pd.to_numeric(frame[col], errors="coerce").astype(float)
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     labels = [f"{r}\n{v}" for r, v in zip(frame.get("recipe", []), frame.get("variant", []))]
@@ -271,8 +290,9 @@ def plot(frame: Any, path: str | Path) -> None:
     ax.legend(fontsize=7)
 
     ax = axes[1][0]
-    eval_cols = [c for c in frame.columns if c.startswith("eval.") and not c.endswith(".delta")
-                 and not c.endswith(".limit")]
+    # primary metrics only (eval.<task>.<label>): chrF (0-100) or perplexity would flatten the rest
+    eval_cols = [c for c in frame.columns if c.startswith("eval.") and c.count(".") == 2
+                 and not c.endswith((".delta", ".limit", ".contaminated_rows"))]
     width = 0.8 / max(1, len(eval_cols))
     for i, col in enumerate(eval_cols):
         ax.bar(x + (i - (len(eval_cols) - 1) / 2) * width, frame[col].astype(float).fillna(0), width,

@@ -4,7 +4,11 @@ Task names in a recipe:
 - `heldout`: generated here over the recipe's eval.jsonl. Each prompt is rendered with the chat
   template the model was trained with (chat_template.jinja from the format stage), so the model
   sees exactly the training format; generate_until, greedy, exact match on `answer` after
-  stripping surrounding whitespace.
+  stripping surrounding whitespace. Exact match is 0 for any long answer (code, chat), so the task
+  also reports chrF of the greedy answer against the reference (lm-eval's own `chrf` metric, i.e.
+  sacrebleu's corpus chrF, 0-100) and the reference answer's mean log-likelihood per token and
+  perplexity under the model (lm-eval's loglikelihood requests, on the same rows, for base,
+  tuned and every GGUF).
 - `gsm8k_local`: lm-eval's own gsm8k task (`include:` of its YAML: prompts, few-shot, filters,
   metric) with the data read from a local JSONL; scored on the number after `####`.
 - anything else: an lm-eval built-in task, which downloads its dataset from the hub.
@@ -34,6 +38,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 LOCAL_TASKS = ("heldout", "gsm8k_local")
 # Metric reported per task; the other metrics stay in the lm-eval result files.
 PRIMARY_METRIC = {"heldout": "exact_match,none", "gsm8k_local": "exact_match,strict-match"}
+# Every other figure is higher-is-better (exact match, chrF, log-likelihood).
+LOWER_IS_BETTER = frozenset({"ref_perplexity"})
+# What the local tasks report, so a recipe's evaluate.headline is checked before any job runs.
+TASK_METRICS = {"heldout": ("exact_match", "chrf", "ref_logprob", "ref_perplexity"),
+                "gsm8k_local": ("exact_match,strict-match", "exact_match,flexible-extract")}
 # End-of-turn markers of common chat templates: generation stops at the first one.
 TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "</s>")
 
@@ -60,6 +69,25 @@ def task_specs(section: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------- local task files
+
+def task_documents(section: dict[str, Any]) -> tuple[dict[str, Path], dict[str, str]]:
+    """The local file holding each task's documents, for decontamination: {task: path}, and
+    {task: why it is not checked}. `heldout` is the recipe's own split (checked as split leakage)."""
+    files: dict[str, Path] = {}
+    skipped: dict[str, str] = {}
+    for spec in task_specs(section):
+        name = spec["name"]
+        if name == "heldout":
+            continue
+        if spec.get("data_files"):
+            files[name] = Path(spec["data_files"])
+        elif name == "gsm8k_local":
+            files[name] = default_gsm8k_file()
+        else:
+            skipped[name] = "an lm-eval built-in task whose documents come from the hub: give it data_files to check it"
+    return files, skipped
+
+
 
 def render_heldout(eval_jsonl: str | Path, template_path: str | Path, tokenizer: Any) -> list[dict[str, Any]]:
     """eval.jsonl rows -> {id, prompt_text, answer}, the prompt rendered with the training template."""
@@ -92,7 +120,9 @@ def write_heldout_task(rows: list[dict[str, Any]], task_dir: str | Path, *, max_
         "generation_kwargs": {"until": stop, "max_gen_toks": max_gen_toks, "do_sample": False, "temperature": 0.0},
         "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
                          # exact match after stripping surrounding whitespace on both sides
-                         "regexes_to_ignore": ["^\\s+", "\\s+$"]}],
+                         "regexes_to_ignore": ["^\\s+", "\\s+$"]},
+                        # lm-eval's registered chrf: a passthrough scored by sacrebleu.corpus_chrf
+                        {"metric": "chrf", "aggregation": "chrf", "higher_is_better": True}],
         "num_fewshot": 0,
         "metadata": {"version": 1.0},
     }
@@ -238,16 +268,45 @@ def run_task(lm: Any, spec: dict[str, Any], task_manager: Any, out_dir: str | Pa
     metric = PRIMARY_METRIC.get(name) or next(k for k in metrics if k != "alias" and "_stderr" not in k)
     n = results.get("n-samples", {}).get(name, {})
     stderr_key = metric.replace(",", "_stderr,", 1)
+    all_metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and "_stderr" not in k}
     return {
         "metric": metric,
         "score": float(metrics[metric]),
         "stderr": metrics.get(stderr_key) if isinstance(metrics.get(stderr_key), (int, float)) else None,
         "limit": n.get("effective", spec["limit"]),
         "n_available": n.get("original"),
-        "all_metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and "_stderr" not in k},
+        "all_metrics": all_metrics,
+        # the primary metric first, then the rest, under names a recipe can write (evaluate.headline)
+        # ("sample_len" and the like are counts, not metrics: lm-eval names metrics "<metric>,<filter>")
+        "metrics": {short_metric(k): float(v) for k, v in sorted(all_metrics.items(), key=lambda kv: kv[0] != metric)
+                    if "," in k},
         "seconds": round(seconds, 1),
         "results_file": str(result_file),
     }
+
+
+def short_metric(key: str) -> str:
+    """lm-eval's 'exact_match,none' -> 'exact_match'; a real filter stays ('exact_match,strict-match')."""
+    name, _, filt = key.partition(",")
+    return name if filt in ("", "none") else key
+
+
+def reference_likelihood(lm: Any, rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean log-likelihood per token of each row's reference answer after its rendered prompt, and
+    the perplexity that goes with it (token-weighted over all rows). lm-eval's own loglikelihood
+    requests score it, so HF models and GGUFs (tunesmith.gguf_lm) are measured the same way; tokens
+    are counted with the model's own context/continuation split."""
+    from lm_eval.api.instance import Instance
+
+    rows = [r for r in rows if r["answer"]]
+    if not rows:
+        return {}
+    requests = [Instance(request_type="loglikelihood", doc=r, arguments=(r["prompt_text"], r["answer"]), idx=0)
+                for r in rows]
+    lls = [ll for ll, _ in lm.loglikelihood(requests)]
+    tokens = sum(len(lm._encode_pair(r["prompt_text"], r["answer"])[1]) for r in rows)
+    mean = sum(lls) / max(1, tokens)
+    return {"ref_logprob": mean, "ref_perplexity": math.exp(-mean), "ref_tokens": tokens}
 
 
 def score(lm: Any, specs: list[dict[str, Any]], task_dir: str | Path, out_dir: str | Path, *, label: str,
@@ -261,6 +320,12 @@ def score(lm: Any, specs: list[dict[str, Any]], task_dir: str | Path, out_dir: s
     out = {}
     for spec in specs:
         out[spec["name"]] = run_task(lm, spec, task_manager, out_dir, label=label, log_samples=log_samples)
+        if spec["name"] == "heldout":  # lm-eval's limit is the first N docs: score the same rows
+            lines = (Path(task_dir) / "heldout.jsonl").read_text(encoding="utf-8").splitlines()
+            rows = [json.loads(line) for line in lines if line.strip()][: out["heldout"]["limit"] or None]
+            ref = reference_likelihood(lm, rows)
+            out["heldout"]["ref_tokens"] = ref.pop("ref_tokens", 0)
+            out["heldout"]["metrics"].update(ref)
         log.info("%s %s: %s = %.4f (limit %s, %.0f s)", label, spec["name"], out[spec["name"]]["metric"],
                  out[spec["name"]]["score"], out[spec["name"]]["limit"], out[spec["name"]]["seconds"])
     return out
@@ -317,7 +382,49 @@ def _delta_stderr(p1: float, n1: int | None, p2: float, n2: int | None) -> float
     return math.sqrt(p1 * (1 - p1) / n1 + p2 * (1 - p2) / n2)
 
 
-def compare(base: dict[str, Any], tuned: dict[str, Any]) -> dict[str, Any]:
+def _metrics(task: dict[str, Any], metric: str | None = None) -> dict[str, float]:
+    """A task's figures by short name (scores written before free-form metrics have only one)."""
+    return task.get("metrics") or {short_metric(task.get("metric") or metric or "score"): task["score"]}
+
+
+def metric_table(name: str, b: dict[str, Any] | None, t: dict[str, Any], gguf: dict[str, Any] | None) -> dict[str, Any]:
+    """Every figure of one task: base, tuned, delta and each GGUF's, with its direction."""
+    out = {}
+    for metric, value in _metrics(t).items():
+        before = _metrics(b).get(metric) if b else None
+        entry: dict[str, Any] = {"base": before, "tuned": value,
+                                 "delta": None if before is None else value - before,
+                                 "higher_is_better": metric not in LOWER_IS_BETTER}
+        scores = {q: _metrics(g["tasks"][name], t["metric"]).get(metric) for q, g in (gguf or {}).items()
+                  if name in g["tasks"]}
+        if any(v is not None for v in scores.values()):
+            entry["gguf"] = {q: v for q, v in scores.items() if v is not None}
+        out[metric] = entry
+    return out
+
+
+def headline(comparison: dict[str, Any], wanted: dict[str, str] | None) -> dict[str, Any]:
+    """The recipe's headline figure (evaluate.headline; null: the first task's primary metric),
+    from the comparison's tasks. An unknown metric names the ones the task has."""
+    import difflib
+
+    tasks = comparison["tasks"]
+    if not tasks:
+        return {}
+    task = wanted["task"] if wanted else next(iter(tasks))
+    if task not in tasks:
+        raise TunesmithError(f"evaluate.headline.task '{task}' was not scored (tasks: {', '.join(tasks)})")
+    metrics = tasks[task]["metrics"]
+    metric = wanted["metric"] if wanted else short_metric(tasks[task]["metric"])
+    if metric not in metrics:
+        near = difflib.get_close_matches(metric, list(metrics), n=1)
+        hint = f"did you mean '{near[0]}'? " if near else ""
+        raise TunesmithError(f"evaluate.headline.metric '{metric}': task '{task}' has no such metric; "
+                             f"{hint}it reports {', '.join(metrics)}")
+    return {"task": task, "metric": metric, **metrics[metric]}
+
+
+def compare(base: dict[str, Any], tuned: dict[str, Any], wanted_headline: dict[str, str] | None = None) -> dict[str, Any]:
     tasks = {}
     for name, t in tuned["tasks"].items():
         b = base["tasks"].get(name)
@@ -339,8 +446,26 @@ def compare(base: dict[str, Any], tuned: dict[str, Any]) -> dict[str, Any]:
         if gguf:
             entry["gguf"] = gguf
             entry["gguf_delta_vs_tuned"] = {q: s - t["score"] for q, s in gguf.items()}
+        entry["metrics"] = metric_table(name, b, t, tuned.get("gguf"))
         tasks[name] = entry
-    return {"base_model": base.get("model"), "tuned_model": tuned.get("model"), "tasks": tasks}
+    out = {"base_model": base.get("model"), "tuned_model": tuned.get("model"), "tasks": tasks}
+    # the headline leads the file: it is what a reader should look at first
+    return {"headline": headline(out, wanted_headline), **out}
+
+
+def add_contamination(comparison: dict[str, Any], report: dict[str, Any]) -> None:
+    """Each task's contamination count (the decontaminate stage's report) beside its score:
+    training rows matching the task's documents (for heldout: train rows leaking into the held-out
+    split), and whether they were dropped or only flagged. A task it could not check says why."""
+    method = f"{report.get('ngram')}-gram" + (" + embedding" if report.get("embedding") else "")
+    for name, entry in comparison["tasks"].items():
+        found = report["heldout"] if name == "heldout" else (report.get("tasks") or {}).get(name)
+        if found is not None and (name != "heldout" or found.get("rows_checked")):
+            entry["contamination"] = {"rows": found["rows_matched"], "rows_checked": found["rows_checked"],
+                                      "action": report["action"], "method": method}
+        else:
+            entry["contamination"] = {"rows": None, "not_checked": (report.get("not_checked") or {}).get(
+                name, "no documents to check against")}
 
 
 def chain(upstream: dict[str, Any], comparison: dict[str, Any], recipe: str, source: str) -> list[dict[str, Any]]:
@@ -364,30 +489,39 @@ def chain(upstream: dict[str, Any], comparison: dict[str, Any], recipe: str, sou
 
 
 def plot(comparison: dict[str, Any], path: str | Path, title: str = "") -> None:
+    """One panel per task and metric, each on its own scale (chrF is 0-100, perplexity unbounded),
+    the headline first: base, tuned and each GGUF side by side."""
     plt = fileio.pyplot()
 
-    tasks = list(comparison["tasks"])
-    series = ["base", "tuned"] + sorted({q for t in comparison["tasks"].values() for q in t.get("gguf", {})},
-                                        key=lambda q: ("Q8" not in q, q))
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.6 * len(tasks) * len(series) / 2), 3.6))
-    width = 0.8 / len(series)
+    head = comparison.get("headline") or {}
+    panels = [(n, m) for n, t in comparison["tasks"].items() for m in (t.get("metrics") or {short_metric(t["metric"]): {}})]
+    panels.sort(key=lambda p: p != (head.get("task"), head.get("metric")))
+    qtypes = sorted({q for t in comparison["tasks"].values() for q in t.get("gguf", {})}, key=lambda q: ("Q8" not in q, q))
+    series = ["base", "tuned", *qtypes]
     # Fixed colours: matplotlib's cycle would paint the first GGUF bar the same blue as "tuned".
     palette = ["#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2"]
-    colors = {"base": "#9e9e9e", "tuned": "#1f77b4", **{q: palette[i % len(palette)] for i, q in enumerate(series[2:])}}
-    for i, s in enumerate(series):
-        values = [(t.get(s) if s in ("base", "tuned") else t.get("gguf", {}).get(s)) for t in comparison["tasks"].values()]
-        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(tasks))]
-        bars = ax.bar(xs, [v or 0 for v in values], width, label=s, color=colors.get(s))
+    colors = {"base": "#9e9e9e", "tuned": "#1f77b4", **{q: palette[i % len(palette)] for i, q in enumerate(qtypes)}}
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(4.5, 0.55 * len(series) * len(panels) + 1.2 * len(panels)), 3.6),
+                             squeeze=False)
+    for ax, (task, metric) in zip(axes[0], panels):
+        t = comparison["tasks"][task]
+        m = (t.get("metrics") or {}).get(metric) or {"base": t.get("base"), "tuned": t.get("tuned"), "gguf": t.get("gguf", {})}
+        values = [m.get(s) if s in ("base", "tuned") else (m.get("gguf") or {}).get(s) for s in series]
+        bars = ax.bar(range(len(series)), [v or 0 for v in values], 0.7, color=[colors[s] for s in series])
         for bar, v in zip(bars, values):
             if v is not None:
-                ax.annotate(f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ax.annotate(f"{v:.3g}", (bar.get_x() + bar.get_width() / 2, max(bar.get_height(), 0)),
                             ha="center", va="bottom", fontsize=7)
-    labels = [f"{n}\n{t['metric'].split(',')[0]}, n={t['limit']}" for n, t in comparison["tasks"].items()]
-    ax.set_xticks(range(len(tasks)), labels, fontsize=8)
-    ax.set_ylim(0, 1.3)  # headroom for the legend above bars at 1.0
-    ax.set_ylabel("score")
-    ax.set_title(title or "base vs tuned" + (" vs GGUF" if len(series) > 2 else ""), fontsize=9)
-    ax.legend(fontsize=7, ncol=len(series), loc="upper left")
+        ax.set_xticks(range(len(series)), series, fontsize=7, rotation=30)
+        star = "★ " if (task, metric) == (head.get("task"), head.get("metric")) else ""
+        arrow = "" if m.get("higher_is_better", True) else " (lower is better)"
+        dirty = (t.get("contamination") or {}).get("rows")
+        dirty = "" if dirty is None else f", contaminated rows {dirty}"
+        ax.set_title(f"{star}{task}: {metric}{arrow}\nn={t['limit']}{dirty}", fontsize=8)
+        if metric in ("exact_match",) or metric.startswith("exact_match,"):
+            ax.set_ylim(0, 1.15)
+    fig.suptitle(title or "base vs tuned" + (" vs GGUF" if qtypes else ""), fontsize=9)
+    fig.tight_layout()
     fileio.save_figure(fig, path)
     plt.close(fig)
 
@@ -404,7 +538,7 @@ def env_threads(threads: int) -> None:
 
 def stage(name: str, model_dir: str, outputs: dict[str, str], section: dict[str, Any], *, eval_jsonl: str | None,
           template: str | None, gguf_dir: str | None = None, base_scores: str | None = None, recipe: str,
-          variant: str | None, threads: int = 2, upstream: str | None = None):
+          variant: str | None, threads: int = 2, upstream: str | None = None, contamination: str | None = None):
     """evaluate_base (the base model: writes `scores`) or evaluate (the tuned model, then each GGUF in
     gguf_dir, compared with base_scores: also writes `compare` and `plot`).
     Figures: tasks -> {base | tuned | <GGUF type>: score}."""
@@ -432,28 +566,47 @@ def stage(name: str, model_dir: str, outputs: dict[str, str], section: dict[str,
     artifacts = [outputs["scores"], *(t["results_file"] for t in scores["tasks"].values())]
     for g in (scores.get("gguf") or {}).values():
         artifacts += [t["results_file"] for t in g["tasks"].values()]
-    tasks = {n: {label: t["score"], "limit": t["limit"], "metric": t["metric"]} for n, t in scores["tasks"].items()}
+    tasks = {n: {label: t["score"], "limit": t["limit"], "metric": t["metric"],
+                 "metrics": {m: {label: v} for m, v in _metrics(t).items()}} for n, t in scores["tasks"].items()}
     for qtype, g in (scores.get("gguf") or {}).items():
         for n, t in g["tasks"].items():
             tasks[n][qtype] = t["score"]
+            for m, v in _metrics(t).items():
+                tasks[n]["metrics"].setdefault(m, {})[qtype] = v
     tags = {f"gguf.{q}.path": g["file"] for q, g in (scores.get("gguf") or {}).items()}
     if not tuned_rule:
         return Result(figures={"tasks": tasks}, artifacts=artifacts, tags=tags, summary="; ".join(
             f"{n} ({t['metric']}, limit {t['limit']}): base {t['score']:.3f}" for n, t in scores["tasks"].items()))
 
-    comparison = compare(json.loads(Path(base_scores).read_text()), scores)
+    comparison = compare(json.loads(Path(base_scores).read_text()), scores, ev["headline"])
     comparison.update(recipe=recipe, variant=variant)
+    if contamination:
+        add_contamination(comparison, json.loads(Path(contamination).read_text()))
     if upstream:  # model.base: recipe:<name>: the whole way from the root base model to here
         comparison["chain"] = chain(json.loads(Path(upstream).read_text()), comparison, recipe, upstream)
     fileio.write_json(outputs["compare"], comparison)
     plot(comparison, outputs["plot"], title=f"{recipe} [{variant}]: base vs tuned" + (" vs GGUF" if scores.get("gguf") else ""))
     for n, c in comparison["tasks"].items():
         tasks[n].update(base=c["base"], delta=c["delta"])
+        if (c.get("contamination") or {}).get("rows") is not None:
+            tasks[n]["contaminated_rows"] = c["contamination"]["rows"]
+        for m, entry in c["metrics"].items():
+            tasks[n]["metrics"][m].update(base=entry["base"], delta=entry["delta"])
+    head = comparison["headline"]
+    figures: dict[str, Any] = {"tasks": tasks}
     lines = []
+    if head:
+        figures["headline"] = {k: v for k, v in head.items() if k != "gguf"} | dict(head.get("gguf") or {})
+        lines.append("headline " + _chain_text(head["task"], head["metric"], head))
     for n, c in comparison["tasks"].items():
         gg = "".join(f" -> {q} {s:.3f}" for q, s in (c.get("gguf") or {}).items())
         base = "-" if c["base"] is None else f"{c['base']:.3f}"
-        lines.append(f"{n} ({c['metric']}, limit {c['limit']}): base {base} -> tuned {c['tuned']:.3f}{gg}")
+        dirty = (c.get("contamination") or {}).get("rows")
+        dirty = "" if dirty is None else f" [training rows matching its documents: {dirty}, {c['contamination']['action']}]"
+        lines.append(f"{n} ({c['metric']}, limit {c['limit']}): base {base} -> tuned {c['tuned']:.3f}{gg}{dirty}")
+        for m, entry in c["metrics"].items():
+            if m != short_metric(c["metric"]) and (n, m) != (head.get("task"), head.get("metric")):
+                lines.append(_chain_text(n, m, entry))
     for n, c in comparison["tasks"].items():
         if c.get("regressed"):
             se = f", standard error of the difference {c['delta_stderr']:.3f}" if c.get("delta_stderr") else ""
@@ -465,5 +618,13 @@ def stage(name: str, model_dir: str, outputs: dict[str, str], section: dict[str,
         lines.append(f"{name} chain: " + " -> ".join(
             f"{link['label']} {link['tasks'][name]:.3f}" for link in comparison["chain"]
             if link["tasks"].get(name) is not None))
-    return Result(figures={"tasks": tasks}, artifacts=[*artifacts, outputs["compare"], outputs["plot"]], tags=tags,
+    return Result(figures=figures, artifacts=[*artifacts, outputs["compare"], outputs["plot"]], tags=tags,
                   summary="; ".join(lines))
+
+
+def _chain_text(task: str, metric: str, entry: dict[str, Any]) -> str:
+    def num(v: Any) -> str:
+        return "-" if v is None else f"{v:.3f}"
+    gg = "".join(f" -> {q} {num(v)}" for q, v in (entry.get("gguf") or {}).items())
+    return f"{task} {metric}: base {num(entry.get('base'))} -> tuned {num(entry.get('tuned'))}{gg}"
+

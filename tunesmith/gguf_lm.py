@@ -84,19 +84,21 @@ class LlamaCppLM(LM):
     def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
         out = []
         for req in requests:
-            context, continuation = req.args
-            # Split like HF: trailing spaces of the context belong to the continuation.
-            n_spaces = len(context) - len(context.rstrip())
-            if n_spaces:
-                continuation = context[-n_spaces:] + continuation
-                context = context[:-n_spaces]
-            whole = self._tok(context + continuation, bos=True)
-            ctx = self._tok(context, bos=True)
-            cont = whole[len(ctx):]
-            if not ctx:
-                ctx = [self.eos]
-            out.append(self._score(ctx, cont))
+            ctx, cont = self._encode_pair(*req.args)
+            out.append(self._score(ctx or [self.eos], cont))
         return out
+
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """(context, continuation) tokens split as lm-eval's TemplateLM does, so token counts of the
+        HF and the GGUF models are counted the same way."""
+        # trailing spaces of the context belong to the continuation
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            continuation = context[-n_spaces:] + continuation
+            context = context[:-n_spaces]
+        whole = self._tok(context + continuation, bos=True)
+        ctx = self._tok(context, bos=True)
+        return ctx, whole[len(ctx):]
 
     def loglikelihood_rolling(self, requests: list[Any]) -> list[float]:
         out = []

@@ -32,6 +32,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("filter", "data", "filter.py", rows_report="filter_report.json"),
     Stage("dedupe", "data", "dedupe.py", rows_report="dedupe_report.json"),
     Stage("select", "data", "select_rows.py", rows_report="select_report.json"),
+    Stage("decontaminate", "data", "decontaminate.py", rows_report="decontaminate_report.json"),
     Stage("format", "data", "format.py", rows_report="format_report.json"),
     Stage("build_pairs", "pairs", "build_pairs.py"),
     Stage("curate_pairs", "pairs", "curate_pairs.py"),

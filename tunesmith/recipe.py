@@ -194,8 +194,23 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> di
 
 def _check_semantics(recipe: dict[str, Any], source: str) -> None:
     """Rules JSON Schema cannot say simply."""
-    if recipe["kind"] == "sft" and not recipe["dataset"]["source"]:
-        raise RecipeError(f"{source}: key 'dataset.source' is required for kind: sft")
+    if recipe["kind"] == "sft" and not has_dataset(recipe):
+        raise RecipeError(f"{source}: key 'dataset.source' (or 'dataset.sources') is required for kind: sft")
+    mixture = recipe["dataset"]["sources"]
+    if mixture:
+        if recipe["dataset"]["source"]:
+            raise RecipeError(f"{source}: dataset.source and dataset.sources are both set: a mixture names its "
+                              f"files under dataset.sources only")
+        from tunesmith.data.load import source_sections
+
+        names = [s["name"] for s in source_sections(recipe["dataset"])]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise RecipeError(f"{source}: dataset.sources: two sources named {', '.join(twice)}: give each a name")
+        weighted = [s.get("weight") is not None for s in mixture]
+        if any(weighted) and not all(weighted):
+            raise RecipeError(f"{source}: dataset.sources.{weighted.index(False)} has no weight while others have "
+                              f"one: weights are shares of the mix, give one to every source or to none")
     if recipe["kind"] == "pretrain" and not recipe["pretrain"]["corpus"]["source"]:
         raise RecipeError(f"{source}: key 'pretrain.corpus.source' is required for kind: pretrain")
     if recipe["model"]["base"] == "pretrained" and recipe["kind"] != "pretrain":
@@ -211,9 +226,29 @@ def _check_semantics(recipe: dict[str, Any], source: str) -> None:
         )
     for key in recipe["sweep"]:
         _get_dotted(recipe, key, source)
+    headline = recipe["evaluate"]["headline"]
+    if headline:
+        tasks = [t if isinstance(t, str) else t["name"] for t in recipe["evaluate"]["tasks"]]
+        if headline["task"] not in tasks:
+            near = difflib.get_close_matches(headline["task"], tasks, n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else f"; the recipe runs {', '.join(tasks)}"
+            raise RecipeError(f"{source}: evaluate.headline.task '{headline['task']}' is not one of evaluate.tasks{hint}")
+        from tunesmith.evaluate import TASK_METRICS
+
+        known = TASK_METRICS.get(headline["task"])
+        if known and headline["metric"] not in known:
+            near = difflib.get_close_matches(headline["metric"], known, n=1)
+            hint = f"did you mean '{near[0]}'? " if near else ""
+            raise RecipeError(f"{source}: evaluate.headline.metric '{headline['metric']}': task '{headline['task']}' "
+                              f"has no such metric; {hint}it reports {', '.join(known)}")
 
 
 CHAIN_PREFIX = "recipe:"
+
+
+def has_dataset(recipe: dict[str, Any]) -> bool:
+    """The recipe fine-tunes on instruction data: one dataset.source or a dataset.sources mixture."""
+    return bool(recipe["dataset"]["source"] or recipe["dataset"]["sources"])
 
 
 def upstream(recipe: dict[str, Any]) -> tuple[str, str] | None:
@@ -248,7 +283,7 @@ def resolve_chains(recipes: dict[str, dict[str, Any]], recipes_dir: str | Path,
                 raise RecipeError(f"{source} names no recipe in {recipes_dir}{hint}")
             out[up] = load(path, up)
             todo.append(up)
-        if not out[up]["dataset"]["source"]:
+        if not has_dataset(out[up]):
             raise RecipeError(f"{source}: recipe '{up}' trains no model to start from (kind: "
                               f"{out[up]['kind']}, no dataset.source): chain on a recipe that fine-tunes")
         names = variants(out[up])

@@ -129,22 +129,70 @@ def split_positions(n: int, fraction: float, max_rows: int, seed: int) -> np.nda
     return np.sort(rng.permutation(n)[:n_eval])
 
 
+def held_positions(frame: pd.DataFrame, section: dict[str, Any]) -> set[int]:
+    """Positions of the held-out rows. A `split` column (the decontaminate stage fixes the split before
+    it drops leaks) wins; a mixture (a `source` column) is split per source, eval_fraction of each
+    capped at eval_max_rows each, so that every source is scored and none is up-sampled first."""
+    if "split" in frame.columns:
+        return {pos for pos, s in enumerate(frame["split"]) if s == "eval"}
+    args = (section["eval_fraction"], section["eval_max_rows"], section["seed"])
+    if "source" not in frame.columns:
+        return set(split_positions(len(frame), *args).tolist())
+    held: set[int] = set()
+    for name in dict.fromkeys(frame["source"]):
+        positions = np.flatnonzero((frame["source"] == name).to_numpy())
+        held.update(positions[split_positions(len(positions), *args)].tolist())
+    return held
+
+
 def build(frame: pd.DataFrame, section: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """train rows, eval rows (prompt/completion; eval rows with 'answer')."""
+    """train rows, eval rows (prompt/completion; eval rows with 'answer'; a mixture's rows name their
+    source)."""
     system_prompt = section["system_prompt"]
-    held = set(split_positions(len(frame), section["eval_fraction"], section["eval_max_rows"],
-                               section["seed"]).tolist())
+    held = held_positions(frame, section)
     train: list[dict[str, Any]] = []
     evals: list[dict[str, Any]] = []
     for pos, row in enumerate(frame.to_dict("records")):
         prompt, completion = conversation(row, system_prompt)
         item = {"id": int(row["id"]), "prompt": prompt, "completion": completion}
+        if row.get("source"):
+            item["source"] = str(row["source"])
         if pos in held:
             item["answer"] = completion[-1]["content"]
             evals.append(item)
         else:
             train.append(item)
     return train, evals
+
+
+def mix(train: list[dict[str, Any]], weights: dict[str, float], seed: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Train rows resampled so each source makes up its weight's share of as many rows as there are:
+    a source over its share is sampled down, one under it is repeated (seeded). Only train rows:
+    the held-out rows are split off before, so none is ever repeated into train."""
+    rng = np.random.default_rng(seed)
+    total_w = sum(weights.values())
+    groups: dict[str, list[dict[str, Any]]] = {name: [] for name in weights}
+    for row in train:
+        groups.setdefault(row.get("source", ""), []).append(row)
+    n = len(train)
+    out: list[dict[str, Any]] = []
+    rows: dict[str, dict[str, int]] = {}
+    for name, w in weights.items():
+        have = groups[name]
+        want = int(round(n * w / total_w))
+        if not have:
+            rows[name] = {"available": 0, "train": 0, "repeated": 0}
+            continue
+        if want <= len(have):
+            picked = [have[i] for i in np.sort(rng.choice(len(have), want, replace=False))]
+        else:
+            picked = have + [have[i] for i in rng.choice(len(have), want - len(have), replace=True)]
+        rows[name] = {"available": len(have), "train": len(picked), "repeated": max(0, want - len(have))}
+        out.extend(picked)
+    out = [out[i] for i in rng.permutation(len(out))]
+    report = {"requested": {k: round(w / total_w, 4) for k, w in weights.items()},
+              "obtained": {k: round(r["train"] / max(1, len(out)), 4) for k, r in rows.items()}, "rows": rows}
+    return out, report
 
 
 def _check_messages(value: Any, path: str, line: int, field: str, roles: tuple[str, ...]) -> None:

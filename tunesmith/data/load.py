@@ -404,6 +404,88 @@ def _check_columns(file: str, schema: str, columns: dict[str, Any], seen: dict[s
                             f"the columns that exist are: {', '.join(map(str, seen)) or '(none)'}")
 
 
+def random_sample(records: Iterator[tuple[str, Any]], limit: int, seed: int) -> tuple[Iterator[tuple[str, Any]], dict[str, Any]]:
+    """A seeded sample of `limit` records, in source order; each keeps where it was read (file and
+    row), so a bad row in the sample is still named by its place in the source."""
+    import numpy as np
+
+    everything = list(records)
+    n = len(everything)
+    chosen = np.sort(np.random.default_rng(seed).choice(n, size=min(limit, n), replace=False)) if n else []
+    return iter([everything[i] for i in chosen]), {"strategy": "random", "seed": seed, "rows": len(chosen),
+                                                    "of_records": n}
+
+
+SOURCE_KEYS = ("source", "format", "split", "revision", "schema", "columns", "on_bad_rows", "limit", "sample", "seed")
+
+
+def source_name(source: str) -> str:
+    return Path(source.rstrip("/")).stem or source
+
+
+def source_sections(section: dict[str, Any]) -> list[dict[str, Any]]:
+    """The resolved dataset section of each source of a mixture (a key a source leaves out takes the
+    dataset section's value), with its name, weight and max_rows. One entry for the single form."""
+    if not section.get("sources"):
+        return [{**section, "name": source_name(section["source"] or "data"), "weight": None, "max_rows": None}]
+    out = []
+    for item in section["sources"]:
+        sub = {k: item.get(k, section[k]) for k in SOURCE_KEYS}
+        out.append({**sub, "sources": None, "name": item.get("name") or source_name(item["source"]),
+                    "weight": item.get("weight"), "max_rows": item.get("max_rows")})
+    return out
+
+
+def mixture_weights(section: dict[str, Any]) -> dict[str, float] | None:
+    """source name -> weight for a weighted mixture (dataset.sources with weights), else None."""
+    subs = source_sections(section) if section.get("sources") else []
+    if not subs or any(s["weight"] is None for s in subs):
+        return None
+    return {s["name"]: float(s["weight"]) for s in subs}
+
+
+def load_mixture(section: dict[str, Any], *, offline: bool, cache_dir: str | Path = "resources/downloads") -> Loaded:
+    """Every source of dataset.sources read as load() reads one, capped at its max_rows (a seeded
+    sample), tagged with its name in a `source` column, ids renumbered across the mixture. Weights
+    are applied by the format stage after the held-out split, so no eval row is ever repeated."""
+    import numpy as np
+
+    frames, infos = [], []
+    for sub in source_sections(section):
+        loaded = load(sub, offline=offline, cache_dir=cache_dir)
+        frame, info = loaded.frame, dict(loaded.info, name=sub["name"], weight=sub["weight"], max_rows=sub["max_rows"])
+        if sub["max_rows"] is not None and len(frame) > sub["max_rows"]:
+            keep = np.sort(np.random.default_rng(sub["seed"]).choice(len(frame), sub["max_rows"], replace=False))
+            frame = frame.iloc[keep].reset_index(drop=True)
+            info["capped_from"] = info["rows"]
+            info["rows"] = len(frame)
+        frame = frame.assign(source=sub["name"])
+        frames.append(frame)
+        infos.append(info)
+    frame = pd.concat(frames, ignore_index=True)
+    frame["id"] = np.arange(len(frame), dtype="int64")
+    total = sum(i["rows"] for i in infos)
+    weights = [i["weight"] for i in infos]
+    requested = ({i["name"]: w / sum(weights) for i, w in zip(infos, weights)} if all(w is not None for w in weights)
+                 else None)
+    info = {"origin": ", ".join(i["origin"] for i in infos), "kind": "mixture", "sources": infos,
+            "rows": len(frame), "records_read": sum(i["records_read"] for i in infos),
+            "rows_by_source": {i["name"]: i["rows"] for i in infos},
+            "shares": {"requested_train": requested, "read": {i["name"]: i["rows"] / max(1, total) for i in infos}},
+            "skipped": {"count": sum(i["skipped"]["count"] for i in infos),
+                        "by_reason": _sum_counts(i["skipped"]["by_reason"] for i in infos)},
+            "sha256": None, "columns": list(frame.columns)}
+    return Loaded(frame, info)
+
+
+def _sum_counts(dicts: Iterator[dict[str, int]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
 def load(section: dict[str, Any], *, offline: bool, cache_dir: str | Path = "resources/downloads") -> Loaded:
     """Read dataset.source per the recipe's dataset section; returns canonical rows + source facts."""
     source = section["source"]
@@ -425,8 +507,12 @@ def load(section: dict[str, Any], *, offline: bool, cache_dir: str | Path = "res
         records = read_local(path, fmt, on_bad)
         label = str(path)
         info.update(path=str(path.resolve()), format=fmt, sha256=sha256(path))
+    limit = section["limit"]
+    if limit is not None and section["sample"] == "random":
+        records, info["sample"] = random_sample(records, limit, section["seed"])
+        limit = None
     frame, facts = canonicalise(records, file=label, schema=info["schema"], columns=columns,
-                                on_bad_rows=on_bad, limit=section["limit"])
+                                on_bad_rows=on_bad, limit=limit)
     info.update(facts)
     info["rows"] = len(frame)
     info["columns"] = list(frame.columns)

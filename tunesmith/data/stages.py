@@ -22,6 +22,19 @@ from tunesmith.data import select as select_mod
 log = logging.getLogger("tunesmith.data")
 
 
+def by_source(before: Any, after: Any) -> dict[str, dict[str, int]] | None:
+    """Rows per source of a mixture in and out of a stage (None for a single source)."""
+    if "source" not in getattr(after, "columns", ()):
+        return None
+    counts_in, counts_out = before["source"].value_counts(), after["source"].value_counts()
+    return {str(name): {"in": int(counts_in.get(name, 0)), "out": int(counts_out.get(name, 0))}
+            for name in counts_in.index}
+
+
+def _source_metrics(per_source: dict[str, dict[str, int]] | None) -> dict[str, int]:
+    return {f"rows_out.{name}": c["out"] for name, c in (per_source or {}).items()}
+
+
 def _result(metrics: dict[str, Any], *artifacts: str, summary: str = "") -> Result:
     metrics["seconds"] = metrics["load_seconds"] + metrics["work_seconds"]
     return Result(metrics=metrics, artifacts=[str(a) for a in artifacts], summary=summary)
@@ -30,7 +43,7 @@ def _result(metrics: dict[str, Any], *artifacts: str, summary: str = "") -> Resu
 def download(section: dict[str, Any], raw_path: str, source_path: str, *, offline: bool,
              cache_dir: str = "resources/downloads") -> Result:
     started = time.perf_counter()
-    loaded = load.load(section, offline=offline, cache_dir=cache_dir)
+    loaded = (load.load_mixture if section["sources"] else load.load)(section, offline=offline, cache_dir=cache_dir)
     fileio.write_parquet(raw_path, loaded.frame)
     info = dict(loaded.info)
     info["raw_sha256"] = fileio.sha256(raw_path)
@@ -40,6 +53,7 @@ def download(section: dict[str, Any], raw_path: str, source_path: str, *, offlin
     log.info("download: %d rows from %s (%d skipped: %s)", info["rows"], info["origin"], skipped["count"],
              skipped["by_reason"])
     metrics = {"rows_in": info["records_read"], "rows_out": info["rows"], "skipped": skipped["count"],
+               **{f"rows_out.{name}": n for name, n in (info.get("rows_by_source") or {}).items()},
                **{f"skipped_{k}": v for k, v in skipped["by_reason"].items()},
                "load_seconds": 0.0, "work_seconds": time.perf_counter() - started}
     return _result(metrics, source_path, summary=f"{info['rows']} rows from {info['origin']} "
@@ -114,12 +128,13 @@ def filter_rows(raw_path: str, counts_path: str, section: dict[str, Any], out_pa
 
     frame = tokens.attach_counts(load.read_rows(raw_path), pd.read_parquet(counts_path))
     kept, report = filters.apply(frame, section)
+    report["rows_by_source"] = by_source(frame, kept)
     fileio.write_parquet(out_path, kept)
     fileio.write_json(report_path, {**report, "settings": section})
     log.info("filter: %d -> %d rows; drops %s", report["rows_in"], report["rows_out"], report["drops"])
     return _result({"rows_in": report["rows_in"], "rows_out": report["rows_out"], "dropped": report["dropped"],
                     **{f"drop_{k.replace(':', '_')}": v for k, v in report["drops"].items()},
-                    "tokens": report["tokens_out"], "load_seconds": 0.0,
+                    "tokens": report["tokens_out"], "load_seconds": 0.0, **_source_metrics(report["rows_by_source"]),
                     "work_seconds": time.perf_counter() - started},
                    report_path, summary=f"{report['rows_in']} -> {report['rows_out']} rows; drops {report['drops']}")
 
@@ -130,6 +145,7 @@ def dedupe(in_path: str, section: dict[str, Any], out_path: str, report_path: st
     frame = load.read_rows(in_path)
     kept, report, nn_sim = dedupe_mod.run(frame, section, offline=offline, model=model,
                                           progress=len(frame) > 2000)
+    report["rows_by_source"] = by_source(frame, kept)
     fileio.write_parquet(out_path, kept)
     fileio.write_json(report_path, {**report, "settings": section})
     plots.similarity_histogram(nn_sim, report["threshold"] if section["near"] else None, hist_path,
@@ -142,6 +158,7 @@ def dedupe(in_path: str, section: dict[str, Any], out_path: str, report_path: st
                     "threshold": report["threshold"], "embed_seconds": report.get("embed_seconds", 0.0),
                     "embed_rows_per_s": report.get("embed_rows_per_s") or 0.0,
                     "search_seconds": report.get("search_seconds", 0.0), "tokens": int(kept["n_tokens"].sum()),
+                    **_source_metrics(report["rows_by_source"]),
                     "load_seconds": load_seconds, "work_seconds": time.perf_counter() - started - load_seconds},
                    report_path, hist_path,
                    summary=f"{report['rows_in']} -> {report['rows_out']} rows (exact {report['exact_removed']}, "
@@ -152,16 +169,56 @@ def select(in_path: str, section: dict[str, Any], out_path: str, report_path: st
     started = time.perf_counter()
     frame = load.read_rows(in_path)
     kept, report = select_mod.apply(frame, section)
+    report["rows_by_source"] = by_source(frame, kept)
     fileio.write_parquet(out_path, kept)
     fileio.write_json(report_path, report)
     log.info("select (%s): %d -> %d rows", report["strategy"], report["rows_in"], report["rows_out"])
     return _result({"rows_in": report["rows_in"], "rows_out": report["rows_out"], "tokens": report["tokens_out"],
+                    **_source_metrics(report["rows_by_source"]),
                     "load_seconds": 0.0, "work_seconds": time.perf_counter() - started},
                    report_path, summary=f"{report['strategy']}: {report['rows_in']} -> {report['rows_out']} rows")
 
 
+def decontaminate(in_path: str, section: dict[str, Any], out_path: str, report_path: str, *, offline: bool,
+                  embedder: Any = None) -> Result:
+    """section: the resolved decontaminate, evaluate and format sections (format fixes the split)."""
+    from tunesmith import evaluate
+    from tunesmith.data import decontaminate as decon
+
+    t0 = time.perf_counter()
+    cfg = section["decontaminate"]
+    emb = cfg["embedding"]
+    if emb["enabled"] and embedder is None:
+        embedder = dedupe_mod.load_embedder(emb["model"], offline=offline, device=emb["device"])
+    t1 = time.perf_counter()
+    frame = load.read_rows(in_path)
+    files, skipped = evaluate.task_documents(section["evaluate"])
+    tasks = {name: decon.read_documents(path, name) for name, path in files.items()}
+    kept, report = decon.run(frame, tasks, cfg, section["format"], skipped=skipped, embedder=embedder)
+    for name, path in files.items():
+        report["tasks"][name]["file"] = str(path)
+        report["tasks"][name]["sha256"] = fileio.sha256(path)
+    report = {"rows_in": len(frame), "rows_out": len(kept), "rows_dropped": len(frame) - len(kept), **report,
+              "rows_by_source": by_source(frame, kept), "settings": cfg}
+    fileio.write_parquet(out_path, kept)
+    fileio.write_json(report_path, report)
+    for name, why in skipped.items():
+        log.warning("decontaminate: task %s not checked: %s", name, why)
+    counts = {name: t["rows_matched"] for name, t in report["tasks"].items()}
+    counts["heldout"] = report["heldout"]["rows_matched"]
+    metrics = {"rows_in": len(frame), "rows_out": len(kept), "rows_dropped": len(frame) - len(kept),
+               "rows_flagged": report["rows_flagged"], **{f"matched_{k}": v for k, v in counts.items()},
+               **_source_metrics(report["rows_by_source"]),
+               "load_seconds": t1 - t0, "work_seconds": time.perf_counter() - t1}
+    verb = "dropped" if cfg["action"] == "drop" else "flagged"
+    return _result(metrics, report_path, summary=f"{len(frame)} -> {len(kept)} rows; rows matching each task "
+                   f"({verb}): " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+
 def format_rows(in_path: str, tokenizer_dir: str, section: dict[str, Any], train_path: str, eval_path: str,
-                preview_path: str, template_path: str, report_path: str, *, tokenizer: Any = None) -> Result:
+                preview_path: str, template_path: str, report_path: str, *, tokenizer: Any = None,
+                weights: dict[str, float] | None = None) -> Result:
+    """weights: a mixture's source -> weight (dataset.sources), applied to the train rows after the split."""
     t0 = time.perf_counter()
     tok = tokenizer if tokenizer is not None else tokens.load_tokenizer(tokenizer_dir)
     t1 = time.perf_counter()
@@ -175,6 +232,12 @@ def format_rows(in_path: str, tokenizer_dir: str, section: dict[str, Any], train
     label = section["template"]
     end_token = formatting.check_end_of_turn(tok, template, label, tokenizer_dir)
     train, evals = formatting.build(frame, section)
+    mixture = None
+    if weights:
+        before = len(train)
+        train, mixture = formatting.mix(train, weights, section["seed"])
+        log.info("format: %d train rows resampled to the mixture's weights: requested %s, obtained %s (from %d rows)",
+                 len(train), mixture["requested"], mixture["obtained"], before)
     fileio.write_jsonl(train_path, train)
     fileio.write_jsonl(eval_path, evals)
     fileio.write_text(template_path, template)
@@ -187,8 +250,18 @@ def format_rows(in_path: str, tokenizer_dir: str, section: dict[str, Any], train
     report = {"rows_in": len(frame), "rows_out": len(train) + len(evals), "rows_train": len(train),
               "rows_eval": len(evals), "multi_turn_rows": int(sum(len(r["prompt"]) > 2 for r in train + evals)),
               "template": label, "end_of_turn": end_token}
+    if "source" in frame.columns:
+        report["rows_by_source"] = {str(name): {"in": int((frame["source"] == name).sum()),
+                                                "train": sum(r.get("source") == name for r in train),
+                                                "eval": sum(r.get("source") == name for r in evals)}
+                                    for name in dict.fromkeys(frame["source"])}
+        report["shares"] = mixture or {"requested": None, "obtained": {
+            k: round(v["train"] / max(1, len(train)), 4) for k, v in report["rows_by_source"].items()}}
     fileio.write_json(report_path, report)
-    return _result({k: v for k, v in report.items() if isinstance(v, int)} |
+    per_source = {f"rows_{split}.{name}": c[split] for name, c in (report.get("rows_by_source") or {}).items()
+                  for split in ("train", "eval")}
+    shares = {f"share.{name}": v for name, v in ((report.get("shares") or {}).get("obtained") or {}).items()}
+    return _result({k: v for k, v in report.items() if isinstance(v, int)} | per_source | shares |
                    {"load_seconds": t1 - t0, "work_seconds": time.perf_counter() - t1},
                    report_path, preview_path, template_path,
                    summary=f"{len(train)} train, {len(evals)} eval rows with template {label}")

@@ -8,7 +8,7 @@ sys.path.insert(0, workflow.basedir)
 from tunesmith import pipeline, tracking
 from tunesmith.settings import configure_environment
 from tunesmith.errors import TunesmithError
-from tunesmith.recipe import check_config, load_recipe, resolve_chains, upstream, variants
+from tunesmith.recipe import check_config, has_dataset, load_recipe, resolve_chains, upstream, variants
 from tunesmith.methods import METHODS
 from tunesmith.models import merge_mem_mb, model_slug
 
@@ -48,7 +48,7 @@ def variant_of(wildcards):
 
 
 def has_sft(recipe):
-    return bool(recipe["dataset"]["source"])
+    return has_dataset(recipe)
 
 
 def base_model_dir(recipe):
@@ -175,7 +175,8 @@ def dataset_input(wildcards):
     input made by another job is missing: if download failed on an edited file, raw.parquet would be
     gone and the old train.jsonl would count as done. Depending on the file itself, each of them
     sees the edit."""
-    return local_paths(recipe_of(wildcards)["dataset"]["source"])
+    dataset = recipe_of(wildcards)["dataset"]
+    return local_paths(dataset["source"], *(s["source"] for s in dataset["sources"] or ()))
 
 
 def template_input(wildcards):
@@ -185,6 +186,13 @@ def template_input(wildcards):
 
 def corpus_input(wildcards):
     return local_paths(recipe_of(wildcards)["pretrain"]["corpus"]["source"])
+
+
+def task_documents_input(wildcards):
+    """The local files holding the documents of the recipe's eval tasks (decontaminate reads them)."""
+    from tunesmith.evaluate import task_documents
+
+    return local_paths(*(str(p) for p in task_documents(recipe_of(wildcards)["evaluate"])[0].values()))
 
 
 def eval_data_input(wildcards):

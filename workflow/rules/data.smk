@@ -1,4 +1,4 @@
-# Data curation: download -> tokenize_count -> filter -> dedupe -> select -> format.
+# Data curation: download -> tokenize_count -> filter -> dedupe -> select -> decontaminate -> format.
 # All CPU rules; outputs under results/{recipe}/data/.
 
 
@@ -147,10 +147,36 @@ rule select:
         "../../scripts/select_rows.py"
 
 
+rule decontaminate:
+    """Check curated rows against every local eval task's documents and train against held-out (n-grams, optional embeddings); drop or flag."""
+    input:
+        selected=rules.select.output.selected,
+        documents=task_documents_input,
+        dataset=dataset_input,  # see dataset_input: a failed stage must not hide an edit
+    output:
+        kept=f"{RESULTS}/{{recipe}}/data/decontaminated.parquet",
+        report=f"{RESULTS}/{{recipe}}/data/decontaminate_report.json",
+    params:
+        code=stage_code("decontaminate"),
+        section=stage_params("decontaminate", "evaluate", "format"),
+    log:
+        "logs/{recipe}/decontaminate.log",
+    benchmark:
+        "benchmarks/{recipe}/decontaminate.tsv"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../../envs/cpu.yaml"
+    script:
+        "../../scripts/decontaminate.py"
+
+
 rule format:
     """Render prompt/completion conversations with the chosen chat template; split off a held-out set."""
     input:
-        selected=rules.select.output.selected,
+        selected=rules.decontaminate.output.kept,
         tokenizer=base_model_input,
         custom_template=template_input,
         dataset=dataset_input,  # see dataset_input: a failed stage must not hide an edit
@@ -162,7 +188,7 @@ rule format:
         report=f"{RESULTS}/{{recipe}}/data/format_report.json",
     params:
         code=stage_code("format"),
-        section=stage_params("format", "model"),
+        section=stage_params("format", "model", "dataset"),
     log:
         "logs/{recipe}/format.log",
     threads: 1

@@ -33,6 +33,7 @@ rule evaluate:
     input:
         tuned=tuned_source,
         base_scores=rules.evaluate_base.output.scores,
+        contamination=rules.decontaminate.output.report,
         upstream=upstream_compare_input,
         eval=rules.format.output.eval,
         template=rules.format.output.template,

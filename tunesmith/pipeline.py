@@ -75,7 +75,7 @@ def rows_reports(data_dir: str) -> list[str]:
 # Plumbing that moves a stage's files and figures but does not change what the stage computes:
 # editing it reruns nothing.
 PLUMBING = frozenset({"tunesmith", "tunesmith.stage", "tunesmith.tracking", "tunesmith.result", "tunesmith.fileio",
-                      "tunesmith.settings", "tunesmith.errors", "tunesmith.pipeline"})
+                      "tunesmith.settings", "tunesmith.errors", "tunesmith.pipeline", "tunesmith.gpus"})
 
 
 def _imports(path: Path) -> frozenset[str]:

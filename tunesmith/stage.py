@@ -183,6 +183,10 @@ def run(stage_fn: Callable[[StageIO], Any]) -> None:
     try:
         with _logging_to(io.log):
             try:
+                if smk is not None:  # before anything starts CUDA: which of the machine's GPUs
+                    from tunesmith import gpus
+
+                    gpus.claim_for_job(int(smk.resources.get("gpu", 0) or 0))
                 result = call_stage(stage_fn, io)
             except TunesmithError as exc:
                 log.error("%s", exc)

@@ -323,9 +323,13 @@ def _client(uri: str):  # -> mlflow.MlflowClient
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", timeout)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import mlflow  # noqa: F401  (slow import: only when pushing)
+        import mlflow  # slow import: only when pushing
         from mlflow import MlflowClient
-    return MlflowClient(tracking_uri=uri)
+    # The registry resolves a version's models:/<id> source through mlflow's global URI, not the
+    # client's: a writer whose working directory holds another (or no) mlflow.db failed there.
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def _experiment_id(client: Any, name: str, uri: str) -> str:

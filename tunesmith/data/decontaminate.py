@@ -166,8 +166,8 @@ def embedding_matches(doc_vectors: np.ndarray, row_vectors: np.ndarray, threshol
 
     if not len(doc_vectors) or not len(row_vectors):
         return []
-    index, _ = dedupe.build_index(doc_vectors, "flat")
-    sims, ids = dedupe.neighbours(index, row_vectors, 1)
+    index, device, _ = dedupe.build_index(doc_vectors, "flat")
+    sims, ids = dedupe.neighbours(index, row_vectors, 1, device)
     return [Match(pos, int(ids[pos, 0]), "embedding", similarity=round(float(sims[pos, 0]), 4))
             for pos in range(len(row_vectors)) if sims[pos, 0] >= threshold]
 

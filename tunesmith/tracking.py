@@ -710,15 +710,16 @@ def push_waiting(recipes: list[str], results_dir: str | Path = "results") -> tup
     """Push waiting records until one fails (the store is down: the rest would wait out their
     timeouts one by one). Returns (pushed, still waiting)."""
     waiting = waiting_records(recipes, results_dir)
+    pushed = 0
     for i, path in enumerate(waiting):
         try:
-            push_file(path)
+            pushed += bool(push_file(path))  # None: another pusher (compare, sync-mlflow) got there first
         except Exception as exc:  # noqa: BLE001 - tracking never fails the workflow
             log.warning("MLflow tracking failed for %s (%s). It waits in its file; push it later "
                         "with: tunesmith sync-mlflow %s", path, _failure_text(exc, tracking_uri()),
                         _tracking_folder(path).parent)
-            return i, waiting[i:]
-    return len(waiting), []
+            return pushed, waiting[i:]
+    return pushed, []
 
 
 class _Writer(threading.Thread):
@@ -785,8 +786,6 @@ def stop_writer() -> None:
 
 def redact_uri(uri: str) -> str:
     """A URI without the credentials a user may have put in it."""
-    import re
-
     return re.sub(r"//[^/@]+@", "//***@", uri)
 
 

@@ -1,4 +1,5 @@
-"""Pretrain from scratch: BPE tokenizer, a small Llama, then the SFT chain on top of it."""
+"""Pretrain from scratch: BPE tokenizer, a small Llama, then the SFT chain on top of it. Continued
+pretraining: that model (standing in for any model.base) trained further on another corpus."""
 
 from __future__ import annotations
 
@@ -96,6 +97,61 @@ def test_sft_chain_runs_on_the_pretrained_model(pretrained, section_factory):
                      loss=str(tmp / "sft/out/loss.png"), **data)
     metrics = train_sft(paths, section).metrics
     assert metrics["steps"] == 2 and metrics["pad_token"] == "<pad>"
+
+
+def _other_corpus(path, n=300, seed=1):
+    """Another domain than _corpus: words the first model has seen, in sentences it has not."""
+    rng = random.Random(seed)
+    lines = [f"in the morning {rng.choice(['the river', 'the quiet town', 'a long letter'])} "
+             f"{rng.choice(['answers', 'remembers'])} {rng.choice(['my friend', 'the teacher', 'a small bird'])}."
+             for _ in range(n)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_continued_pretraining_keeps_the_tokenizer_and_lowers_the_loss(pretrained, section_factory):
+    """kind: pretrain with an existing model.base: no new tokenizer, loss on held-out blocks of the new
+    corpus goes down, and the SFT chain trains on the result."""
+    from conftest import write_sft_data
+    from transformers import AutoTokenizer
+
+    from tunesmith.pretraining import pretrain
+    from tunesmith.training import SFTPaths, train_sft
+
+    tmp, _, _ = pretrained
+    out = tmp / "continued"
+    section = _section(_other_corpus(tmp / "other.txt"), max_steps=10, learning_rate=3e-3)
+    section["model"] = section_factory("full")["model"]
+    pretrain(base=tmp / "model", section=section, model_out=out / "model", metrics_path=out / "metrics.json",
+             loss_path=out / "loss.png")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["continued"] and metrics["steps"] == 10
+    assert metrics["eval_loss"] < metrics["eval_loss_initial"] - 0.5, metrics
+    before, after = AutoTokenizer.from_pretrained(tmp / "model"), AutoTokenizer.from_pretrained(out / "model")
+    assert after.get_vocab() == before.get_vocab() and after.chat_template == before.chat_template
+    assert json.loads((out / "model" / "tunesmith_source.json").read_text())["kind"] == "continued-pretrain"
+
+    template = out / "model" / "chat_template.jinja"
+    data = write_sft_data(out / "sft", 12, 4, template=template.read_text() if template.is_file() else None)
+    paths = SFTPaths(base=str(out / "model"), model=str(out / "sft/model"), metrics=str(out / "sft/m.json"),
+                     loss=str(out / "sft/loss.png"), **data)
+    assert train_sft(paths, section_factory("full", max_steps=2, max_length=256)).metrics["steps"] == 2
+
+
+def test_pretrain_start_must_be_said(tmp_path):
+    """The schema's default model.base must not turn a from-scratch recipe into continued pretraining."""
+    from tunesmith.recipe import load_recipe
+
+    path = tmp_path / "p.yaml"
+    path.write_text("kind: pretrain\npretrain: {corpus: {source: c.txt}}\n")
+    with pytest.raises(TunesmithError, match="kind: pretrain needs model.base: 'pretrained'"):
+        load_recipe(path)
+    path.write_text("kind: pretrain\nmodel: {base: some/model}\npretrain: {corpus: {source: c.txt}, "
+                    "tokenizer: {vocab_size: 512}}\n")
+    with pytest.raises(TunesmithError, match="pretrain.tokenizer only apply to pretraining from scratch"):
+        load_recipe(path)
+    path.write_text("kind: pretrain\nmodel: {base: some/model}\npretrain: {corpus: {source: c.txt}}\n")
+    assert load_recipe(path)["model"]["base"] == "some/model"
 
 
 def test_bad_corpus_and_config_are_named(tmp_path):

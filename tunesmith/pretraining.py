@@ -1,6 +1,7 @@
-"""The pretrain-from-scratch path: a ByteLevel BPE tokenizer trained with `tokenizers`, a Llama
-built from the recipe's config, causal-LM training on a local corpus. The model folder it writes
-is a base model for the SFT chain (`model.base: pretrained`)."""
+"""kind: pretrain. From scratch (`model.base: pretrained`): a ByteLevel BPE tokenizer trained with
+`tokenizers` and a Llama built from the recipe's config. Continued (any other model.base): that
+model with its own tokenizer. Either way, causal-LM training on a local corpus cut into full
+blocks; the model folder it writes is the base of the recipe's SFT chain."""
 
 from __future__ import annotations
 
@@ -111,7 +112,11 @@ def llama_config(spec: dict[str, Any], tokenizer: Any):
 def blocks(tokenizer: Any, docs: list[str], block: int) -> list[list[int]]:
     """Documents as <s> text </s>, concatenated and cut into full blocks (no padding to learn)."""
     ids: list[int] = []
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"{getattr(tokenizer, 'name_or_path', 'the tokenizer')}: no EOS token, so documents cannot "
+                        f"be separated inside a block")
+    # GPT-2-style tokenizers (bos == eos, as SmolLM2's) separate documents with that one token
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id not in (None, tokenizer.eos_token_id) else []
     for row in tokenizer(docs, add_special_tokens=False)["input_ids"]:
         ids.extend(bos + row + [tokenizer.eos_token_id])
     out = [ids[i:i + block] for i in range(0, len(ids) - block + 1, block)]
@@ -127,37 +132,65 @@ def train_tokenizer_stage(pre: dict[str, Any], out: str | Path) -> Result:
                                         f"{info['chars_per_token']:.2f} chars/token")
 
 
-def pretrain(*, tokenizer_dir: str | Path, section: dict[str, Any], model_out: str | Path, metrics_path: str | Path,
-             loss_path: str | Path) -> Result:
+def _scratch_model(tokenizer_dir: str | Path, pre: dict[str, Any], seed: int) -> tuple[Any, Any, int]:
     import torch
-    from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM, set_seed
+    from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM
 
-    from tunesmith import methods, objectives
-    from tunesmith import trainer as trainer_loop
-
-    pre = section["pretrain"]
-    args = pre["args"]
-    method, objective = methods.get("full"), objectives.get("causal-lm")
-    cuda = trainkit.require_device(method.name)
-    set_seed(args["seed"])
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise TunesmithError(f"{tokenizer_dir}: the tokenizer needs a pad token distinct from EOS")
-    block = min(args["max_length"], pre["model"]["max_position_embeddings"])
-    all_blocks = blocks(tokenizer, list(iter_corpus(pre["corpus"])), block)
-    n_eval = min(max(1, len(all_blocks) // 20), 64) if len(all_blocks) > 1 else 0
-    eval_blocks, train_blocks = all_blocks[:n_eval], all_blocks[n_eval:]
-
     config = llama_config(pre["model"], tokenizer)
-    torch.manual_seed(args["seed"])
+    torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     end_ids = [tokenizer.eos_token_id] + [i for i in [tokenizer.convert_tokens_to_ids(END)]
                                           if i is not None and i != tokenizer.unk_token_id]
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=end_ids,
                                                pad_token_id=tokenizer.pad_token_id)
+    return model, tokenizer, pre["model"]["max_position_embeddings"]
+
+
+def _base_model(base: str | Path, section: dict[str, Any], cuda: bool) -> tuple[Any, Any, int]:
+    """model.base as it is: its tokenizer unchanged (no new tokens, so its embeddings and chat
+    template still fit), its weights in fp32 for full training. Blocks are full, so nothing pads."""
+    from transformers import AutoTokenizer
+
+    from tunesmith import methods
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    model = methods.load_full(base, section, cuda, tokenizer, grow_vocab=False)
+    context = getattr(model.config, "max_position_embeddings", None) or section["pretrain"]["args"]["max_length"]
+    return model, tokenizer, context
+
+
+def pretrain(*, section: dict[str, Any], model_out: str | Path, metrics_path: str | Path, loss_path: str | Path,
+             tokenizer_dir: str | Path | None = None, base: str | Path | None = None) -> Result:
+    """From scratch with tokenizer_dir (train_tokenizer's output), or continued from base (a model folder)."""
+    import torch
+    from transformers import set_seed
+
+    from tunesmith import methods, objectives
+    from tunesmith import trainer as trainer_loop
+
+    if (tokenizer_dir is None) == (base is None):
+        raise TunesmithError("pretrain needs either a tokenizer (from scratch) or a base model (continued), not both")
+    pre = section["pretrain"]
+    args = pre["args"]
+    method, objective = methods.get("full"), objectives.get("causal-lm")
+    cuda = trainkit.require_device(method.name)
+    set_seed(args["seed"])
+    if base is None:
+        model, tokenizer, context = _scratch_model(tokenizer_dir, pre, args["seed"])
+    else:
+        model, tokenizer, context = _base_model(base, section, cuda)
+    block = min(args["max_length"], context)
+    all_blocks = blocks(tokenizer, list(iter_corpus(pre["corpus"])), block)
+    n_eval = min(max(1, len(all_blocks) // 20), 64) if len(all_blocks) > 1 else 0
+    eval_blocks, train_blocks = all_blocks[:n_eval], all_blocks[n_eval:]
     counts = trainkit.parameter_counts(model)
-    log.info("Llama from scratch: %d parameters, vocab %d, %d train / %d eval blocks of %d tokens",
-             counts["total_params"], config.vocab_size, len(train_blocks), len(eval_blocks), block)
+    log.info("%s: %d parameters, vocab %d, %d train / %d eval blocks of %d tokens",
+             f"continuing {base}" if base else "Llama from scratch", counts["total_params"],
+             model.config.vocab_size, len(train_blocks), len(eval_blocks), block)
+    origin = _origin(base) if base else {"source": "pretrained", "kind": "pretrain", "tokenizer": str(tokenizer_dir)}
 
     def save(trainer: Any, tmp: Path) -> None:
         if not trainer.is_world_process_zero():
@@ -165,14 +198,23 @@ def pretrain(*, tokenizer_dir: str | Path, section: dict[str, Any], model_out: s
         trainer.model.to(torch.bfloat16).save_pretrained(str(tmp), safe_serialization=True)
         trainer.model.generation_config.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        (tmp / "tunesmith_source.json").write_text(json.dumps({"source": "pretrained", "kind": "pretrain",
-                                                               "tokenizer": str(tokenizer_dir)}))
+        (tmp / "tunesmith_source.json").write_text(json.dumps(origin))
 
-    fingerprint = trainkit.fingerprint(section, {"tokenizer": tokenizer_dir, "corpus": pre["corpus"]["source"]})
+    inputs = {"base": base} if base else {"tokenizer": tokenizer_dir}
+    fingerprint = trainkit.fingerprint(section, {**inputs, "corpus": pre["corpus"]["source"]})
     return trainer_loop.fit(trainer_loop.Fit(
         objective=objective, model=model, tokenizer=tokenizer, train_dataset=objective.dataset(train_blocks),
         eval_dataset=objective.dataset(eval_blocks) if eval_blocks else None, args=args, method=method, cuda=cuda,
         checkpoints=Path(metrics_path).parent / "checkpoints", fingerprint=fingerprint, model_out=Path(model_out),
-        metrics_path=Path(metrics_path), loss_path=Path(loss_path), title="pretrain from scratch", save=save,
+        metrics_path=Path(metrics_path), loss_path=Path(loss_path),
+        title=f"continued pretraining of {Path(str(base)).name}" if base else "pretrain from scratch", save=save,
         extra_metrics={"train_blocks": len(train_blocks), "eval_blocks": len(eval_blocks), "block_size": block,
-                       "vocab_size": config.vocab_size}))
+                       "vocab_size": model.config.vocab_size, "continued": bool(base)}))
+
+
+def _origin(base: str | Path) -> dict[str, Any]:
+    """What the model card and publish name as base_model: the model the chain started from (a hub
+    id where the base folder knows it), marked as continued on a corpus."""
+    info = Path(base) / "tunesmith_source.json"
+    source = json.loads(info.read_text()).get("source", str(base)) if info.is_file() else str(base)
+    return {"source": source, "kind": "continued-pretrain", "base": str(base)}

@@ -188,8 +188,31 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> di
         validate(data, "recipe", f"{path} (with overrides from config.yaml)")
     recipe = fill_defaults(data, load_schema("recipe"))
     _check_semantics(recipe, str(path))
+    _check_pretrain_start(data, recipe, str(path))
     recipe["name"] = path.stem
     return recipe
+
+
+def continues_pretraining(recipe: dict[str, Any]) -> bool:
+    """kind: pretrain from an existing model (model.base) rather than from scratch ('pretrained')."""
+    return recipe["kind"] == "pretrain" and recipe["model"]["base"] != "pretrained"
+
+
+def _check_pretrain_start(given: dict[str, Any], recipe: dict[str, Any], source: str) -> None:
+    """Where kind: pretrain starts must be said, not defaulted: the schema's default base would
+    otherwise turn a from-scratch recipe into continued pretraining of the default model."""
+    if recipe["kind"] != "pretrain":
+        return
+    if "base" not in (given.get("model") or {}):
+        raise RecipeError(f"{source}: kind: pretrain needs model.base: 'pretrained' to pretrain from scratch "
+                          f"(a tokenizer and a Llama from pretrain.tokenizer and pretrain.model), or the model "
+                          f"to continue pretraining from (a hub id, a local directory or recipe:<name>)")
+    if continues_pretraining(recipe):
+        scratch_only = [f"pretrain.{k}" for k in ("tokenizer", "model") if k in (given.get("pretrain") or {})]
+        if scratch_only:
+            raise RecipeError(f"{source}: {' and '.join(scratch_only)} only apply to pretraining from scratch "
+                              f"(model.base: pretrained); continued pretraining keeps the tokenizer and the "
+                              f"architecture of model.base '{recipe['model']['base']}'")
 
 
 def _check_semantics(recipe: dict[str, Any], source: str) -> None:

@@ -8,7 +8,7 @@ sys.path.insert(0, workflow.basedir)
 from tunesmith import pipeline, tracking
 from tunesmith.settings import configure_environment
 from tunesmith.errors import TunesmithError
-from tunesmith.recipe import check_config, has_dataset, load_recipe, resolve_chains, upstream, variants
+from tunesmith.recipe import check_config, continues_pretraining, has_dataset, load_recipe, resolve_chains, upstream, variants
 from tunesmith.methods import METHODS
 from tunesmith.models import merge_mem_mb, model_slug
 
@@ -52,10 +52,16 @@ def has_sft(recipe):
 
 
 def base_model_dir(recipe):
-    """Where the base model lives as safetensors: resources/models/<slug>, this recipe's pretrain
-    output, or the merged model of the recipe it chains on."""
-    if recipe["model"]["base"] == "pretrained":
+    """Where the model the sft chain starts from lives as safetensors: this recipe's pretrain output
+    (kind: pretrain, from scratch or continued), else where model.base points."""
+    if recipe["kind"] == "pretrain":
         return f"{RESULTS}/{recipe['name']}/pretrain/model"
+    return start_model_dir(recipe)
+
+
+def start_model_dir(recipe):
+    """Where model.base lives as safetensors: resources/models/<slug>, or the merged model of the
+    recipe it chains on. For continued pretraining, this is where pretraining starts."""
     link = upstream(recipe)
     if link is not None:
         return f"{RESULTS}/{link[0]}/{link[1]}/model/merged"
@@ -70,7 +76,17 @@ def tokenizer_input(wildcards):
     recipe = recipe_of(wildcards)
     if recipe["tokenize"]["tokenizer"]:
         return f"resources/models/{model_slug(recipe['tokenize']['tokenizer'])}"
+    if continues_pretraining(recipe):  # the same tokenizer: counting need not wait for pretraining
+        return start_model_dir(recipe)
     return base_model_dir(recipe)
+
+
+def pretrain_input(wildcards):
+    """From scratch: the tokenizer train_tokenizer wrote. Continued: the model pretraining starts from."""
+    recipe = recipe_of(wildcards)
+    if continues_pretraining(recipe):
+        return {"base": start_model_dir(recipe)}
+    return {"tokenizer": f"{RESULTS}/{wildcards.recipe}/pretrain/tokenizer"}
 
 
 def model_sources():

@@ -83,9 +83,9 @@ rule train_tokenizer:
 
 
 rule pretrain:
-    """Build a Llama from the recipe's config and pretrain it from scratch on the corpus."""
+    """Causal-LM training on the corpus: a Llama built from the recipe's config (from scratch), or model.base continued."""
     input:
-        tokenizer=rules.train_tokenizer.output.tokenizer,
+        unpack(pretrain_input),
         corpus=corpus_input,
     output:
         model=directory(f"{RESULTS}/{{recipe}}/pretrain/model"),

@@ -407,7 +407,7 @@ def _sibling(record_file: Path | None, record: StageRecord, stage: str) -> Stage
 
 def _log_model(client: Any, exp_id: str, run_id: str, variant_run: str | None, record: StageRecord,
                record_file: Path | None) -> None:
-    """The merged model as an MLflow 3 logged model made by the train run, its descriptive files
+    """The merged model as an MLflow 3 logged model of its variant's run, its descriptive files
     in the artifact store and its weights referenced by path and sha256, registered under the
     recipe's name (one version per merge run)."""
     import shutil
@@ -418,7 +418,11 @@ def _log_model(client: Any, exp_id: str, run_id: str, variant_run: str | None, r
 
     model = record.model or {}
     train = _sibling(record_file, record, "train")
-    source_run = train.run_id if train is not None and train.run_id else run_id
+    train_run = train.run_id if train is not None and train.run_id else None
+    # The runs table's Models column lists a model only on the row of its source run (it matches
+    # source_run_id, not run outputs: MLflow 3.17.2), and the table shows the variant runs with
+    # their stages folded under them. The train run keeps the link as an output and a tag.
+    source_run = variant_run or train_run or run_id
     name = record.recipe if not record.variant or record.variant == "main" else f"{record.recipe}-{record.variant}"
     # MLflow refuses / : . % " ' in a model name, and sweep variants carry values like 0.001.
     name = re.sub(r"[/:.%\"']", "_", name)
@@ -428,7 +432,7 @@ def _log_model(client: Any, exp_id: str, run_id: str, variant_run: str | None, r
         params={k[:250]: v[:6000] for k, v in record.params.items()},
         tags={"tunesmith.recipe": record.recipe, "tunesmith.variant": record.variant or "",
               "tunesmith.invocation": record.invocation, "tunesmith.weights.path": model["path"],
-              "tunesmith.weights.sha256": model["sha256"]})
+              "tunesmith.weights.sha256": model["sha256"], "tunesmith.train_run_id": train_run or ""})
     with tempfile.TemporaryDirectory() as tmp:
         for name in MODEL_CARD_FILES:
             if (Path(model["path"]) / name).is_file():
@@ -439,7 +443,7 @@ def _log_model(client: Any, exp_id: str, run_id: str, variant_run: str | None, r
             indent=1))
         client.log_model_artifacts(logged.model_id, tmp)
     client.finalize_logged_model(logged.model_id, "READY")
-    for rid in dict.fromkeys([source_run, run_id, variant_run]):
+    for rid in dict.fromkeys([source_run, train_run, run_id]):
         if rid:
             client.log_outputs(rid, [LoggedModelOutput(logged.model_id, step=0)])
     try:

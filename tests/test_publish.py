@@ -34,7 +34,9 @@ def artifacts(tmp_path) -> dict[str, str]:
     (gguf / "smoke.txt").write_text("hi")
     compare = tmp_path / "compare.json"
     compare.write_text(json.dumps({"tasks": {"heldout": {"base": 0.0, "tuned": 0.94, "metric": "exact_match,none",
-                                                         "gguf": {"F16": 0.94, "Q8_0": 0.92}}}}))
+                                                         "gguf": {"F16": 0.94, "Q8_0": 0.92},
+                                                         "contamination": {"rows": 3, "rows_checked": 540,
+                                                                           "action": "flag", "method": "13-gram"}}}}))
     return {"adapter": str(adapter), "merged": str(merged), "gguf": str(gguf), "compare": str(compare)}
 
 
@@ -72,7 +74,8 @@ def test_the_plan_names_files_per_repository_and_cards_whose_metadata_parses(art
     assert "## Data" in repos["gguf"]["card"] and "tunesmith serve model/model-Q8_0.gguf" in repos["gguf"]["card"]
     # every card states the scores base -> tuned -> quantized, the recipe and its commit
     for repo in plan["repos"]:
-        assert "| heldout | exact_match | 0.000 | 0.940 | 0.940 | 0.920 |" in repo["card"], repo["kind"]
+        assert ("| heldout | exact_match | 0.000 | 0.940 | 0.940 | 0.920 | 3 of 540 (13-gram, flag) |"
+                in repo["card"]), repo["kind"]
         assert "tunesmith recipe `demo` (variant `main`) at git commit" in repo["card"]
     assert ModelCard(repos["adapter"]["card"]).data.library_name == "peft"
     hub = _plan(artifacts, dataset="HuggingFaceH4/no_robots")
@@ -103,3 +106,24 @@ def test_the_stage_writes_the_plan_before_refusing_offline(artifacts, tmp_path):
     pending = json.loads(out.with_suffix(".pending.json").read_text())
     assert [r["repo_id"] for r in pending["repos"]] == ["me/demo-lora", "me/demo", "me/demo-GGUF"]
     assert "HF_TOKEN" not in json.dumps(pending)
+
+
+def test_local_cards_state_lineage_scores_contamination_and_how_to_run_each_artifact(artifacts, tmp_path):
+    """The cards stage: without publishing, each artifact on disk gets the card publish would push,
+    with instructions for the local files."""
+    from huggingface_hub import ModelCard
+
+    out = tmp_path / "cards"
+    result = publish.local_cards(recipe="demo", variant="main", section={"license": None, "tags": []},
+                                 folders={k: artifacts[k] for k in publish.KINDS}, compare=artifacts["compare"],
+                                 dataset_source="data/demo/reverse_words.jsonl", out_dir=out)
+    assert result.metrics["cards"] == 3 and sorted(p.name for p in out.iterdir()) == ["adapter.md", "gguf.md", "merged.md"]
+    for kind in publish.KINDS:
+        text = (out / f"{kind}.md").read_text()
+        assert ModelCard(text).data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct", kind
+        assert "## Data" in text and "540 rows" in text  # lineage from the merge card
+        assert "| 0.000 | 0.940 |" in text and "3 of 540 (13-gram, flag)" in text
+        assert "at git commit" in text
+    assert f"tunesmith serve {artifacts['gguf']}/model-Q8_0.gguf" in (out / "gguf.md").read_text()
+    assert f'AutoPeftModelForCausalLM.from_pretrained("{artifacts["adapter"]}")' in (out / "adapter.md").read_text()
+    assert f'pipeline("text-generation", "{artifacts["merged"]}")' in (out / "merged.md").read_text()

@@ -3,6 +3,8 @@ its outcome is checked (rows removed, loss down, tuned beats base, GGUFs load), 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from workflow_helpers import failure_text, make_workdir, mlflow_runs, read_json, snakemake, write_config
@@ -83,7 +85,19 @@ def test_mlflow_holds_a_parent_and_a_variant_run_with_a_child_per_stage(run):
         return {r["tags"]["tunesmith.stage"] for r in runs if r["tags"].get("mlflow.parentRunId") == parent["run_id"]}
 
     assert {"download", "tokenize_count", "filter", "dedupe", "select", "format", "evaluate_base"} <= children(parents[0])
-    assert {"train", "merge", "quantize", "evaluate"} <= children(variants[0])
+    assert {"train", "merge", "quantize", "evaluate", "cards"} <= children(variants[0])
+
+
+def test_every_artifact_has_a_card_with_its_scores(run):
+    """The cards stage on the real run: the held-out scores evaluate measured, and a GGUF that exists."""
+    work, _ = run
+    main = work / "results" / RECIPE / "main"
+    heldout = read_json(main / "eval" / "compare.json")["tasks"]["heldout"]
+    gguf = (main / "cards" / "gguf.md").read_text()
+    for kind in ("adapter", "merged"):
+        assert f"| {heldout['base']:.3f} | {heldout['tuned']:.3f} |" in (main / "cards" / f"{kind}.md").read_text()
+    served = gguf.split("tunesmith serve ", 1)[1].split()[0]
+    assert (work / served).is_file() or Path(served).is_file(), served
 
 
 def test_rerun_has_nothing_to_do(run):

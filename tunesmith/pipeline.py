@@ -43,6 +43,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("evaluate_base", "evaluate", "evaluate.py", datasets=(("eval", "evaluation"),)),
     Stage("quantize", "export", "quantize.py", per_variant=True),
     Stage("evaluate", "evaluate", "evaluate.py", per_variant=True, datasets=(("eval", "evaluation"),)),
+    Stage("cards", "export", "cards.py", per_variant=True),
     Stage("publish", "export", "publish.py", per_variant=True),
     Stage("compare", "compare", "compare.py"),
 )

@@ -36,7 +36,7 @@ def _root_base(merged: Path) -> str:
 
 
 def card(*, kind: str, repo_id: str, recipe: str, variant: str, base_model: str, datasets: list[str],
-         license: str, tags: list[str], scores: dict[str, Any], body: str) -> Any:
+         license: str | None, tags: list[str], scores: dict[str, Any], body: str) -> Any:
     """A huggingface_hub ModelCard. ModelCardData checks the eval results (each needs the model's
     name); parsing the rendered card back proves the YAML metadata is what the Hub will read."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -72,11 +72,8 @@ def plan(*, recipe: str, variant: str, section: dict[str, Any], folders: dict[st
         raise TunesmithError("publish.license: name the license of what you publish (e.g. apache-2.0, the base "
                              "model's own); the Hub card carries it")
     merged = Path(folders["merged"])
-    scores = json.loads(Path(compare).read_text()).get("tasks", {}) if compare else {}
-    flat = {t: {"tuned": c.get("tuned"), "base": c.get("base"), "metric": c.get("metric"), **(c.get("gguf") or {})}
-            for t, c in scores.items()}
-    local_card = (merged / "README.md").read_text(encoding="utf-8") if (merged / "README.md").is_file() else ""
-    body = local_card.split("---", 2)[2].lstrip() if local_card.startswith("---") else local_card
+    flat = flat_scores(compare)
+    body = _merge_card_body(merged)
     is_hub_dataset = bool(dataset_source) and not Path(dataset_source).exists() and "://" not in dataset_source
     out: dict[str, Any] = {"recipe": recipe, "variant": variant, "repos": []}
     for kind in KINDS:
@@ -94,7 +91,7 @@ def plan(*, recipe: str, variant: str, section: dict[str, Any], folders: dict[st
         c = card(kind=kind, repo_id=repo_id, recipe=recipe, variant=variant, base_model=_root_base(merged),
                  datasets=[dataset_source] if is_hub_dataset else [], license=pub["license"],
                  tags=list(pub.get("tags") or []), scores=flat,
-                 body=body.rstrip() + "\n\n" + _scores_table(flat) + _provenance(recipe, variant) + _how_to_run(kind, repo_id))
+                 body=card_body(body, flat, recipe, variant, _how_to_run(kind, repo_id)))
         out["repos"].append({"kind": kind, "repo_id": repo_id, "private": bool(pub.get("private", True)),
                              "commit_message": pub.get("commit_message") or f"tunesmith: {recipe}/{variant} {kind}",
                              "files": files, "card": str(c)})
@@ -103,23 +100,102 @@ def plan(*, recipe: str, variant: str, section: dict[str, Any], folders: dict[st
     return out
 
 
+def flat_scores(compare: str | None) -> dict[str, Any]:
+    """compare.json's tasks as {task: {base, tuned, metric, <gguf type>..., contamination}}."""
+    scores = json.loads(Path(compare).read_text()).get("tasks", {}) if compare else {}
+    return {t: {"tuned": c.get("tuned"), "base": c.get("base"), "metric": c.get("metric"), **(c.get("gguf") or {}),
+                "contamination": c.get("contamination")} for t, c in scores.items()}
+
+
+def _merge_card_body(merged: Path) -> str:
+    """The merge stage's card (lineage, data rows per stage, training, samples, recipe) less its
+    metadata block, which each artifact's card writes for itself."""
+    text = (merged / "README.md").read_text(encoding="utf-8") if (merged / "README.md").is_file() else ""
+    return text.split("---", 2)[2].lstrip() if text.startswith("---") else text
+
+
+def card_body(body: str, flat: dict[str, Any], recipe: str, variant: str, how_to_run: str) -> str:
+    """One body for every card, local or on the Hub: lineage, scores with contamination, provenance,
+    how to run."""
+    return body.rstrip() + "\n\n" + _scores_table(flat) + _provenance(recipe, variant) + how_to_run
+
+
+SCORE_KEYS = {"base", "tuned", "metric", "contamination"}
+
+
 def _scores_table(flat: dict[str, Any]) -> str:
-    """Held-out scores base -> tuned -> each GGUF, as evaluate measured them (compare.json)."""
+    """Held-out scores base -> tuned -> each GGUF, as evaluate measured them (compare.json), and the
+    training rows the decontaminate stage matched to each task's documents."""
     if not flat:
         return ""
-    labels = ["base", "tuned", *sorted({k for t in flat.values() for k in t} - {"base", "tuned", "metric"})]
-    lines = ["## Scores (held-out)", "", "| task | metric | " + " | ".join(labels) + " |",
-             "|---|---|" + "---|" * len(labels)]
+    labels = ["base", "tuned", *sorted({k for t in flat.values() for k in t} - SCORE_KEYS)]
+    lines = ["## Scores (held-out)", "", "| task | metric | " + " | ".join(labels) + " | training rows matching its documents |",
+             "|---|---|" + "---|" * (len(labels) + 1)]
     for task, t in flat.items():
         cells = [f"{t[k]:.3f}" if isinstance(t.get(k), (int, float)) else "-" for k in labels]
-        lines.append(f"| {task} | {str(t.get('metric')).split(',')[0]} | " + " | ".join(cells) + " |")
+        lines.append(f"| {task} | {str(t.get('metric')).split(',')[0]} | " + " | ".join(cells) + f" | {_dirty(t)} |")
     return "\n".join(lines) + "\n\n"
+
+
+def _dirty(t: dict[str, Any]) -> str:
+    c = t.get("contamination") or {}
+    if c.get("rows") is None:
+        return f"not checked ({c['not_checked']})" if c.get("not_checked") else "-"
+    return f"{c['rows']} of {c.get('rows_checked', '?')} ({c.get('method', '')}, {c.get('action', '')})"
 
 
 def _provenance(recipe: str, variant: str) -> str:
     from tunesmith.tracking import git_commit
 
     return f"Made by tunesmith recipe `{recipe}` (variant `{variant}`) at git commit `{git_commit()}`.\n\n"
+
+
+def _how_to_run_local(kind: str, folder: Path) -> str:
+    """The same instructions for the files on disk, before anything is published."""
+    if kind == "gguf":
+        ggufs = sorted(folder.glob("*.gguf"), key=lambda p: ("Q8_0" not in p.name, p.name))  # near-lossless first
+        first = ggufs[0] if ggufs else folder / "model-Q8_0.gguf"
+        modelfile = first.with_suffix(".Modelfile")
+        return (f"## How to run\n\n```bash\ntunesmith serve {first}      # OpenAI-compatible API on 127.0.0.1:8000\n"
+                f"tunesmith chat {first}\nollama create mymodel -f {modelfile} && ollama run mymodel\n```\n")
+    if kind == "adapter" and (folder / "adapter_config.json").is_file():
+        return (f"## How to run\n\n```python\nfrom peft import AutoPeftModelForCausalLM\n"
+                f"model = AutoPeftModelForCausalLM.from_pretrained(\"{folder}\")\n```\n")
+    return (f"## How to run\n\n```python\nfrom transformers import pipeline\n"
+            f"chat = pipeline(\"text-generation\", \"{folder}\")\n```\n")
+
+
+def local_cards(*, recipe: str, variant: str, section: dict[str, Any], folders: dict[str, str], compare: str | None,
+                dataset_source: str | None, out_dir: str | Path) -> Any:
+    """The cards stage: a model card for each artifact the run made (adapter, merged model, GGUF
+    files), with the body publish pushes and how to run the files on disk; written whether or not
+    anything is published, so every artifact states its lineage, scores and contamination."""
+    from tunesmith import fileio
+    from tunesmith.result import Result
+
+    merged = Path(folders["merged"])
+    flat, body = flat_scores(compare), _merge_card_body(merged)
+    is_hub_dataset = bool(dataset_source) and not Path(dataset_source).exists() and "://" not in dataset_source
+    out = Path(out_dir)
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    written = []
+    for kind in KINDS:
+        folder = Path(folders.get(kind) or "")
+        if not folders.get(kind) or not folder.is_dir():
+            continue
+        c = card(kind=kind, repo_id=f"{recipe}-{variant}-{kind}", recipe=recipe, variant=variant,
+                 base_model=_root_base(merged), datasets=[dataset_source] if is_hub_dataset else [],
+                 license=section.get("license"), tags=list(section.get("tags") or []), scores=flat,
+                 body=card_body(body, flat, recipe, variant, _how_to_run_local(kind, folder)))
+        (tmp / f"{kind}.md").write_text(str(c), encoding="utf-8")
+        written.append(kind)
+    fileio.replace_dir(tmp, out)
+    return Result(metrics={"cards": len(written)}, artifacts=[str(out)], summary="model cards: " + ", ".join(written))
 
 
 def _how_to_run(kind: str, repo_id: str) -> str:

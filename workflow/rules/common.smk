@@ -266,6 +266,7 @@ def final_targets():
                 out.append(f"{base}/merge/samples.txt")
                 if recipe["evaluate"]["tasks"]:
                     out.append(f"{base}/eval/compare.json")
+                    out.append(f"{base}/cards")
             else:
                 out.append(f"{RESULTS}/{name}/pretrain/metrics.json")
             if recipe["quantize"]["enabled"]:

@@ -25,6 +25,31 @@ rule quantize:
         "../../scripts/quantize.py"
 
 
+rule cards:
+    """A model card for the adapter, the merged model and the GGUFs: lineage, scores base -> tuned -> GGUF, contamination, how to run."""
+    input:
+        adapter=rules.train.output.model,
+        merged=rules.merge.output.merged,
+        gguf=publish_gguf_input,
+        compare=rules.evaluate.output.compare,
+    output:
+        cards=directory(f"{RESULTS}/{{recipe}}/{{variant}}/cards"),
+    params:
+        code=stage_code("cards"),
+        section=stage_params("publish"),
+        dataset_source=dataset_source_param,
+    log:
+        "logs/{recipe}/{variant}/cards.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    conda:
+        "../../envs/cpu.yaml"
+    script:
+        "../../scripts/cards.py"
+
+
 rule publish:
     """Opt-in (publish.enabled): push adapter, merged model and GGUFs to the Hub with model cards; offline it fails before any upload."""
     input:

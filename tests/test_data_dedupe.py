@@ -76,8 +76,8 @@ def test_gpu_flat_index_caps_k_and_rescans_on_its_cpu_copy(monkeypatch):
     cpu = dedupe.near_duplicates(vectors, 0.9, k=3, index="flat")
     real_build = dedupe.build_index
 
-    def on_gpu(vecs, kind):
-        index, _, flat = real_build(vecs, kind)
+    def on_gpu(vecs, kind, settings=None):
+        index, _, flat = real_build(vecs, kind, settings)
         return GpuLikeIndex(index), "gpu", flat
 
     monkeypatch.setattr(dedupe, "build_index", on_gpu)
@@ -90,9 +90,58 @@ def test_gpu_flat_index_caps_k_and_rescans_on_its_cpu_copy(monkeypatch):
     assert sims.shape == ids.shape == (2100, dedupe.GPU_MAX_K)
 
 
-def test_auto_index_switches_to_approximate_beyond_100k():
-    assert dedupe.index_kind(100_000) == "flat" and dedupe.index_kind(100_001) == "hnsw"
-    assert dedupe.index_kind(10, "ivf") == "ivf"
+def test_auto_index_switches_to_ivf_beyond_flat_max_rows():
+    assert dedupe.index_kind(100_000) == "flat" and dedupe.index_kind(100_001) == "ivf"
+    assert dedupe.index_kind(501, flat_max_rows=500) == "ivf"
+    assert dedupe.index_kind(10, "hnsw") == "hnsw"
+    vectors = random_unit(600)
+    result = dedupe.near_duplicates(vectors, 0.9, k=3, settings=section_defaults("dedupe", {"flat_max_rows": 500}))
+    assert result.index_type == "ivf"
+
+
+def clustered(seed=7):
+    """Clusters of 1 to 25 near-identical rows around random centres (bigger than k, so rows are
+    rescanned), in shuffled order, plus pairs straddling the threshold."""
+    rng = np.random.default_rng(seed)
+    centres = random_unit(60, d=48, seed=seed)
+    sizes = rng.integers(1, 26, len(centres))
+    rows = np.repeat(centres, sizes, axis=0) + 0.004 * rng.normal(size=(sizes.sum(), 48)).astype(np.float32)
+    straddle = centres[:20] + rng.uniform(0.02, 0.06, (20, 1)).astype(np.float32) * rng.normal(size=(20, 48)).astype(np.float32)
+    rows = np.vstack([rows, straddle])[rng.permutation(sizes.sum() + 20)]
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def found_pairs(result, threshold):
+    pairs = set()
+    lists = [(pos, result.sims[pos], result.ids[pos]) for pos in range(len(result.ids))]
+    lists += [(pos, s, i) for pos, (s, i) in result.rescans.items()]
+    for pos, sims, ids in lists:
+        pairs |= {(min(pos, int(j)), max(pos, int(j))) for s, j in zip(sims, ids) if j >= 0 and j != pos and s >= threshold}
+    return pairs
+
+
+# ivf with k below the cluster sizes: its range rescan completes the lists; hnsw has no range
+# search, so its recall is 1 only when k covers the biggest cluster.
+@pytest.mark.parametrize("kind, k", [("ivf", 5), ("hnsw", 30)])
+def test_approximate_index_keeps_the_flat_rows_where_its_recall_is_one(kind, k):
+    vectors = clustered()
+    settings = section_defaults("dedupe", {"ivf": {"nlist": 8, "nprobe": 8}})
+    flat = dedupe.near_duplicates(vectors, 0.95, k=k, index="flat", collect=True)
+    approx = dedupe.near_duplicates(vectors, 0.95, k=k, index=kind, settings=settings, collect=True)
+    assert (~flat.keep).sum() > 100 and (flat.rescanned > 0) == (kind == "ivf")
+    assert found_pairs(approx, 0.95) >= found_pairs(flat, 0.95)  # recall 1 (nprobe = nlist searches every cell)
+    assert approx.keep.tolist() == flat.keep.tolist()
+    assert [p[:2] for p in approx.pairs] == [p[:2] for p in flat.pairs]  # same kept row for each removed one
+    assert np.allclose([p[2] for p in approx.pairs], [p[2] for p in flat.pairs], atol=1e-5)
+
+
+def test_ivf_settings_reach_faiss():
+    vectors = random_unit(2000)
+    settings = section_defaults("dedupe", {"ivf": {"nlist": 20, "nprobe": 3}})
+    index, device, rescan = dedupe.build_index(vectors, "ivf", settings)
+    assert (index.nlist, index.nprobe, device) == (20, 3, "cpu") and rescan is index
+    default, _, _ = dedupe.build_index(vectors, "ivf")
+    assert default.nlist == dedupe.ivf_lists(2000, None) == 2000 // 39 and default.nprobe == 16
 
 
 def test_hub_model_while_offline_is_a_clear_error():

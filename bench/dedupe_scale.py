@@ -78,8 +78,8 @@ def synthesise(real: np.ndarray, n: int, dup_share: float, seed: int = 0) -> np.
         m = stop - start
         is_dup = rng.random(m) < dup_share
         # a duplicate's parent: any earlier row (those inside this chunk come from before it, to stay vectorised)
-        parents = np.where(is_dup, rng.integers(0, start, m), rng.integers(0, r, m))
-        base = np.where(is_dup[:, None], out[parents], real[parents])
+        base = real[rng.integers(0, r, m)]
+        base[is_dup] = out[rng.integers(0, start, int(is_dup.sum()))]
         cos = np.where(is_dup, rng.uniform(0.90, 0.995, m), 0.85)
         sigma = np.sqrt((1.0 / cos ** 2 - 1.0) / d).astype(np.float32)
         block = base + sigma[:, None] * rng.standard_normal((m, d), dtype=np.float32)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tunesmith.data import dedupe, load
-from tunesmith.errors import EnvironmentNotSupported
+from tunesmith.errors import DataError, EnvironmentNotSupported
 from tunesmith.recipe import section_defaults
 
 
@@ -201,3 +201,71 @@ def test_exact_dedupe_folds_unicode_variants():
     ]
     assert len({normalise(v) for v in variants}) == 1
     assert normalise("Café au lait, please!") != normalise(base)  # real differences stay
+
+
+SHARED_TOOLFORMER = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "gpteacher" / \
+    "toolformer-dedupe-only.json"
+
+
+def test_four_embedding_shards_keep_the_unsharded_rows(tmp_path, embedder):
+    """dataset.shards: 4 embed_shard jobs (the stage functions the rules run) gathered by dedupe keep
+    exactly the rows one dedupe job keeps, on real rows with real near duplicates across shards."""
+    from tunesmith.data import stages
+
+    if not SHARED_TOOLFORMER.exists():
+        pytest.skip(f"shared data absent: {SHARED_TOOLFORMER}")
+    records = json.loads(SHARED_TOOLFORMER.read_text())[:160]
+    outputs = [r["response"] for r in records]
+    # exact copies shift the shard bounds: the shards must slice the rows left after exact dedupe
+    frame = canon(outputs + outputs[:7], [r["instruction"] for r in records] + [r["instruction"] for r in records[:7]])
+    src = tmp_path / "filtered.parquet"
+    frame.to_parquet(src)
+    section = section_defaults("dedupe", {"threshold": 0.9, "neighbors": 3, "batch_size": 32})
+    one = tmp_path / "one"
+    stages.dedupe(str(src), section, str(one / "d.parquet"), str(one / "r.json"), str(one / "h.png"),
+                  offline=True, model=embedder)
+    shard_paths = [str(tmp_path / "emb" / f"{i + 1}-of-4.npz") for i in range(4)]
+    for i, path in enumerate(shard_paths):
+        metrics = stages.embed_shard(str(src), section, i, 4, path, offline=True, model=embedder).metrics
+        assert metrics["rows"] == 40 and metrics["rows_total"] == 160
+    four = tmp_path / "four"
+    stages.dedupe(str(src), section, str(four / "d.parquet"), str(four / "r.json"), str(four / "h.png"),
+                  offline=True, model=embedder, embeddings=shard_paths)
+    unsharded, sharded = (json.loads((d / "r.json").read_text()) for d in (one, four))
+    assert unsharded["exact_removed"] == sharded["exact_removed"] == 7
+    assert unsharded["near_removed"] == sharded["near_removed"] > 5 and sharded["embedding_shards"] == 4
+    kept_one, kept_four = (load.read_rows(str(d / "d.parquet"))["id"].tolist() for d in (one, four))
+    assert kept_one == kept_four
+    assert [(p["kept_id"], p["removed_id"]) for p in unsharded["pairs_sample"]] == \
+        [(p["kept_id"], p["removed_id"]) for p in sharded["pairs_sample"]]
+    with pytest.raises(DataError, match=r"3-of-4.npz: shard 2 of 3 holds rows 80..120 of 160 \(40 vectors\), expected rows from 40"):
+        stages.gather_embeddings([shard_paths[0], shard_paths[2], shard_paths[3]])
+
+
+def _dry_run_jobs(tmp_path, shards, near=True):
+    import re
+
+    from workflow_helpers import REPO, make_workdir, snakemake, write_config
+
+    work = make_workdir(tmp_path)
+    config = write_config(work, {
+        "recipes": ["tiny-sweep"], "recipes_dir": str(REPO / "tests" / "recipes"),
+        "overrides": {"tiny-sweep": {"dataset": {"source": str(REPO / "tests" / "data" / "tiny_reverse.jsonl"),
+                                                 "shards": shards},
+                                     "dedupe": {"near": near}}},
+    })
+    proc = snakemake(work, config, "-n", "--forceall", "results/tiny-sweep/data/deduped.parquet", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = proc.stdout[proc.stdout.index("Job stats:"):]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}, proc.stdout
+
+
+def test_shards_scatter_the_embedding_into_jobs_and_one_shard_adds_none(tmp_path):
+    counts, out = _dry_run_jobs(tmp_path / "four", 4)
+    assert counts["embed_shard"] == 4 and counts["dedupe"] == 1, counts
+    assert sorted(set(__import__("re").findall(r"embeddings/(\d-of-4)\.npz", out))) == ["1-of-4", "2-of-4", "3-of-4", "4-of-4"]
+    counts, _ = _dry_run_jobs(tmp_path / "one", 1)
+    # the DAG of the default (one shard) is the one without sharding: no new job
+    assert set(counts) == {"download", "prepare_model", "tokenize_count", "filter", "dedupe", "total"}, counts
+    counts, _ = _dry_run_jobs(tmp_path / "off", 4, near=False)  # nothing to embed
+    assert "embed_shard" not in counts, counts

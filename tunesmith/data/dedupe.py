@@ -314,41 +314,85 @@ def _clip(text: str, n: int = 300) -> str:
     return text if len(text) <= n else text[:n] + "…"
 
 
-def run(frame: pd.DataFrame, section: dict[str, Any], *, offline: bool, model: Any = None,
-        progress: bool = False) -> tuple[pd.DataFrame, dict[str, Any], np.ndarray]:
-    """Dedupe canonical rows. Returns kept rows, the report, and nearest-neighbour similarities."""
-    rows_in = len(frame)
-    report: dict[str, Any] = {"rows_in": rows_in, "threshold": section["threshold"], "field": section["field"]}
+def shard_bounds(n_rows: int, shards: int, shard: int) -> tuple[int, int]:
+    """Rows [start, stop) of shard (0-based) out of shards contiguous, near-equal slices."""
+    if not 0 <= shard < shards:
+        raise DataError(f"shard {shard} is outside 0..{shards - 1} (dataset.shards = {shards})")
+    return n_rows * shard // shards, n_rows * (shard + 1) // shards
+
+
+def exact_pass(frame: pd.DataFrame, section: dict[str, Any], sample: bool = True) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The rows near-dedupe sees (after exact dedupe, when on) and the exact part of the report
+    (its pair sample only with sample). Embedding shard jobs call it too, so that their slices
+    index the same rows."""
     frame = frame.reset_index(drop=True)
-    if section["exact"]:
-        keep, exact_pairs = exact_duplicates(frame)
-        report["exact_removed"] = int((~keep).sum())
+    if not section["exact"]:
+        return frame, {"exact_removed": 0}
+    keep, exact_pairs = exact_duplicates(frame)
+    report: dict[str, Any] = {"exact_removed": int((~keep).sum())}
+    if sample:
         report["exact_pairs_sample"] = _pair_sample(frame, None, [(a, b, 1.0) for a, b in exact_pairs],
                                                     min(10, section["sample_pairs"]))
-        frame = frame.loc[keep].reset_index(drop=True)
+    return frame.loc[keep].reset_index(drop=True), report
+
+
+def embed_shard(frame: pd.DataFrame, section: dict[str, Any], shard: int, shards: int, *, offline: bool,
+                model: Any = None, progress: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
+    """Embeddings of one shard's slice of the rows near-dedupe compares (run gathers them in order)."""
+    rows, _ = exact_pass(frame, section, sample=False)
+    start, stop = shard_bounds(len(rows), shards, shard)
+    texts = field_texts(rows.iloc[start:stop], section["field"])
+    load_started = time.perf_counter()
+    if model is None:
+        model = load_embedder(section["model"], offline=offline, device=section["device"])
+    load_seconds = time.perf_counter() - load_started
+    started = time.perf_counter()
+    if texts:
+        vectors = embed(model, texts, section["batch_size"], progress)
     else:
-        report["exact_removed"] = 0
+        vectors = np.zeros((0, model.get_sentence_embedding_dimension()), dtype=np.float32)
+    seconds = time.perf_counter() - started
+    return vectors, {"shard": shard, "shards": shards, "rows": len(texts), "start": start, "stop": stop,
+                     "rows_total": len(rows), "model_load_seconds": round(load_seconds, 3),
+                     "embed_seconds": round(seconds, 3), "embed_device": str(getattr(model, "device", "cpu")),
+                     "embed_rows_per_s": round(len(texts) / seconds, 1) if texts and seconds else None}
+
+
+def run(frame: pd.DataFrame, section: dict[str, Any], *, offline: bool, model: Any = None,
+        progress: bool = False, vectors: np.ndarray | None = None) -> tuple[pd.DataFrame, dict[str, Any], np.ndarray]:
+    """Dedupe canonical rows. Returns kept rows, the report, and nearest-neighbour similarities.
+
+    vectors: the embeddings of the rows after exact dedupe, in row order (gathered from the
+    embedding shard jobs, see embed_shard); None: embed them here."""
+    rows_in = len(frame)
+    report: dict[str, Any] = {"rows_in": rows_in, "threshold": section["threshold"], "field": section["field"]}
+    frame, exact_report = exact_pass(frame, section)
+    report.update(exact_report)
     nn_sim = np.zeros(0)
     report["near_removed"] = 0
     if section["near"] and len(frame) > 1:
         texts = field_texts(frame, report["field"])
-        load_started = time.perf_counter()
-        if model is None:
-            model = load_embedder(section["model"], offline=offline, device=section["device"])
         report["model"] = section["model"]
-        report["model_load_seconds"] = round(time.perf_counter() - load_started, 3)
-        embed_started = time.perf_counter()
-        vectors = embed(model, texts, section["batch_size"], progress)
-        embed_seconds = time.perf_counter() - embed_started
+        if vectors is None:
+            load_started = time.perf_counter()
+            if model is None:
+                model = load_embedder(section["model"], offline=offline, device=section["device"])
+            report["model_load_seconds"] = round(time.perf_counter() - load_started, 3)
+            embed_started = time.perf_counter()
+            vectors = embed(model, texts, section["batch_size"], progress)
+            embed_seconds = time.perf_counter() - embed_started
+            report.update({"embed_device": str(getattr(model, "device", "cpu")), "embed_seconds": round(embed_seconds, 3),
+                           "embed_rows_per_s": round(len(texts) / embed_seconds, 1) if embed_seconds else None})
+        elif len(vectors) != len(texts):
+            raise DataError(f"dedupe: the gathered shard embeddings hold {len(vectors)} rows, the rows after exact "
+                            f"dedupe are {len(texts)}: the shards were embedded from other rows or settings")
         result = near_duplicates(vectors, report["threshold"], k=section["neighbors"], index=section["index"],
                                  settings=section)
         nn_sim = result.nn_sim
         report.update({
             "near_removed": int((~result.keep).sum()),
             "index_type": result.index_type, "index_device": result.index_device,
-            "embedding_dim": int(vectors.shape[1]), "embed_device": str(getattr(model, "device", "cpu")),
-            "embed_seconds": round(embed_seconds, 3),
-            "embed_rows_per_s": round(len(texts) / embed_seconds, 1) if embed_seconds else None,
+            "embedding_dim": int(vectors.shape[1]),
             "search_seconds": round(result.search_seconds, 4),
             "index_build_seconds": round(result.build_seconds, 4), "knn_seconds": round(result.knn_seconds, 4),
             "greedy_seconds": round(result.greedy_seconds, 4), "rescanned_rows": result.rescanned,

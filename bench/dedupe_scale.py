@@ -147,7 +147,7 @@ def exact_pairs(vectors: np.ndarray, threshold: float, rows: np.ndarray | None) 
     for start in range(0, len(q), 20_000):
         part = q[start:start + 20_000]
         lims, dist, found = flat.range_search(vectors[part], float(np.nextafter(np.float32(threshold), -1)))
-        a = np.repeat(part, np.diff(lims))
+        a = np.repeat(part, np.diff(lims).astype(np.int64))
         keep = (found != a) & (dist >= threshold)
         out |= set(zip(np.minimum(a[keep], found[keep]).tolist(), np.maximum(a[keep], found[keep]).tolist()))
     return out, time.perf_counter() - t0
@@ -192,6 +192,9 @@ def main() -> None:
                 results[kind] = run_kind_sampled(vectors, kind, section, threshold, sample)
             else:
                 results[kind] = run_kind(vectors, kind, section, threshold, sample)
+            r = results[kind]
+            print(f"  {n:,} {kind}: build {r['build_s']:.1f} s, search {r['search_s']:.1f} s, greedy {r['greedy_s']:.1f} s",
+                  flush=True)
             gc.collect()
         if "flat" in results:
             # the flat pipeline is exact: a row whose k-th neighbour is below the threshold has all its

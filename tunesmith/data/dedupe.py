@@ -5,9 +5,16 @@ was seen earlier is dropped.
 
 Near: embed one field with sentence-transformers, L2-normalise, search the k nearest
 neighbours of every row with faiss inner product (= cosine), then keep greedily in row order: a
-row is dropped when an earlier *kept* row has similarity >= threshold. With a flat index a row
-whose k neighbours are all above the threshold is searched again by range, so a run of dropped
-neighbours cannot hide a kept one.
+row is dropped when an earlier *kept* row has similarity >= threshold. With a flat or IVF index a
+row whose k neighbours are all above the threshold is searched again by range, so a run of dropped
+neighbours cannot hide a kept one (HNSW has no range search).
+
+Index: exact flat up to dedupe.flat_max_rows, IVF beyond (recall and times measured by
+bench/dedupe_scale.py). Sharded (dataset.shards > 1): embed_shard embeds one contiguous slice of
+the rows after exact dedupe per job, and run() takes the gathered vectors.
+
+Stable for other callers: build_index(vectors, kind, settings=None) -> (index, device, rescan
+index), neighbours(index, vectors, k, device), embed(model, texts, batch_size).
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ from tunesmith.stage import run
 
 def main(io):
     return stages.dedupe(io.input["filtered"], io.section["dedupe"], io.output["deduped"], io.output["report"],
-                         io.output["hist"], offline=settings.offline(), recipe=io.recipe)
+                         io.output["hist"], offline=settings.offline(), recipe=io.recipe,
+                         embeddings=io.many("embeddings"))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tunesmith.data import dedupe, load
-from tunesmith.errors import EnvironmentNotSupported
+from tunesmith.errors import DataError, EnvironmentNotSupported
 from tunesmith.recipe import section_defaults
 
 
@@ -76,8 +76,8 @@ def test_gpu_flat_index_caps_k_and_rescans_on_its_cpu_copy(monkeypatch):
     cpu = dedupe.near_duplicates(vectors, 0.9, k=3, index="flat")
     real_build = dedupe.build_index
 
-    def on_gpu(vecs, kind):
-        index, _, flat = real_build(vecs, kind)
+    def on_gpu(vecs, kind, settings=None):
+        index, _, flat = real_build(vecs, kind, settings)
         return GpuLikeIndex(index), "gpu", flat
 
     monkeypatch.setattr(dedupe, "build_index", on_gpu)
@@ -90,9 +90,58 @@ def test_gpu_flat_index_caps_k_and_rescans_on_its_cpu_copy(monkeypatch):
     assert sims.shape == ids.shape == (2100, dedupe.GPU_MAX_K)
 
 
-def test_auto_index_switches_to_approximate_beyond_100k():
-    assert dedupe.index_kind(100_000) == "flat" and dedupe.index_kind(100_001) == "hnsw"
-    assert dedupe.index_kind(10, "ivf") == "ivf"
+def test_auto_index_switches_to_ivf_beyond_flat_max_rows():
+    assert dedupe.index_kind(100_000) == "flat" and dedupe.index_kind(100_001) == "ivf"
+    assert dedupe.index_kind(501, flat_max_rows=500) == "ivf"
+    assert dedupe.index_kind(10, "hnsw") == "hnsw"
+    vectors = random_unit(600)
+    result = dedupe.near_duplicates(vectors, 0.9, k=3, settings=section_defaults("dedupe", {"flat_max_rows": 500}))
+    assert result.index_type == "ivf"
+
+
+def clustered(seed=7):
+    """Clusters of 1 to 25 near-identical rows around random centres (bigger than k, so rows are
+    rescanned), in shuffled order, plus pairs straddling the threshold."""
+    rng = np.random.default_rng(seed)
+    centres = random_unit(60, d=48, seed=seed)
+    sizes = rng.integers(1, 26, len(centres))
+    rows = np.repeat(centres, sizes, axis=0) + 0.004 * rng.normal(size=(sizes.sum(), 48)).astype(np.float32)
+    straddle = centres[:20] + rng.uniform(0.02, 0.06, (20, 1)).astype(np.float32) * rng.normal(size=(20, 48)).astype(np.float32)
+    rows = np.vstack([rows, straddle])[rng.permutation(sizes.sum() + 20)]
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def found_pairs(result, threshold):
+    pairs = set()
+    lists = [(pos, result.sims[pos], result.ids[pos]) for pos in range(len(result.ids))]
+    lists += [(pos, s, i) for pos, (s, i) in result.rescans.items()]
+    for pos, sims, ids in lists:
+        pairs |= {(min(pos, int(j)), max(pos, int(j))) for s, j in zip(sims, ids) if j >= 0 and j != pos and s >= threshold}
+    return pairs
+
+
+# ivf with k below the cluster sizes: its range rescan completes the lists; hnsw has no range
+# search, so its recall is 1 only when k covers the biggest cluster.
+@pytest.mark.parametrize("kind, k", [("ivf", 5), ("hnsw", 30)])
+def test_approximate_index_keeps_the_flat_rows_where_its_recall_is_one(kind, k):
+    vectors = clustered()
+    settings = section_defaults("dedupe", {"ivf": {"nlist": 8, "nprobe": 8}})
+    flat = dedupe.near_duplicates(vectors, 0.95, k=k, index="flat", collect=True)
+    approx = dedupe.near_duplicates(vectors, 0.95, k=k, index=kind, settings=settings, collect=True)
+    assert (~flat.keep).sum() > 100 and (flat.rescanned > 0) == (kind == "ivf")
+    assert found_pairs(approx, 0.95) >= found_pairs(flat, 0.95)  # recall 1 (nprobe = nlist searches every cell)
+    assert approx.keep.tolist() == flat.keep.tolist()
+    assert [p[:2] for p in approx.pairs] == [p[:2] for p in flat.pairs]  # same kept row for each removed one
+    assert np.allclose([p[2] for p in approx.pairs], [p[2] for p in flat.pairs], atol=1e-5)
+
+
+def test_ivf_settings_reach_faiss():
+    vectors = random_unit(2000)
+    settings = section_defaults("dedupe", {"ivf": {"nlist": 20, "nprobe": 3}})
+    index, device, rescan = dedupe.build_index(vectors, "ivf", settings)
+    assert (index.nlist, index.nprobe, device) == (20, 3, "cpu") and rescan is index
+    default, _, _ = dedupe.build_index(vectors, "ivf")
+    assert default.nlist == dedupe.ivf_lists(2000, None) == 2000 // 39 and default.nprobe == 16
 
 
 def test_hub_model_while_offline_is_a_clear_error():
@@ -152,3 +201,72 @@ def test_exact_dedupe_folds_unicode_variants():
     ]
     assert len({normalise(v) for v in variants}) == 1
     assert normalise("Café au lait, please!") != normalise(base)  # real differences stay
+
+
+SHARED_TOOLFORMER = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "gpteacher" / \
+    "toolformer-dedupe-only.json"
+
+
+def test_four_embedding_shards_keep_the_unsharded_rows(tmp_path, embedder):
+    """dataset.shards: 4 embed_shard jobs (the stage functions the rules run) gathered by dedupe keep
+    exactly the rows one dedupe job keeps, on real rows with real near duplicates across shards."""
+    from tunesmith.data import stages
+
+    if not SHARED_TOOLFORMER.exists():
+        pytest.skip(f"shared data absent: {SHARED_TOOLFORMER}")
+    records = json.loads(SHARED_TOOLFORMER.read_text())[:160]
+    outputs = [r["response"] for r in records]
+    # exact copies shift the shard bounds: the shards must slice the rows left after exact dedupe
+    frame = canon(outputs + outputs[:7], [r["instruction"] for r in records] + [r["instruction"] for r in records[:7]])
+    src = tmp_path / "filtered.parquet"
+    frame.to_parquet(src)
+    section = section_defaults("dedupe", {"threshold": 0.9, "neighbors": 3, "batch_size": 32})
+    one = tmp_path / "one"
+    stages.dedupe(str(src), section, str(one / "d.parquet"), str(one / "r.json"), str(one / "h.png"),
+                  offline=True, model=embedder)
+    shard_paths = [str(tmp_path / "emb" / f"{i + 1}-of-4.npz") for i in range(4)]
+    for i, path in enumerate(shard_paths):
+        metrics = stages.embed_shard(str(src), section, i, 4, path, offline=True, model=embedder).metrics
+        assert metrics["rows"] == 40 and metrics["rows_total"] == 160
+    four = tmp_path / "four"
+    stages.dedupe(str(src), section, str(four / "d.parquet"), str(four / "r.json"), str(four / "h.png"),
+                  offline=True, model=embedder, embeddings=shard_paths)
+    unsharded, sharded = (json.loads((d / "r.json").read_text()) for d in (one, four))
+    assert unsharded["exact_removed"] == sharded["exact_removed"] == 7
+    assert unsharded["near_removed"] == sharded["near_removed"] > 5 and sharded["embedding_shards"] == 4
+    kept_one, kept_four = (load.read_rows(str(d / "d.parquet"))["id"].tolist() for d in (one, four))
+    assert kept_one == kept_four
+    assert [(p["kept_id"], p["removed_id"]) for p in unsharded["pairs_sample"]] == \
+        [(p["kept_id"], p["removed_id"]) for p in sharded["pairs_sample"]]
+    with pytest.raises(DataError, match=r"3-of-4.npz: shard 2 of 3 holds rows 80..120 of 160 \(40 vectors\), expected rows from 40"):
+        stages.gather_embeddings([shard_paths[0], shard_paths[2], shard_paths[3]])
+
+
+def _dry_run_jobs(tmp_path, shards, near=True):
+    import re
+
+    from workflow_helpers import REPO, make_workdir, snakemake, write_config
+
+    work = make_workdir(tmp_path)
+    config = write_config(work, {
+        "recipes": ["tiny-sweep"], "recipes_dir": str(REPO / "tests" / "recipes"),
+        "overrides": {"tiny-sweep": {"dataset": {"source": str(REPO / "tests" / "data" / "tiny_reverse.jsonl"),
+                                                 "shards": shards},
+                                     "dedupe": {"near": near}}},
+    })
+    proc = snakemake(work, config, "-n", "results/tiny-sweep/data/deduped.parquet", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = proc.stdout[proc.stdout.index("Job stats:"):]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}, proc.stdout
+
+
+def test_shards_scatter_the_embedding_into_jobs_and_one_shard_adds_none(tmp_path):
+    counts, out = _dry_run_jobs(tmp_path / "four", 4)
+    assert counts["embed_shard"] == 4 and counts["dedupe"] == 1, counts
+    assert sorted(set(__import__("re").findall(r"embeddings/(\d-of-4)\.npz", out))) == ["1-of-4", "2-of-4", "3-of-4", "4-of-4"]
+    counts, _ = _dry_run_jobs(tmp_path / "one", 1)
+    # the DAG of the default (one shard) is the one without sharding: no new job
+    # (prepare_model only where resources/models lacks the base model)
+    assert set(counts) - {"prepare_model"} == {"download", "tokenize_count", "filter", "dedupe", "total"}, counts
+    counts, _ = _dry_run_jobs(tmp_path / "off", 4, near=False)  # nothing to embed
+    assert "embed_shard" not in counts, counts

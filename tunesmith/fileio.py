@@ -48,6 +48,19 @@ def write_parquet(path: str | Path, frame: Any) -> None:
     tmp.replace(path)
 
 
+def write_npz(path: str | Path, **arrays: Any) -> None:
+    """Named numpy arrays, uncompressed (np.savez on a handle: given a name it would append .npz
+    to the temp file)."""
+    import numpy as np
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+    tmp.replace(path)
+
+
 def replace_dir(tmp_dir: str | Path, final: str | Path) -> None:
     """Move a finished temp folder into place."""
     final = Path(final)

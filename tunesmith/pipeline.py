@@ -15,7 +15,7 @@ from pathlib import Path
 @dataclass(frozen=True)
 class Stage:
     name: str                  # the Snakemake rule name, also the MLflow child run name
-    group: str                 # data | pairs | model | train | evaluate | export | compare
+    group: str                 # data | data_shard | pairs | model | train | evaluate | export | compare
     script: str                # scripts/<script>: the rule's entry
     rows_report: str | None = None  # data stages: results/<recipe>/data/<file> that holds the rows kept
     per_variant: bool = False  # one run per sweep variant (else one per recipe)
@@ -30,6 +30,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("download", "data", "download.py", rows_report="source.json"),
     Stage("tokenize_count", "data", "tokenize_count.py"),
     Stage("filter", "data", "filter.py", rows_report="filter_report.json"),
+    # Only with dataset.shards > 1, one job per shard; not a "data" stage, which every recipe runs.
+    Stage("embed_shard", "data_shard", "embed_shard.py"),
     Stage("dedupe", "data", "dedupe.py", rows_report="dedupe_report.json"),
     Stage("select", "data", "select_rows.py", rows_report="select_report.json"),
     Stage("decontaminate", "data", "decontaminate.py", rows_report="decontaminate_report.json"),

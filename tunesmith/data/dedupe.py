@@ -5,9 +5,16 @@ was seen earlier is dropped.
 
 Near: embed one field with sentence-transformers, L2-normalise, search the k nearest
 neighbours of every row with faiss inner product (= cosine), then keep greedily in row order: a
-row is dropped when an earlier *kept* row has similarity >= threshold. With a flat index a row
-whose k neighbours are all above the threshold is searched again by range, so a run of dropped
-neighbours cannot hide a kept one.
+row is dropped when an earlier *kept* row has similarity >= threshold. With a flat or IVF index a
+row whose k neighbours are all above the threshold is searched again by range, so a run of dropped
+neighbours cannot hide a kept one (HNSW has no range search).
+
+Index: exact flat up to dedupe.flat_max_rows, IVF beyond (recall and times measured by
+bench/dedupe_scale.py). Sharded (dataset.shards > 1): embed_shard embeds one contiguous slice of
+the rows after exact dedupe per job, and run() takes the gathered vectors.
+
+Stable for other callers: build_index(vectors, kind, settings=None) -> (index, device, rescan
+index), neighbours(index, vectors, k, device), embed(model, texts, batch_size).
 """
 
 from __future__ import annotations
@@ -29,7 +36,6 @@ from tunesmith.errors import DataError, EnvironmentNotSupported
 
 log = logging.getLogger("tunesmith.data.dedupe")
 
-FLAT_MAX_ROWS = 100_000
 _SPACE = re.compile(r"\s+")
 
 
@@ -119,42 +125,74 @@ def embed(model: Any, texts: list[str], batch_size: int = 64, progress: bool = F
 
 # ---------------------------------------------------------------- search
 
-def index_kind(n_rows: int, wanted: str = "auto") -> str:
+def index_kind(n_rows: int, wanted: str = "auto", flat_max_rows: int | None = None) -> str:
+    """auto: exact flat search up to flat_max_rows (None: the schema's default), as its cost grows
+    with rows squared; IVF beyond."""
     if wanted != "auto":
         return wanted
-    return "flat" if n_rows <= FLAT_MAX_ROWS else "hnsw"
+    if flat_max_rows is None:
+        flat_max_rows = _index_settings(None)["flat_max_rows"]
+    return "flat" if n_rows <= flat_max_rows else "ivf"
 
 
-# faiss's GPU k-selection stops at 2048 neighbours (GPU_MAX_SELECTION_K).
+# faiss's GPU k-selection stops at 2048 neighbours (GPU_MAX_SELECTION_K); so does its IVF nprobe.
 GPU_MAX_K = 2048
 
 
-def build_index(vectors: np.ndarray, kind: str) -> tuple[Any, str, Any]:
-    """faiss inner-product index over normalised vectors, on GPU where faiss sees one, and the
-    CPU flat index the rescan needs (None for hnsw/ivf): faiss's GPU indexes have no range
-    search, so a flat index moved to the GPU keeps its CPU copy for that."""
+def ivf_lists(n_rows: int, nlist: int | None) -> int:
+    """nlist, or faiss's rule of thumb 4*sqrt(n) when null, never more lists than n/39 rows (below
+    39 training points per centroid k-means is poor and faiss warns)."""
+    if nlist is None:
+        nlist = int(round(4 * np.sqrt(n_rows)))
+    return max(1, min(nlist, n_rows // 39 or 1))
+
+
+def _index_settings(settings: dict[str, Any] | None) -> dict[str, Any]:
+    keys = ("flat_max_rows", "ivf", "hnsw")
+    if settings is not None and all(k in settings for k in keys):
+        return settings
+    from tunesmith.recipe import section_defaults
+
+    return section_defaults("dedupe", {k: v for k, v in (settings or {}).items() if k in keys})
+
+
+def build_index(vectors: np.ndarray, kind: str, settings: dict[str, Any] | None = None) -> tuple[Any, str, Any]:
+    """faiss inner-product index over normalised vectors, on GPU where faiss sees one, and the CPU
+    index the rescan runs range searches on (flat: exact; ivf: the same lists and nprobe; None for
+    hnsw, which has no range search). faiss's GPU indexes have no range search, so an index moved
+    to the GPU keeps its CPU copy for that.
+
+    settings: the dedupe section, or any dict with its ``ivf`` and ``hnsw`` keys; None: the schema
+    defaults."""
     import faiss
 
     n, dim = vectors.shape
     if kind == "flat":
         index = faiss.IndexFlatIP(dim)
     elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = 80
-        index.hnsw.efSearch = 128
+        hnsw = _index_settings(settings)["hnsw"]
+        index = faiss.IndexHNSWFlat(dim, hnsw["m"], faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = hnsw["ef_construction"]
+        index.hnsw.efSearch = hnsw["ef_search"]
     elif kind == "ivf":
-        nlist = max(1, min(int(4 * np.sqrt(n)), n // 39 or 1))
+        ivf = _index_settings(settings)["ivf"]
+        nlist = ivf_lists(n, ivf["nlist"])
         quantizer = faiss.IndexFlatIP(dim)
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        # faiss samples the training rows itself (seeded): k-means on all of 1M rows would cost minutes.
+        index.cp.max_points_per_centroid = ivf["train_rows_per_list"]
+        index.cp.niter = ivf["train_iterations"]
         index.train(vectors)
-        index.nprobe = min(nlist, 16)
+        index.nprobe = min(nlist, ivf["nprobe"])
     else:
         raise DataError(f"dedupe.index '{kind}' is not one of auto, flat, hnsw, ivf")
     index.add(vectors)
-    flat = index if kind == "flat" else None
+    rescan = index if kind in ("flat", "ivf") else None
     if kind != "hnsw" and faiss.get_num_gpus() > 0:  # faiss has no GPU HNSW
-        return faiss.index_cpu_to_all_gpus(index), "gpu", flat
-    return index, "cpu", flat
+        if kind == "ivf":
+            index.nprobe = min(index.nprobe, GPU_MAX_K)
+        return faiss.index_cpu_to_all_gpus(index), "gpu", rescan
+    return index, "cpu", rescan
 
 
 def neighbours(index: Any, vectors: np.ndarray, k: int, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
@@ -164,6 +202,13 @@ def neighbours(index: Any, vectors: np.ndarray, k: int, device: str = "cpu") -> 
     return sims, ids
 
 
+def range_rescan(index: Any, vectors: np.ndarray, pos: int, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Every row the (CPU) index finds at or above the threshold from row pos."""
+    # range_search keeps sims strictly above its radius: one float step below keeps ">= threshold".
+    lims, dist, found = index.range_search(vectors[pos:pos + 1], float(np.nextafter(np.float32(threshold), -1)))
+    return dist[lims[0]:lims[1]], found[lims[0]:lims[1]]
+
+
 @dataclass
 class NearResult:
     keep: np.ndarray                 # over the rows searched
@@ -171,7 +216,15 @@ class NearResult:
     nn_sim: np.ndarray               # similarity to the nearest other row
     index_type: str
     index_device: str
-    search_seconds: float
+    search_seconds: float            # build + k-NN search + greedy keep
+    build_seconds: float = 0.0
+    knn_seconds: float = 0.0
+    greedy_seconds: float = 0.0
+    rescanned: int = 0               # rows searched again by range (all k neighbours above the threshold)
+    # with collect=True: the k-NN lists and the rescans' results, which hold every pair the index found
+    sims: np.ndarray | None = None
+    ids: np.ndarray | None = None
+    rescans: dict[int, tuple[np.ndarray, np.ndarray]] | None = None
 
 
 def greedy_keep(sims: np.ndarray, ids: np.ndarray, threshold: float,
@@ -200,24 +253,34 @@ def greedy_keep(sims: np.ndarray, ids: np.ndarray, threshold: float,
     return keep, pairs
 
 
-def near_duplicates(vectors: np.ndarray, threshold: float, *, k: int = 10, index: str = "auto") -> NearResult:
-    kind = index_kind(len(vectors), index)
+def near_duplicates(vectors: np.ndarray, threshold: float, *, k: int = 10, index: str = "auto",
+                    settings: dict[str, Any] | None = None, collect: bool = False) -> NearResult:
+    """Greedy keep-first near-dedupe of vectors (rows in order). settings: the dedupe section
+    (flat_max_rows, ivf, hnsw); None: the schema defaults. collect: keep the k-NN lists and
+    rescans in the result (bench/dedupe_scale.py measures recall from them)."""
+    settings = _index_settings(settings)
+    kind = index_kind(len(vectors), index, settings["flat_max_rows"])
     started = time.perf_counter()
-    idx, device, flat = build_index(vectors, kind)
+    idx, device, rescan_index = build_index(vectors, kind, settings)
+    built = time.perf_counter()
     sims, ids = neighbours(idx, vectors, k + 1, device)
+    searched = time.perf_counter()
+    rescans: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     rescan = None
-    if flat is not None:
+    if rescan_index is not None:
         def rescan(pos: int) -> tuple[np.ndarray, np.ndarray]:
-            lims, dist, found = flat.range_search(vectors[pos:pos + 1], float(np.nextafter(threshold, -1)))
-            return dist[lims[0]:lims[1]], found[lims[0]:lims[1]]
+            found = rescans[pos] = range_rescan(rescan_index, vectors, pos, threshold)
+            return found
     keep, pairs = greedy_keep(sims, ids, threshold, rescan)
-    elapsed = time.perf_counter() - started
+    done = time.perf_counter()
     # Nearest *other* row: self usually comes first, but identical vectors may swap places.
     other = np.where(ids == np.arange(len(ids))[:, None], -np.inf, sims)
     other = np.where(ids < 0, -np.inf, other)
     nn_sim = other.max(axis=1) if other.shape[1] else np.zeros(len(ids))
     nn_sim = np.where(np.isfinite(nn_sim), nn_sim, 0.0)
-    return NearResult(keep, pairs, nn_sim, kind, device, elapsed)
+    return NearResult(keep, pairs, nn_sim, kind, device, done - started, built - started, searched - built,
+                      done - searched, len(rescans), sims if collect else None, ids if collect else None,
+                      rescans if collect else None)
 
 
 # ---------------------------------------------------------------- the stage
@@ -258,41 +321,88 @@ def _clip(text: str, n: int = 300) -> str:
     return text if len(text) <= n else text[:n] + "…"
 
 
-def run(frame: pd.DataFrame, section: dict[str, Any], *, offline: bool, model: Any = None,
-        progress: bool = False) -> tuple[pd.DataFrame, dict[str, Any], np.ndarray]:
-    """Dedupe canonical rows. Returns kept rows, the report, and nearest-neighbour similarities."""
-    rows_in = len(frame)
-    report: dict[str, Any] = {"rows_in": rows_in, "threshold": section["threshold"], "field": section["field"]}
+def shard_bounds(n_rows: int, shards: int, shard: int) -> tuple[int, int]:
+    """Rows [start, stop) of shard (0-based) out of shards contiguous, near-equal slices."""
+    if not 0 <= shard < shards:
+        raise DataError(f"shard {shard} is outside 0..{shards - 1} (dataset.shards = {shards})")
+    return n_rows * shard // shards, n_rows * (shard + 1) // shards
+
+
+def exact_pass(frame: pd.DataFrame, section: dict[str, Any], sample: bool = True) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The rows near-dedupe sees (after exact dedupe, when on) and the exact part of the report
+    (its pair sample only with sample). Embedding shard jobs call it too, so that their slices
+    index the same rows."""
     frame = frame.reset_index(drop=True)
-    if section["exact"]:
-        keep, exact_pairs = exact_duplicates(frame)
-        report["exact_removed"] = int((~keep).sum())
+    if not section["exact"]:
+        return frame, {"exact_removed": 0}
+    keep, exact_pairs = exact_duplicates(frame)
+    report: dict[str, Any] = {"exact_removed": int((~keep).sum())}
+    if sample:
         report["exact_pairs_sample"] = _pair_sample(frame, None, [(a, b, 1.0) for a, b in exact_pairs],
                                                     min(10, section["sample_pairs"]))
-        frame = frame.loc[keep].reset_index(drop=True)
+    return frame.loc[keep].reset_index(drop=True), report
+
+
+def embed_shard(frame: pd.DataFrame, section: dict[str, Any], shard: int, shards: int, *, offline: bool,
+                model: Any = None, progress: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
+    """Embeddings of one shard's slice of the rows near-dedupe compares (run gathers them in order)."""
+    rows, _ = exact_pass(frame, section, sample=False)
+    start, stop = shard_bounds(len(rows), shards, shard)
+    texts = field_texts(rows.iloc[start:stop], section["field"])
+    load_started = time.perf_counter()
+    if model is None:
+        model = load_embedder(section["model"], offline=offline, device=section["device"])
+    load_seconds = time.perf_counter() - load_started
+    started = time.perf_counter()
+    if texts:
+        vectors = embed(model, texts, section["batch_size"], progress)
     else:
-        report["exact_removed"] = 0
+        vectors = np.zeros((0, model.get_sentence_embedding_dimension()), dtype=np.float32)
+    seconds = time.perf_counter() - started
+    return vectors, {"shard": shard, "shards": shards, "rows": len(texts), "start": start, "stop": stop,
+                     "rows_total": len(rows), "model_load_seconds": round(load_seconds, 3),
+                     "embed_seconds": round(seconds, 3), "embed_device": str(getattr(model, "device", "cpu")),
+                     "embed_rows_per_s": round(len(texts) / seconds, 1) if texts and seconds else None}
+
+
+def run(frame: pd.DataFrame, section: dict[str, Any], *, offline: bool, model: Any = None,
+        progress: bool = False, vectors: np.ndarray | None = None) -> tuple[pd.DataFrame, dict[str, Any], np.ndarray]:
+    """Dedupe canonical rows. Returns kept rows, the report, and nearest-neighbour similarities.
+
+    vectors: the embeddings of the rows after exact dedupe, in row order (gathered from the
+    embedding shard jobs, see embed_shard); None: embed them here."""
+    rows_in = len(frame)
+    report: dict[str, Any] = {"rows_in": rows_in, "threshold": section["threshold"], "field": section["field"]}
+    frame, exact_report = exact_pass(frame, section)
+    report.update(exact_report)
     nn_sim = np.zeros(0)
     report["near_removed"] = 0
     if section["near"] and len(frame) > 1:
         texts = field_texts(frame, report["field"])
-        load_started = time.perf_counter()
-        if model is None:
-            model = load_embedder(section["model"], offline=offline, device=section["device"])
         report["model"] = section["model"]
-        report["model_load_seconds"] = round(time.perf_counter() - load_started, 3)
-        embed_started = time.perf_counter()
-        vectors = embed(model, texts, section["batch_size"], progress)
-        embed_seconds = time.perf_counter() - embed_started
-        result = near_duplicates(vectors, report["threshold"], k=section["neighbors"], index=section["index"])
+        if vectors is None:
+            load_started = time.perf_counter()
+            if model is None:
+                model = load_embedder(section["model"], offline=offline, device=section["device"])
+            report["model_load_seconds"] = round(time.perf_counter() - load_started, 3)
+            embed_started = time.perf_counter()
+            vectors = embed(model, texts, section["batch_size"], progress)
+            embed_seconds = time.perf_counter() - embed_started
+            report.update({"embed_device": str(getattr(model, "device", "cpu")), "embed_seconds": round(embed_seconds, 3),
+                           "embed_rows_per_s": round(len(texts) / embed_seconds, 1) if embed_seconds else None})
+        elif len(vectors) != len(texts):
+            raise DataError(f"dedupe: the gathered shard embeddings hold {len(vectors)} rows, the rows after exact "
+                            f"dedupe are {len(texts)}: the shards were embedded from other rows or settings")
+        result = near_duplicates(vectors, report["threshold"], k=section["neighbors"], index=section["index"],
+                                 settings=section)
         nn_sim = result.nn_sim
         report.update({
             "near_removed": int((~result.keep).sum()),
             "index_type": result.index_type, "index_device": result.index_device,
-            "embedding_dim": int(vectors.shape[1]), "embed_device": str(getattr(model, "device", "cpu")),
-            "embed_seconds": round(embed_seconds, 3),
-            "embed_rows_per_s": round(len(texts) / embed_seconds, 1) if embed_seconds else None,
+            "embedding_dim": int(vectors.shape[1]),
             "search_seconds": round(result.search_seconds, 4),
+            "index_build_seconds": round(result.build_seconds, 4), "knn_seconds": round(result.knn_seconds, 4),
+            "greedy_seconds": round(result.greedy_seconds, 4), "rescanned_rows": result.rescanned,
             "neighbors": section["neighbors"],
             "nn_similarity": {"min": float(nn_sim.min()), "median": float(np.median(nn_sim)),
                               "p95": float(np.percentile(nn_sim, 95)), "max": float(nn_sim.max()),

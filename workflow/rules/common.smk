@@ -123,7 +123,11 @@ def stage_params(*sections):
         recipe = RECIPES[wildcards.recipe]
         if "variant" in wildcards.keys():
             recipe = VARIANTS[wildcards.recipe][wildcards.variant]
-        return {s: recipe[s] for s in sections}
+        out = {s: recipe[s] for s in sections}
+        if "dataset" in out:
+            # how many embedding jobs (scheduling) is no input of any stage: changing it reruns none
+            out["dataset"] = {k: v for k, v in out["dataset"].items() if k != "shards"}
+        return out
 
     return params
 
@@ -302,3 +306,19 @@ def compare_targets():
     if not CFG["tracking"]["enabled"]:
         return []
     return [f"{RESULTS}/compare/compare.md", f"{RESULTS}/compare/compare.csv", f"{RESULTS}/compare/compare.png"]
+
+
+def embed_shard_params(wildcards):
+    """The dedupe settings that change the embeddings: editing the threshold or index reruns only dedupe."""
+    dedupe = recipe_of(wildcards)["dedupe"]
+    return {"dedupe": {k: dedupe[k] for k in ("exact", "field", "model", "batch_size", "device")}}
+
+
+def dedupe_embeddings(wildcards):
+    """dataset.shards > 1 with near-dedupe on: the shard embeddings in order (gathered by dedupe);
+    else none, and dedupe embeds in its own job: the default DAG has no shard jobs."""
+    recipe = recipe_of(wildcards)
+    shards = recipe["dataset"]["shards"]
+    if shards <= 1 or not recipe["dedupe"]["near"]:
+        return []
+    return [f"{RESULTS}/{wildcards.recipe}/data/embeddings/{i}-of-{shards}.npz" for i in range(1, shards + 1)]

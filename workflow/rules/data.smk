@@ -98,10 +98,38 @@ rule filter:
         "../../scripts/filter.py"
 
 
+rule embed_shard:
+    """Embed shard {shard} of {shards} contiguous slices of the rows near-dedupe compares (after exact dedupe)."""
+    input:
+        filtered=rules.filter.output.filtered,
+        dataset=dataset_input,  # see dataset_input: a failed stage must not hide an edit
+    output:
+        embeddings=f"{RESULTS}/{{recipe}}/data/embeddings/{{shard}}-of-{{shards}}.npz",
+    wildcard_constraints:
+        shard=r"\d+",
+        shards=r"\d+",
+    params:
+        code=stage_code("embed_shard"),
+        section=embed_shard_params,
+    log:
+        "logs/{recipe}/embed_shard/{shard}-of-{shards}.log",
+    benchmark:
+        "benchmarks/{recipe}/embed_shard/{shard}-of-{shards}.tsv"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=240,
+    conda:
+        "../../envs/cpu.yaml"
+    script:
+        "../../scripts/embed_shard.py"
+
+
 rule dedupe:
     """Exact then near-duplicate removal (sentence-transformers embeddings + faiss inner product)."""
     input:
         filtered=rules.filter.output.filtered,
+        embeddings=dedupe_embeddings,
         dataset=dataset_input,  # see dataset_input: a failed stage must not hide an edit
     output:
         deduped=f"{RESULTS}/{{recipe}}/data/deduped.parquet",

@@ -1,0 +1,13 @@
+"""embed_shard: embed one of dataset.shards slices of the rows near-dedupe compares."""
+from tunesmith import settings
+from tunesmith.data import stages
+from tunesmith.stage import run
+
+
+def main(io):
+    return stages.embed_shard(io.input["filtered"], io.section["dedupe"], int(io.wildcards["shard"]) - 1,
+                              int(io.wildcards["shards"]), io.output["embeddings"], offline=settings.offline())
+
+
+if __name__ == "__main__":
+    run(main)

@@ -175,6 +175,7 @@ def fit(job: Fit) -> Result:
     if first_eval is not None:
         initial_eval = float(first_eval.metrics["eval_loss"])
         initial_figures = _eval_figures(first_eval.metrics, job.objective)
+        train_seconds -= float(first_eval.metrics.get("eval_runtime", 0.0))  # training time, as before
     last = trainer.evaluate() if job.eval_dataset is not None else None
     final_eval = float(last["eval_loss"]) if last is not None else None
     final_figures = _eval_figures(last, job.objective) if last is not None else {}

@@ -2,7 +2,7 @@
 transformers + peft AdamW loop, on the same rows, printed side by side from ONE run.
 
     PYTHONPATH=. HF_HUB_OFFLINE=1 .venv/bin/python bench/train_throughput.py
-        [--contenders stage,trl,bare] [--warmup 4 --steps 6 --batch 8 --threads 0]
+        [--contenders stage,stage-token-metrics,trl,bare] [--warmup 4 --steps 6 --batch 8 --threads 0]
         [--set gradient_checkpointing=true ...]   (train.args overrides for the stage rows)
         [--sweep]                                  (also: grad checkpointing, batch 4/16, 1 thread)
 
@@ -219,7 +219,48 @@ def run_bare(opts, work: Path, train: Path) -> dict:
             "loss_first": losses[0], "loss_last": losses[-1]}
 
 
-CONTENDERS = {"stage": run_stage, "trl": run_trl, "bare": run_bare}
+def run_losspath(opts, work: Path, train: Path) -> dict:
+    """Where TRL's time over the bare loop goes, measured on one batch in one process, the two
+    interleaved so that machine load drifts hit both alike: forward + backward through trl's fused
+    LM head with its metrics (log-probs, entropy and top-1 over the whole vocabulary at every
+    position: SFTTrainer's compute_loss) against transformers' own logits + cross-entropy (the
+    stage's default, train.args.token_metrics: false)."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from tunesmith import contract, training
+    from tunesmith.data.formatting import read_split
+
+    sec = section({"per_device_train_batch_size": opts.batch, **opts.set})
+    args = sec["train"]["args"]
+    tok, _ = training.load_tokenizer(MODEL, MODEL / "chat_template.jinja", sec["model"])
+    rows = contract.tokenize_rows(tok, read_split(train)[:opts.batch], args["max_length"])
+    width = max(len(r["input_ids"]) for r in rows)
+    batch = {"input_ids": torch.tensor([r["input_ids"] + [tok.pad_token_id] * (width - len(r["input_ids"])) for r in rows]),
+             "attention_mask": torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows]),
+             "labels": torch.tensor([r["labels"] + [-100] * (width - len(r["labels"])) for r in rows])}
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    model = get_peft_model(model, _lora(sec))
+    model.train()
+    paths = {"trl_fused_head_with_metrics": lambda: model(**batch, fused_lm_head=True, use_cache=False).loss,
+             "transformers_loss": lambda: model(**batch, use_cache=False).loss}
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    for rep in range(opts.warmup + opts.steps):
+        for name, fn in paths.items():
+            started = time.perf_counter()
+            fn().backward()
+            model.zero_grad(set_to_none=True)
+            if rep >= opts.warmup:
+                times[name].append(time.perf_counter() - started)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {"s_step": med["transformers_loss"], "trl_fused_s": med["trl_fused_head_with_metrics"],
+            "loss_first": float("nan"), "loss_last": float("nan"), "tokens": int(batch["attention_mask"].sum())}
+
+
+CONTENDERS = {"stage": run_stage, "trl": run_trl, "bare": run_bare, "losspath": run_losspath}
 
 
 def child(opts) -> None:
@@ -275,13 +316,15 @@ def common_argv(opts, batch: int | None = None, threads: int | None = None, sets
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--contenders", default="stage,trl,bare")
+    ap.add_argument("--contenders", default="stage,stage-token-metrics,trl,bare")
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="train.args override")
     ap.add_argument("--sweep", action="store_true", help="also the stage with grad checkpointing, batch 4/16, 1 thread")
+    ap.add_argument("--losspath", action="store_true", help="only: trl's fused-head loss vs transformers' loss, "
+                    "forward + backward on one batch, interleaved (median of --steps after --warmup)")
     ap.add_argument("--train", default=None, help="a formatted train.jsonl (default: built as the default recipe does)")
     ap.add_argument("--json", default=None, help="write every row's figures here")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -294,10 +337,22 @@ def main() -> None:
     print(f"train throughput: SmolLM2-135M, LoRA r16 all-linear, batch {opts.batch}, {opts.warmup} warm-up + "
           f"{opts.steps} timed steps; {os.cpu_count()} CPUs; load average before: "
           f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
+    if opts.losspath:
+        r = run_one("losspath", "forward+backward, transformers' loss", common_argv(opts))
+        if "error" not in r:
+            print(f"| loss path (batch {opts.batch}, {r['tokens']} tokens) | median s | x transformers' loss |\n|---|---|---|\n"
+                  f"| transformers' logits + cross-entropy (the stage's default) | {r['s_step']:.3f} | 1.00x |\n"
+                  f"| trl's fused LM head + entropy + top-1 (SFTTrainer; token_metrics: true) | {r['trl_fused_s']:.3f} | "
+                  f"{r['trl_fused_s'] / r['s_step']:.2f}x |")
+        load = os.getloadavg()
+        print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+        return
     rows = []
-    names = {"stage": "the train stage", "trl": "plain TRL SFTTrainer", "bare": "bare transformers+peft AdamW loop"}
+    names = {"stage": "the train stage", "trl": "plain TRL SFTTrainer", "bare": "bare transformers+peft AdamW loop",
+             "stage-token-metrics": "the train stage, token_metrics: true (as before)"}
     for name in opts.contenders.split(","):
-        rows.append(run_one(name, names[name], common_argv(opts)) | {"name": name})
+        sets = {"token_metrics": True} if name == "stage-token-metrics" else {}
+        rows.append(run_one(name.split("-")[0], names[name], common_argv(opts, sets=sets)) | {"name": name})
     if opts.sweep:
         sweeps = [("stage", "stage, gradient_checkpointing on", common_argv(opts, sets={"gradient_checkpointing": True})),
                   ("bare", "bare, gradient_checkpointing on", common_argv(opts, sets={"gradient_checkpointing": True})),

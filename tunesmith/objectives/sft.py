@@ -34,10 +34,9 @@ def build_trainer(model: Any, tokenizer: Any, config: Any, train: Any, evals: An
     from trl import SFTTrainer
 
     class Plain(SFTTrainer):
-        """SFTTrainer with transformers' own loss (logits + cross-entropy): trl's loss goes through a
-        fused LM head that, off Triton devices, scores every position and the entropy and top-1 over
-        the whole vocabulary for its per-step metrics, which cost ~a third of a CPU step
-        (bench/train_throughput.py). Same loss, same token normalisation."""
+        """SFTTrainer with transformers' own loss (logits + cross-entropy) instead of trl's fused LM
+        head, whose extra outputs (entropy, top-1 over the whole vocabulary) feed only trl's
+        per-step logs, which the stage does not record. Same loss, same token normalisation."""
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs["use_cache"] = False  # as trl does: packed position ids are honoured only without a cache

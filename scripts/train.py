@@ -12,9 +12,10 @@ from tunesmith.stage import run
 
 def main(io):
     train_cfg = io.section["train"]
+    trainkit.die_with_launcher()
     trainkit.require_device(train_cfg["method"])  # fail fast, before model loading
-    if trainkit.needs_relaunch(train_cfg["gpus"]):
-        return trainkit.relaunch_multi_gpu(Path(__file__).resolve(), train_cfg["gpus"], io)
+    if trainkit.needs_relaunch(train_cfg):
+        return trainkit.relaunch(Path(__file__).resolve(), train_cfg, io)
     from tunesmith import training
 
     objective = train_cfg["objective"]

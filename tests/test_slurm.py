@@ -11,6 +11,7 @@ allocated it gres/gpu:1. Daemons are stopped (by PID) in the fixture's teardown.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from workflow_helpers import REPO, make_workdir, write_config
 
@@ -64,13 +66,14 @@ def cluster(tmp_path_factory):
     subprocess.run(["bash", str(CLUSTER), "stop"], env=env, capture_output=True, timeout=120)
 
 
-def _run(work: Path, config: Path, *targets: str, timeout: int) -> subprocess.CompletedProcess:
+def _run(work: Path, config: Path, *targets: str, timeout: int, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """snakemake --workflow-profile tests/slurm/profile, in its own process group so a hung
     plugin (it ignores SIGTERM when status queries fail) is killed with everything it started."""
     env = {**_slurm_env(), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env.pop("TUNESMITH_INVOCATION", None)
     cmd = [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(work),
-           "--configfile", str(config), "--workflow-profile", str(PROFILE), "--verbose", *targets]
+           "--configfile", str(config), "--workflow-profile", str(PROFILE), "--verbose", *targets, *extra]
+    # (extra last: --set-threads takes any number of values and would swallow a target after it)
     proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, start_new_session=True)
     try:
@@ -173,3 +176,27 @@ def test_train_job_asks_for_a_gpu(cluster, work):
     info = _scontrol(by_rule["train"])
     assert "Partition=gpu" in info
     assert re.search(r"gres/gpu[:=]1|gpu:1", info), info
+
+
+def test_train_job_runs_two_data_parallel_tasks_through_srun(cluster, work):
+    """train.processes: 2 on CPU: the sbatch call asks for 2 tasks; inside the job srun starts one
+    accelerate launcher on the node, which reads its machine rank and the main address from SLURM's
+    environment and runs 2 ranks (gloo). One thread per task: the loopback node has 2 CPUs."""
+    workdir, config = work
+    ddp = workdir / "config-ddp.yaml"
+    data = yaml.safe_load(config.read_text())
+    data["overrides"][RECIPE]["train"] = {"gpus": 0, "processes": 2}  # train only: the data stages stay done
+    ddp.write_text(yaml.safe_dump(data, sort_keys=False))
+    target = f"results/{RECIPE}/r-16/train/metrics.json"
+    started = time.time()
+    proc = _run(workdir, ddp, target, timeout=1500, extra=("--set-threads", "train=1"))
+    calls = _sbatch_calls(proc.stdout)
+    assert proc.returncode == 0, proc.stdout[-8000:]
+    assert "--ntasks=2" in calls["train"] and "--cpus-per-task=1" in calls["train"], calls["train"]
+    by_rule = _assert_all_slurm(proc.stdout, {"train"}, workdir)
+    assert "NumTasks=2" in _scontrol(by_rule["train"])
+    metrics = json.loads((workdir / target).read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 2
+    log = (workdir / "logs" / RECIPE / "r-16" / "train.log").read_text()
+    assert "srun --nodes=1 --ntasks-per-node=1 --cpus-per-task=2" in log, log[-3000:]
+    print(f"2-task training job on SLURM in {time.time() - started:.0f} s")

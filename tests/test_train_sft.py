@@ -241,3 +241,20 @@ def _prod(shape):
     for dim in shape:
         out *= dim
     return out
+
+
+def test_token_metrics_off_trains_on_the_same_loss(tmp_path, tiny_llama_dir, sft_data, section_factory):
+    """train.args.token_metrics: false (transformers' logits + cross-entropy) and true (trl's fused LM
+    head, which also logs entropy and token accuracy) give the same loss curve and eval loss."""
+    from tunesmith import training
+
+    runs = {}
+    for flag in (False, True):
+        section = section_factory("lora", max_steps=3, save_steps=3, token_metrics=flag)
+        out = tmp_path / str(flag)
+        result = training.train_sft(training.SFTPaths(base=str(tiny_llama_dir), **sft_data, **_outputs(out)), section)
+        runs[flag] = (result.histories["train_loss"], result.metrics["eval_loss_final"], result.metrics["eval_loss_initial"])
+    (plain, plain_eval, plain_initial), (fused, fused_eval, fused_initial) = runs[False], runs[True]
+    assert [s for s, _ in plain] == [s for s, _ in fused] == [1, 2, 3]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(plain, fused)) < 1e-4
+    assert abs(plain_eval - fused_eval) < 1e-4 and abs(plain_initial - fused_initial) < 1e-5

@@ -142,17 +142,24 @@ def fit(job: Fit) -> Result:
     initial_file = job.checkpoints / "initial_eval.json"
     initial_eval = None
     initial_figures: dict[str, float] = {}
+    first_eval = None
     if job.eval_dataset is not None:
         if resume is None or not initial_file.is_file():
-            first = trainer.evaluate()
-            initial_eval, initial_figures = float(first["eval_loss"]), _eval_figures(first, job.objective)
-            if rank0:
-                initial_file.write_text(json.dumps({"eval_loss": initial_eval, **initial_figures}))
+            # The eval before training runs inside train() (eval_on_start), after the model is wrapped:
+            # a trainer.evaluate() first marks the model prepared, and train() then never wraps it in
+            # DistributedDataParallel, so the ranks' gradients are never averaged (transformers 5.23,
+            # accelerate 1.15; tests/test_train_ddp.py).
+            trainer.args.eval_on_start = True
+            first_eval = trainkit.first_eval_callback(
+                lambda first: initial_file.write_text(json.dumps({"eval_loss": float(first["eval_loss"]),
+                                                                  **_eval_figures(first, job.objective)}))
+                if rank0 else None)
+            trainer.add_callback(first_eval)
         else:
             saved = json.loads(initial_file.read_text())
             initial_eval = float(saved.pop("eval_loss"))
             initial_figures = saved
-        log.info("eval loss before training: %.4f", initial_eval)
+            log.info("eval loss before training: %.4f", initial_eval)
 
     resumed_from = trainkit.checkpoint_step(resume) if resume is not None else 0
     if resume is not None:
@@ -165,6 +172,10 @@ def fit(job: Fit) -> Result:
     train_started = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     train_seconds = time.time() - train_started
+    if first_eval is not None:
+        initial_eval = float(first_eval.metrics["eval_loss"])
+        initial_figures = _eval_figures(first_eval.metrics, job.objective)
+        train_seconds -= float(first_eval.metrics.get("eval_runtime", 0.0))  # training time, as before
     last = trainer.evaluate() if job.eval_dataset is not None else None
     final_eval = float(last["eval_loss"]) if last is not None else None
     final_figures = _eval_figures(last, job.objective) if last is not None else {}

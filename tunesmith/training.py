@@ -193,7 +193,7 @@ def train_sft(paths: SFTPaths, section: dict[str, Any]) -> Result:
         eval_dataset=objective.dataset(eval_examples) if eval_examples else None, args=args, method=method,
         cuda=s.cuda, checkpoints=paths.checkpoints, fingerprint=_fingerprint(paths, section), model_out=Path(paths.model),
         metrics_path=Path(paths.metrics), loss_path=Path(paths.loss), title=f"{method.name} on {Path(paths.base).name}",
-        save=saver(s, paths.base), before_train=gate,
+        save=saver(s, paths.base), before_train=gate, trainer_kwargs={"token_metrics": bool(args["token_metrics"])},
         extra_metrics={"base": str(paths.base), "load_seconds": load_seconds, "pad_token": tokenizer.pad_token,
                        "eos_token": tokenizer.eos_token, "packing": bool(args["packing"])}))
 

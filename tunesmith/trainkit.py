@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import resource
+import shlex
 import shutil
 import sys
 import time
@@ -62,9 +63,32 @@ def under_launcher() -> bool:
     return "LOCAL_RANK" in os.environ or "ACCELERATE_PROCESS_NUM" in os.environ
 
 
-def needs_relaunch(gpus: int | None) -> bool:
-    """More than one GPU asked for, on CUDA, and not yet under a launcher: relaunch under accelerate."""
-    return int(gpus or 1) > 1 and cuda_available() and not under_launcher()
+def die_with_launcher() -> None:
+    """Under a launcher: have the kernel kill this rank when its launcher dies. torch.distributed.run
+    starts every rank in a session of its own, so a kill -9 of the job's process group (a
+    scheduler, a user) would leave the ranks training on, beside the rerun. Linux only."""
+    if not under_launcher() or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the launcher died before the call
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def processes_per_node(train_cfg: dict[str, Any], cuda: bool) -> int:
+    """One process per GPU on CUDA (train.gpus), train.processes on CPU."""
+    if cuda:
+        return max(1, int(train_cfg["gpus"] or 1))
+    return max(1, int(train_cfg["processes"]))
+
+
+def needs_relaunch(train_cfg: dict[str, Any]) -> bool:
+    """More than one process asked for (GPUs, CPU processes or nodes), and not yet under a launcher."""
+    total = int(train_cfg["nodes"]) * processes_per_node(train_cfg, cuda_available())
+    return total > 1 and not under_launcher()
 
 
 def free_port() -> int:
@@ -76,14 +100,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def launch_command(script: str | Path, gpus: int, io: Any, params_file: Path, port: int) -> list[str]:
+def launch_command(script: str | Path, processes: int, io: Any, params_file: Path, port: int, *,
+                   nodes: int = 1, machine: tuple[str, str] | None = None) -> list[str]:
     """accelerate launch with everything on the command line: the user's default accelerate
-    config (another machine's GPU count, fp16, DeepSpeed) must not decide how this job runs."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(gpus),
-           "--num_machines", "1", "--machine_rank", "0", "--main_process_port", str(port),
-           "--mixed_precision", "no",  # the trainer's bf16/fp16 arguments decide precision
-           "--dynamo_backend", "no", str(script), "--params", str(params_file), "--stage", io.stage,
-           "--recipe", io.recipe]
+    config (another machine's GPU count, fp16, DeepSpeed) must not decide how this job runs.
+    `processes` counts every rank on every node (accelerate's meaning); `machine` is
+    (machine rank, main process address), given as shell variables when srun starts one launcher
+    per node. --multi_gpu is accelerate's DDP launcher (torch.distributed.run); on CPU the
+    trainer's use_cpu makes it gloo."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+           "--num_machines", str(nodes), "--machine_rank", machine[0] if machine else "0",
+           "--main_process_port", str(port)]
+    if machine:
+        cmd += ["--main_process_ip", machine[1]]
+    cmd += ["--mixed_precision", "no",  # the trainer's bf16/fp16 arguments decide precision
+            "--dynamo_backend", "no", str(script), "--params", str(params_file), "--stage", io.stage,
+            "--recipe", io.recipe]
     if io.variant:
         cmd += ["--variant", io.variant]
     for flag, files in (("--input", io.input), ("--output", io.output)):
@@ -92,30 +124,62 @@ def launch_command(script: str | Path, gpus: int, io: Any, params_file: Path, po
     return cmd
 
 
-def relaunch_multi_gpu(script: str | Path, gpus: int, io: Any) -> Any:
-    """Run `script` again under `accelerate launch`, one process per GPU, with this job's inputs,
-    outputs and params passed by argv (the child cannot see Snakemake's object)."""
+def srun_command(launch: list[str], nodes: int, cpus_per_node: int, gpus_per_node: int) -> list[str]:
+    """srun starts one accelerate launcher per node of the job's allocation; each reads its machine
+    rank (SLURM_NODEID) and the main process's address (SLURM_LAUNCH_NODE_IPADDR: the node this
+    srun runs on) from the environment SLURM gives the task."""
+    cmd = ["srun", f"--nodes={nodes}", "--ntasks-per-node=1", f"--cpus-per-task={cpus_per_node}",
+           "--kill-on-bad-exit=1", "--export=ALL"]
+    if gpus_per_node:
+        cmd.append(f"--gpus-per-task={gpus_per_node}")
+    # The launcher's shell on each node expands the $SLURM_ variables; everything else is quoted.
+    line = " ".join(f'"{a}"' if a.startswith("$SLURM_") else shlex.quote(a) for a in launch)
+    return cmd + ["bash", "-c", line]
+
+
+def relaunch(script: str | Path, train_cfg: dict[str, Any], io: Any) -> Any:
+    """Run `script` again under `accelerate launch`, one process per GPU (or train.processes on CPU),
+    with this job's inputs, outputs and params passed by argv (the child cannot see Snakemake's
+    object). Inside a SLURM job the launchers start through srun, one per node."""
     import subprocess
 
-    import torch
+    cuda = cuda_available()
+    per_node, nodes = processes_per_node(train_cfg, cuda), int(train_cfg["nodes"])
+    in_slurm = "SLURM_JOB_ID" in os.environ
+    if nodes > 1 and not in_slurm:
+        raise EnvironmentNotSupported(f"train.nodes is {nodes}: multi-node training starts through srun inside a SLURM "
+                                      f"job (--workflow-profile workflow/profiles/slurm); outside SLURM use nodes: 1")
+    if cuda and not in_slurm:
+        import torch
 
-    have = torch.cuda.device_count()
-    if have < gpus:
-        raise EnvironmentNotSupported(f"train.gpus is {gpus} but torch sees {have} CUDA device(s) on this node")
+        have = torch.cuda.device_count()
+        if have < per_node:
+            raise EnvironmentNotSupported(f"train.gpus is {per_node} but torch sees {have} CUDA device(s) on this node")
     ckpt = Path(io.output["metrics"]).parent
     ckpt.mkdir(parents=True, exist_ok=True)
     params_file = ckpt / ".launch_params.json"
     params_file.write_text(json.dumps(io.params, default=str))
-    cmd = launch_command(script, gpus, io, params_file, free_port())
-    log.info("multi-GPU: relaunching under accelerate with %d processes: %s", gpus, " ".join(cmd))
+    port = free_port() if not in_slurm else 20000 + int(os.environ["SLURM_JOB_ID"]) % 20000
+    if in_slurm:
+        launch = launch_command(script, nodes * per_node, io, params_file, port, nodes=nodes,
+                                machine=("$SLURM_NODEID", "$SLURM_LAUNCH_NODE_IPADDR"))
+        cmd = srun_command(launch, nodes, max(1, int(io.threads)) * per_node, per_node if cuda else 0)
+    else:
+        cmd = launch_command(script, per_node, io, params_file, port)
+    what = f"{nodes} node(s) x {per_node} {'GPU' if cuda else 'CPU'} process(es)"
+    log.info("data-parallel: relaunching under accelerate on %s: %s", what, " ".join(cmd))
     # PYTHONSAFEPATH: keep scripts/ off sys.path in every rank, as Snakemake's script runner does.
+    # OMP_NUM_THREADS: torch.distributed.run sets 1 per process when unset. Locally the job's threads
+    # are shared among its processes; a SLURM job has threads CPUs per task, one task per rank.
     env = dict(os.environ, PYTHONSAFEPATH="1")
+    threads = max(1, int(io.threads) if in_slurm else int(io.threads) // per_node)
+    env.setdefault("OMP_NUM_THREADS", str(1 if cuda else threads))
     rc = subprocess.run(cmd, check=False, env=env).returncode
     if rc != 0:
-        raise TunesmithError(f"accelerate launch with {gpus} processes failed (exit {rc}); see the log above")
+        raise TunesmithError(f"accelerate launch on {what} failed (exit {rc}); see the log above")
     from tunesmith.result import Result
 
-    return Result(delegated=True, summary=f"ran under accelerate with {gpus} processes")
+    return Result(delegated=True, summary=f"ran under accelerate on {what}")
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -303,6 +367,23 @@ def make_history_callback():
                 log.info("step %d eval_loss %.4f", state.global_step, logs["eval_loss"])
 
     return History()
+
+
+def first_eval_callback(keep: Any):
+    """A TrainerCallback that keeps the first evaluation's metrics (eval_on_start's, before step one
+    of this run) and hands them to `keep` at once, so that a crash after it does not lose them."""
+    from transformers import TrainerCallback
+
+    class FirstEval(TrainerCallback):
+        metrics: dict[str, Any] | None = None
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            if self.metrics is None and metrics is not None:
+                self.metrics = dict(metrics)
+                log.info("eval loss before training: %.4f", self.metrics["eval_loss"])
+                keep(self.metrics)
+
+    return FirstEval()
 
 
 def full_history(trainer: Any) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:

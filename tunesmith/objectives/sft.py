@@ -28,8 +28,21 @@ def dataset(examples: list[dict[str, Any]]):
     return Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
 
 
-def build_trainer(model: Any, tokenizer: Any, config: Any, train: Any, evals: Any, callbacks: list[Any], **extra: Any):
+def build_trainer(model: Any, tokenizer: Any, config: Any, train: Any, evals: Any, callbacks: list[Any],
+                  token_metrics: bool = True, **extra: Any):
+    from transformers import Trainer
     from trl import SFTTrainer
 
-    return SFTTrainer(model=model, args=config, train_dataset=train, eval_dataset=evals,
-                      processing_class=tokenizer, callbacks=callbacks)
+    class Plain(SFTTrainer):
+        """SFTTrainer with transformers' own loss (logits + cross-entropy) instead of trl's fused LM
+        head, whose extra outputs (entropy, top-1 over the whole vocabulary) feed only trl's
+        per-step logs, which the stage does not record. Same loss, same token normalisation."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs["use_cache"] = False  # as trl does: packed position ids are honoured only without a cache
+            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+    cls = SFTTrainer if token_metrics else Plain
+    return cls(model=model, args=config, train_dataset=train, eval_dataset=evals,
+               processing_class=tokenizer, callbacks=callbacks)

@@ -146,6 +146,43 @@ def train_gpus(wildcards):
     return gpus
 
 
+def train_ranks(wildcards):
+    """(nodes, processes per node): one per GPU when train.gpus > 1, else train.processes (CPU)."""
+    train = (variant_of(wildcards) if "variant" in wildcards.keys() else recipe_of(wildcards))["train"]
+    gpus = train_gpus(wildcards)
+    return train["nodes"], gpus if gpus > 1 else train["processes"]
+
+
+def train_nodes(wildcards):
+    nodes, _ = train_ranks(wildcards)
+    return nodes if nodes > 1 else None  # None: no --nodes, as before
+
+
+def train_tasks(wildcards):
+    """SLURM tasks = ranks, so that the allocation holds threads x ranks CPUs (--cpus-per-task is
+    per task); srun then starts one accelerate launcher per node over them (tunesmith.trainkit)."""
+    nodes, per_node = train_ranks(wildcards)
+    return nodes * per_node if nodes * per_node > 1 else None
+
+
+def train_mpi(wildcards):
+    """'srun' for a multi-process job: the SLURM jobstep plugin then runs the job's script without
+    its own `srun -n1` wrapper, in which the trainer's srun could not start its tasks."""
+    nodes, per_node = train_ranks(wildcards)
+    return "srun" if nodes * per_node > 1 else None
+
+
+def train_job_gpus(wildcards):
+    """GPUs of the whole train job: per node x nodes (SLURM's --gpus counts the job's)."""
+    nodes, _ = train_ranks(wildcards)
+    return train_gpus(wildcards) * nodes
+
+
+def train_tasks_per_gpu(wildcards):
+    # The slurm plugin turns `tasks` into --ntasks-per-gpu on a GPU job unless this is set.
+    return 1 if train_tasks(wildcards) and train_gpus(wildcards) > 1 else None
+
+
 def train_mem(wildcards):
     return recipe_of(wildcards)["train"]["mem_mb"]
 

@@ -20,10 +20,14 @@ rule train:
         "benchmarks/{recipe}/{variant}/train.tsv"
     threads: 2
     resources:
-        gpu=train_gpus,
+        gpu=train_job_gpus,
         gpu_model=gpu_model,
         mem_mb=train_mem,
         runtime=train_runtime,
+        nodes=train_nodes,
+        tasks=train_tasks,
+        tasks_per_gpu=train_tasks_per_gpu,
+        mpi=train_mpi,
     conda:
         "../../envs/cpu.yaml"
     script:

@@ -47,10 +47,10 @@ def columns(path: str | Path) -> list[str]:
 
 
 def iter_batches(path: str | Path, columns: Sequence[str] | None = None, *,
-                 row_groups: Sequence[int] | None = None, batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+                 row_groups: Sequence[int] | None = None, batch_rows: int | None = None) -> Iterator[pa.RecordBatch]:
     """Record batches of a parquet file, in row order; row_groups: only those (a shard)."""
     source = pq.ParquetFile(path)
-    yield from source.iter_batches(batch_size=batch_rows, columns=list(columns) if columns else None,
+    yield from source.iter_batches(batch_size=batch_rows or BATCH_ROWS, columns=list(columns) if columns else None,
                                    row_groups=row_groups)
 
 

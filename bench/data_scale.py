@@ -1,0 +1,222 @@
+"""Data chain at scale: rows/s and peak RSS per stage at 100k, 1M and 10M rows, in one table.
+
+    nice -n 10 .venv/bin/python bench/data_scale.py --sizes 100000 1000000 [--work /tmp/data_scale]
+    .venv/bin/python bench/data_scale.py --make-only --sizes 10000000   # only write the synthetic JSONL
+
+Synthetic rows are built from the shared datasets (../shared/data: GSM8K train + the three
+GPTeacher sets, 21,604 real rows) with perturbations, so the sizes past the real data stay
+realistic text and hold both kinds of duplicate:
+- every row gets a case number in its instruction ("(case 123)"): unique for exact dedupe but a
+  near-duplicate of every other row made from the same real row (what near-dedupe would remove);
+- one row in 50 repeats the row 7 before it with its case folded and spaces doubled, so exact
+  dedupe (which normalises case and white space) has real work.
+
+Each stage runs as its own process (the stage function from tunesmith.data.stages, as the
+Snakemake rule's script would call it), so its peak RSS (ru_maxrss of that process, reported in
+the stage's metrics as peak_rss_mb) is its own. Near-dedupe is off (bench/dedupe_scale.py
+measures it); decontaminate is skipped (the issue's chain: download -> tokenize_count -> filter
+-> exact dedupe -> select -> format). Files go under --work (default /tmp/data_scale), never into
+the repository; --clean deletes each size's stage outputs after it is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+MODEL = REPO / "resources" / "models" / "smollm2-135m-instruct"
+STAGES = ("download", "tokenize_count", "filter", "dedupe", "select", "format")
+
+
+def real_rows(shared: Path) -> list[tuple[str, str, str]]:
+    rows = []
+    with open(shared / "gsm8k" / "train.jsonl", encoding="utf-8") as fh:
+        for line in fh:
+            r = json.loads(line)
+            rows.append((r["question"], "", r["answer"]))
+    for name in ("toolformer-dedupe-only.json", "codegen-instruct.json", "roleplay-instruct.json"):
+        for r in json.loads((shared / "gpteacher" / name).read_text(encoding="utf-8")):
+            rows.append((r["instruction"], r.get("input") or "", r["response"]))
+    return rows
+
+
+def make_jsonl(path: Path, n: int, shared: Path) -> None:
+    """n synthetic rows (see the module docstring), written once; an existing file of n rows is reused."""
+    if path.is_file() and path.with_suffix(".done").is_file():
+        return
+    base = real_rows(shared)
+    # The JSON-escaped fields once per real row: writing 10M rows is then string joins, not dumps.
+    enc = [(json.dumps(i, ensure_ascii=False)[:-1], json.dumps(x, ensure_ascii=False),
+            json.dumps(o, ensure_ascii=False)) for i, x, o in base]
+    tmp = path.with_suffix(".part")
+    started = time.perf_counter()
+    with open(tmp, "w", encoding="utf-8") as fh:
+        lines = []
+        for i in range(n):
+            if i % 50 == 49:
+                src = i - 7
+                b = base[src % len(base)]
+                dup = json.dumps(f"{b[0]}  (case {src})".upper(), ensure_ascii=False)
+                lines.append(f'{{"instruction": {dup}, "input": {enc[src % len(base)][1]}, '
+                             f'"response": {enc[src % len(base)][2]}}}\n')
+            else:
+                e = enc[i % len(base)]
+                lines.append(f'{{"instruction": {e[0]} (case {i})", "input": {e[1]}, "response": {e[2]}}}\n')
+            if len(lines) >= 100_000:
+                fh.writelines(lines)
+                lines = []
+        fh.writelines(lines)
+    tmp.replace(path)
+    path.with_suffix(".done").write_text(str(n))
+    print(f"wrote {n} rows to {path} ({path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - started:.0f} s",
+          flush=True)
+
+
+def sections(src: Path) -> dict[str, dict]:
+    from tunesmith.recipe import section_defaults
+
+    return {"dataset": section_defaults("dataset", {"source": str(src), "columns": {"output": "response"}}),
+            "tokenize": section_defaults("tokenize"), "filter": section_defaults("filter"),
+            "dedupe": section_defaults("dedupe", {"near": False}), "select": section_defaults("select"),
+            "format": section_defaults("format")}
+
+
+def run_stage(stage: str, src: Path, out: Path) -> dict:
+    """One stage function on the files of one size (in this process: the parent runs each in its own)."""
+    from tunesmith.data import stages
+
+    s = sections(src)
+    f = {k: str(out / v) for k, v in [("raw", "raw.parquet"), ("source", "source.json"), ("counts", "counts.parquet"),
+                                       ("stats", "stats.json"), ("thist", "token_hist.png"),
+                                       ("filtered", "filtered.parquet"), ("freport", "filter.json"),
+                                       ("deduped", "deduped.parquet"), ("dreport", "dedupe.json"),
+                                       ("dhist", "dedupe_hist.png"), ("selected", "selected.parquet"),
+                                       ("sreport", "select.json"), ("train", "train.jsonl"), ("eval", "eval.jsonl"),
+                                       ("preview", "preview.txt"), ("template", "template.jinja"),
+                                       ("report", "format.json")]}
+    if stage == "download":
+        r = stages.download(s["dataset"], f["raw"], f["source"], offline=True, cache_dir=str(out / "cache"))
+    elif stage == "tokenize_count":
+        r = stages.tokenize_count(f["raw"], str(MODEL), s["tokenize"], f["counts"], f["stats"], f["thist"])
+    elif stage == "filter":
+        r = stages.filter_rows(f["raw"], f["counts"], s["filter"], f["filtered"], f["freport"])
+    elif stage == "dedupe":
+        r = stages.dedupe(f["filtered"], s["dedupe"], f["deduped"], f["dreport"], f["dhist"], offline=True)
+    elif stage == "select":
+        r = stages.select(f["deduped"], s["select"], f["selected"], f["sreport"])
+    else:
+        r = stages.format_rows(f["selected"], str(MODEL), s["format"], f["train"], f["eval"], f["preview"],
+                               f["template"], f["report"])
+    return r.metrics
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def measure(stage: str, src: Path, out: Path, rss_limit_mb: float) -> dict:
+    """Run one stage in a fresh process, killed if its RSS passes rss_limit_mb (a watchdog: the
+    machine is shared); wall time includes interpreter start-up and imports."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, __file__, "--stage", stage, "--src", str(src), "--out", str(out)],
+                            env=env, stdout=subprocess.PIPE, text=True)
+    watched = 0.0
+    next_note = 60.0
+    while proc.poll() is None:
+        watched = max(watched, rss_mb(proc.pid))
+        if time.perf_counter() - started > next_note:  # a trace, to see RSS go flat while a long stage runs
+            print(f"  {stage} {src.name}: {next_note:.0f} s, peak RSS so far {watched:.0f} MB", file=sys.stderr, flush=True)
+            next_note += 60.0
+        if watched > rss_limit_mb:
+            proc.kill()
+            proc.wait()
+            raise SystemExit(f"{stage} on {src.name}: RSS passed {rss_limit_mb:.0f} MB; killed")
+        time.sleep(0.5)
+    stdout = proc.stdout.read()
+    if proc.returncode:
+        raise SystemExit(f"{stage} on {src.name} failed (exit {proc.returncode})")
+    metrics = json.loads(stdout.strip().splitlines()[-1])
+    metrics["wall_seconds"] = time.perf_counter() - started
+    return metrics
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    ap.add_argument("--work", default="/tmp/data_scale")
+    ap.add_argument("--shared", default=str(SHARED))
+    ap.add_argument("--rss-limit-mb", type=float, default=6000)
+    ap.add_argument("--clean", action="store_true", help="delete each size's stage outputs once measured")
+    ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
+                    help="run only these (the earlier stages' outputs must be in --work already)")
+    a = ap.parse_args()
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    table = []
+    for size in a.sizes:
+        src = work / f"rows_{size}.jsonl"
+        make_jsonl(src, size, Path(a.shared))
+        out = work / f"out_{size}"
+        out.mkdir(exist_ok=True)
+        chain_started = time.perf_counter()
+        ran = []
+        for stage in a.stages:
+            m = measure(stage, src, out, a.rss_limit_mb)
+            row = {"rows": size, "stage": stage, "rows_in": m["rows_in"], "rows_out": m["rows_out"],
+                   "wall_s": m["wall_seconds"], "work_s": m["work_seconds"],
+                   "rows_per_s": m["rows_in"] / m["work_seconds"] if m["work_seconds"] else 0.0,
+                   "peak_rss_mb": m["peak_rss_mb"]}
+            table.append(row)
+            ran.append(row)
+            print(json.dumps(row), flush=True)
+        table.append({"rows": size, "stage": "whole chain" if len(ran) == len(STAGES) else "stages run",
+                      "rows_in": ran[0]["rows_in"], "rows_out": ran[-1]["rows_out"],
+                      "wall_s": time.perf_counter() - chain_started, "work_s": sum(r["work_s"] for r in ran),
+                      "rows_per_s": 0.0, "peak_rss_mb": max(r["peak_rss_mb"] for r in ran)})
+        disk = sum(p.stat().st_size for p in out.iterdir() if p.is_file()) / 1e9
+        print(f"size {size}: chain {table[-1]['wall_s']:.0f} s, outputs {disk:.2f} GB under {out}", flush=True)
+        if a.clean:
+            for p in out.iterdir():
+                if p.is_file():
+                    p.unlink()
+    print(f"\n{'rows':>10} | {'stage':<14} | {'rows in':>10} | {'rows out':>10} | {'wall s':>8} | {'work s':>8} | "
+          f"{'rows/s (work)':>13} | {'peak RSS MB':>11}")
+    for r in table:
+        rate = f"{r['rows_per_s']:,.0f}" if r["rows_per_s"] else ""
+        print(f"{r['rows']:>10,} | {r['stage']:<14} | {r['rows_in']:>10,} | {r['rows_out']:>10,} | {r['wall_s']:>8.1f} | "
+              f"{r['work_s']:>8.1f} | {rate:>13} | {r['peak_rss_mb']:>11,.0f}")
+
+
+if __name__ == "__main__" and "--stage" in sys.argv:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--stage", choices=STAGES, required=True)
+    ap.add_argument("--src", required=True)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    sys.path.insert(0, str(REPO))
+    print(json.dumps(run_stage(a.stage, Path(a.src), Path(a.out)), default=float))
+elif __name__ == "__main__" and "--make-only" in sys.argv:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--make-only", action="store_true")
+    ap.add_argument("--sizes", type=int, nargs="+", required=True)
+    ap.add_argument("--work", default="/tmp/data_scale")
+    a = ap.parse_args()
+    for size in a.sizes:
+        Path(a.work).mkdir(parents=True, exist_ok=True)
+        make_jsonl(Path(a.work) / f"rows_{size}.jsonl", size, SHARED)
+elif __name__ == "__main__":
+    main()

@@ -154,6 +154,21 @@ def measure(stage: str, src: Path, out: Path, rss_limit_mb: float) -> dict:
     return metrics
 
 
+def wait_for_gate(log: Path, stage: str, limit_mb: float) -> None:
+    """Hold a big run's stage until the smaller run's same stage has shown bounded memory."""
+    while True:
+        for line in log.read_text().splitlines() if log.is_file() else []:
+            if line.startswith("{") and json.loads(line)["stage"] == stage:
+                row = json.loads(line)
+                if row["peak_rss_mb"] > limit_mb:
+                    raise SystemExit(f"gate: {stage} peaked at {row['peak_rss_mb']} MB on {row['rows']} rows "
+                                     f"(over {limit_mb} MB): not starting it on more rows")
+                return
+        if "failed" in (log.read_text() if log.is_file() else "") or "killed" in (log.read_text() if log.is_file() else ""):
+            raise SystemExit(f"gate: the run logged in {log} failed")
+        time.sleep(10)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -163,6 +178,9 @@ def main() -> None:
     ap.add_argument("--clean", action="store_true", help="delete each size's stage outputs once measured")
     ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
                     help="run only these (the earlier stages' outputs must be in --work already)")
+    ap.add_argument("--gate-log", help="the output of a smaller run going on beside this one: each stage here "
+                                       "waits until that run's same stage ended with a peak RSS under --gate-rss-mb")
+    ap.add_argument("--gate-rss-mb", type=float, default=1500)
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -175,6 +193,8 @@ def main() -> None:
         chain_started = time.perf_counter()
         ran = []
         for stage in a.stages:
+            if a.gate_log:
+                wait_for_gate(Path(a.gate_log), stage, a.gate_rss_mb)
             m = measure(stage, src, out, a.rss_limit_mb)
             row = {"rows": size, "stage": stage, "rows_in": m["rows_in"], "rows_out": m["rows_out"],
                    "wall_s": m["wall_seconds"], "work_s": m["work_seconds"],

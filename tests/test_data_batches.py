@@ -120,9 +120,17 @@ def test_a_late_bad_row_leaves_no_raw_parquet(tmp_path):
     assert load.read_rows(raw)["id"].tolist() == [i for i in range(300) if i != 250]
 
 
-def test_a_filter_that_empties_the_data_in_the_last_batch_is_named_and_writes_nothing(chain):
-    f = chain
-    flt = section_defaults("filter", {"max_tokens": 1})
-    with pytest.raises(DataError, match=r"filter 'max_tokens' removed the last \d+ rows, leaving none of 700"):
-        stages.filter_rows(f["raw"], f["counts"], flt, f["filtered"], f["freport"])
-    assert not any(p.name.startswith(("filtered", ".filtered")) for p in Path(f["raw"]).parent.iterdir())
+def test_a_filter_that_empties_the_data_in_the_last_batch_is_named_and_writes_nothing(tmp_path):
+    n = 300
+    frame = load.to_frame([{"id": i, "instruction": f"q{i}", "input": "", "output": f"a{i}", "system": "",
+                            "messages": [], "text": ""} for i in range(n)])
+    frame.to_parquet(tmp_path / "raw.parquet")
+    # The rows of the last batch are the only short ones: max_tokens leaves none, but only there.
+    pd.DataFrame({"id": range(n), "n_instruction_tokens": 1, "n_output_tokens": [50] * 256 + [1] * 44,
+                  "n_tokens": [51] * 256 + [2] * 44}).to_parquet(tmp_path / "counts.parquet")
+    flt = section_defaults("filter", {"min_tokens": 10, "max_tokens": 20})
+    with pytest.raises(DataError, match=r"filter 'max_tokens' removed the last 256 rows, leaving none of 300 \(drops so "
+                                        r"far: \{'empty': 0, 'min_tokens': 44, 'max_tokens': 256\}\)"):
+        stages.filter_rows(str(tmp_path / "raw.parquet"), str(tmp_path / "counts.parquet"), flt,
+                           str(tmp_path / "filtered.parquet"), str(tmp_path / "report.json"))
+    assert not any(p.name.startswith(("filtered", ".filtered")) for p in tmp_path.iterdir())

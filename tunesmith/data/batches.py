@@ -46,6 +46,11 @@ def columns(path: str | Path) -> list[str]:
     return pq.ParquetFile(path).schema_arrow.names
 
 
+def schema(path: str | Path) -> pa.Schema:
+    """A parquet file's arrow schema (what a stage that passes rows through writes, even with none left)."""
+    return pq.ParquetFile(path).schema_arrow.remove_metadata()
+
+
 def iter_batches(path: str | Path, columns: Sequence[str] | None = None, *,
                  row_groups: Sequence[int] | None = None, batch_rows: int | None = None) -> Iterator[pa.RecordBatch]:
     """Record batches of a parquet file, in row order; row_groups: only those (a shard)."""

@@ -266,7 +266,7 @@ def _exact_dedupe_stream(in_path: str, section: dict[str, Any], out_path: str) -
     texts: dict[int, tuple[int, str]] = {}
     tally = SourceTally()
     tokens_out = offset = 0
-    with batches.ParquetSink(out_path) as sink:
+    with batches.ParquetSink(out_path, batches.schema(in_path)) as sink:
         for batch in batches.iter_batches(in_path):
             mask = keep[offset:offset + batch.num_rows]
             for pos in (p for p in wanted if offset <= p < offset + batch.num_rows):
@@ -298,7 +298,7 @@ def select(in_path: str, section: dict[str, Any], out_path: str, report_path: st
     keep[kept_positions] = True
     tally = SourceTally()
     offset = 0
-    with batches.ParquetSink(out_path) as sink:
+    with batches.ParquetSink(out_path, batches.schema(in_path)) as sink:
         for batch in batches.iter_batches(in_path):
             mask = keep[offset:offset + batch.num_rows]
             tally.add(batch, mask)

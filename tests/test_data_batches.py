@@ -7,7 +7,6 @@ Library level with SmolLM2's tokenizer: a few seconds."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pandas as pd
 import pytest

@@ -32,6 +32,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 MODEL = REPO / "resources" / "models" / "smollm2-135m-instruct"
+# The shared model folder can be rebuilt while a long run goes on: a copy made once by
+# tunesmith.models.prepare (the same conversion) stands in when it is absent.
+FALLBACK_MODEL = Path(os.environ.get("DATA_SCALE_MODEL", "/tmp/data_scale/smollm2"))
+
+
+def model_dir() -> Path:
+    return MODEL if (MODEL / "tokenizer.json").is_file() else FALLBACK_MODEL
 STAGES = ("download", "tokenize_count", "filter", "dedupe", "select", "format")
 
 
@@ -101,10 +108,12 @@ def run_stage(stage: str, src: Path, out: Path) -> dict:
                                        ("sreport", "select.json"), ("train", "train.jsonl"), ("eval", "eval.jsonl"),
                                        ("preview", "preview.txt"), ("template", "template.jinja"),
                                        ("report", "format.json")]}
+    if stage == "estimate_counts":
+        return estimate_counts(f["raw"], f["counts"])
     if stage == "download":
         r = stages.download(s["dataset"], f["raw"], f["source"], offline=True, cache_dir=str(out / "cache"))
     elif stage == "tokenize_count":
-        r = stages.tokenize_count(f["raw"], str(MODEL), s["tokenize"], f["counts"], f["stats"], f["thist"])
+        r = stages.tokenize_count(f["raw"], str(model_dir()), s["tokenize"], f["counts"], f["stats"], f["thist"])
     elif stage == "filter":
         r = stages.filter_rows(f["raw"], f["counts"], s["filter"], f["filtered"], f["freport"])
     elif stage == "dedupe":
@@ -112,9 +121,31 @@ def run_stage(stage: str, src: Path, out: Path) -> dict:
     elif stage == "select":
         r = stages.select(f["deduped"], s["select"], f["selected"], f["sreport"])
     else:
-        r = stages.format_rows(f["selected"], str(MODEL), s["format"], f["train"], f["eval"], f["preview"],
+        r = stages.format_rows(f["selected"], str(model_dir()), s["format"], f["train"], f["eval"], f["preview"],
                                f["template"], f["report"])
     return r.metrics
+
+
+def estimate_counts(raw: str, counts: str) -> dict:
+    """--estimate-counts: token counts as characters / 4 (pyarrow compute, seconds for 10M rows)
+    in place of the tokenize_count stage, so the later stages can be measured at a size where real
+    counting takes longer than there is time for. Labelled as such in the table."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from tunesmith.data import batches
+
+    started = time.perf_counter()
+    with batches.ParquetSink(counts) as sink:
+        for b in batches.iter_batches(raw, ["id", "instruction", "input", "output"]):
+            n_in = pc.divide(pc.add(pc.utf8_length(b.column("instruction")), pc.utf8_length(b.column("input"))), 4)
+            n_out = pc.divide(pc.utf8_length(b.column("output")), 4)
+            n_in, n_out = pc.cast(n_in, pa.int64()), pc.cast(n_out, pa.int64())
+            sink.write(pa.table({"id": b.column("id"), "n_instruction_tokens": n_in, "n_output_tokens": n_out,
+                                 "n_tokens": pc.add(n_in, n_out)}))
+        rows = sink.rows
+    return {"rows_in": rows, "rows_out": rows, "work_seconds": time.perf_counter() - started,
+            "peak_rss_mb": batches.peak_rss_mb()}
 
 
 def rss_mb(pid: int) -> float:
@@ -181,6 +212,8 @@ def main() -> None:
     ap.add_argument("--gate-log", help="the output of a smaller run going on beside this one: each stage here "
                                        "waits until that run's same stage ended with a peak RSS under --gate-rss-mb")
     ap.add_argument("--gate-rss-mb", type=float, default=1500)
+    ap.add_argument("--estimate-counts", action="store_true",
+                    help="replace tokenize_count by counts estimated as characters / 4 (see estimate_counts)")
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -193,7 +226,9 @@ def main() -> None:
         chain_started = time.perf_counter()
         ran = []
         for stage in a.stages:
-            if a.gate_log:
+            if stage == "tokenize_count" and a.estimate_counts:
+                stage = "estimate_counts"
+            if a.gate_log and stage != "estimate_counts":
                 wait_for_gate(Path(a.gate_log), stage, a.gate_rss_mb)
             m = measure(stage, src, out, a.rss_limit_mb)
             row = {"rows": size, "stage": stage, "rows_in": m["rows_in"], "rows_out": m["rows_out"],
@@ -203,7 +238,8 @@ def main() -> None:
             table.append(row)
             ran.append(row)
             print(json.dumps(row), flush=True)
-        table.append({"rows": size, "stage": "whole chain" if len(ran) == len(STAGES) else "stages run",
+        table.append({"rows": size, "stage": ("whole chain" if len(ran) == len(STAGES) else "stages run")
+                      + (" (est.)" if a.estimate_counts else ""),
                       "rows_in": ran[0]["rows_in"], "rows_out": ran[-1]["rows_out"],
                       "wall_s": time.perf_counter() - chain_started, "work_s": sum(r["work_s"] for r in ran),
                       "rows_per_s": 0.0, "peak_rss_mb": max(r["peak_rss_mb"] for r in ran)})
@@ -213,21 +249,24 @@ def main() -> None:
             for p in out.iterdir():
                 if p.is_file():
                     p.unlink()
-    print(f"\n{'rows':>10} | {'stage':<14} | {'rows in':>10} | {'rows out':>10} | {'wall s':>8} | {'work s':>8} | "
+    print(f"\n{'rows':>10} | {'stage':<16} | {'rows in':>10} | {'rows out':>10} | {'wall s':>8} | {'work s':>8} | "
           f"{'rows/s (work)':>13} | {'peak RSS MB':>11}")
     for r in table:
         rate = f"{r['rows_per_s']:,.0f}" if r["rows_per_s"] else ""
-        print(f"{r['rows']:>10,} | {r['stage']:<14} | {r['rows_in']:>10,} | {r['rows_out']:>10,} | {r['wall_s']:>8.1f} | "
+        print(f"{r['rows']:>10,} | {r['stage']:<16} | {r['rows_in']:>10,} | {r['rows_out']:>10,} | {r['wall_s']:>8.1f} | "
               f"{r['work_s']:>8.1f} | {rate:>13} | {r['peak_rss_mb']:>11,.0f}")
 
 
 if __name__ == "__main__" and "--stage" in sys.argv:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--stage", choices=STAGES, required=True)
+    ap.add_argument("--stage", choices=(*STAGES, "estimate_counts"), required=True)
     ap.add_argument("--src", required=True)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     sys.path.insert(0, str(REPO))
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format=f"  %(asctime)s {a.stage}: %(message)s", stream=sys.stderr)
     print(json.dumps(run_stage(a.stage, Path(a.src), Path(a.out)), default=float))
 elif __name__ == "__main__" and "--make-only" in sys.argv:
     ap = argparse.ArgumentParser()

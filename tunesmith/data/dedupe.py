@@ -54,12 +54,9 @@ def row_digests(instruction: Any, input_: Any, output: Any) -> np.ndarray:
     """The first 16 bytes of each row's row_key digest as two uint64 columns (n x 2): what exact
     dedupe keeps per row over millions of rows (a Python set of hex strings costs ~10x more).
     A false match needs a 128-bit collision."""
-    out = np.empty((len(instruction), 2), dtype=np.uint64)
-    view = out.view(np.uint8).reshape(len(instruction), 16)
-    for pos, parts in enumerate(zip(instruction, input_, output)):
-        joined = "\x1f".join(normalise(x) for x in parts)
-        view[pos] = np.frombuffer(hashlib.sha1(joined.encode("utf-8")).digest()[:16], dtype=np.uint8)
-    return out
+    packed = b"".join(hashlib.sha1("\x1f".join(normalise(x) for x in parts).encode("utf-8")).digest()[:16]
+                      for parts in zip(instruction, input_, output))
+    return np.frombuffer(packed, dtype=np.uint64).reshape(-1, 2).copy()
 
 
 def first_occurrences(digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

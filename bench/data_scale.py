@@ -108,6 +108,8 @@ def run_stage(stage: str, src: Path, out: Path) -> dict:
                                        ("sreport", "select.json"), ("train", "train.jsonl"), ("eval", "eval.jsonl"),
                                        ("preview", "preview.txt"), ("template", "template.jinja"),
                                        ("report", "format.json")]}
+    if stage.startswith("tile_raw:"):
+        return tile_raw(Path(stage.split(":", 1)[1]), out, int(src.stem.split("_")[-1]))
     if stage == "estimate_counts":
         return estimate_counts(f["raw"], f["counts"])
     if stage == "download":
@@ -143,6 +145,34 @@ def estimate_counts(raw: str, counts: str) -> dict:
             n_in, n_out = pc.cast(n_in, pa.int64()), pc.cast(n_out, pa.int64())
             sink.write(pa.table({"id": b.column("id"), "n_instruction_tokens": n_in, "n_output_tokens": n_out,
                                  "n_tokens": pc.add(n_in, n_out)}))
+        rows = sink.rows
+    return {"rows_in": rows, "rows_out": rows, "work_seconds": time.perf_counter() - started,
+            "peak_rss_mb": batches.peak_rss_mb()}
+
+
+def tile_raw(small: Path, out: Path, size: int) -> dict:
+    """--tile-raw: out/raw.parquet as `size` rows made by repeating a smaller run's raw.parquet, each
+    repeat's instructions tagged "(copy k)" (so they stay unique) and ids renumbered: the rows the
+    later stages would see, in seconds instead of a 10M-row download (pyarrow, batch by batch)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from tunesmith.data import batches
+
+    started = time.perf_counter()
+    n_small = batches.num_rows(small)
+    with batches.ParquetSink(out / "raw.parquet", batches.schema(small)) as sink:
+        for k in range(-(-size // n_small)):
+            for b in batches.iter_batches(small):
+                if sink.rows >= size:
+                    break
+                b = b.slice(0, size - sink.rows)
+                cols = {name: b.column(name) for name in b.schema.names}
+                if k:
+                    cols["instruction"] = pc.binary_join_element_wise(cols["instruction"], f" (copy {k})", "")
+                cols["id"] = pa.array(np.arange(sink.rows, sink.rows + b.num_rows, dtype=np.int64))
+                sink.write(pa.RecordBatch.from_arrays(list(cols.values()), names=list(cols)))
         rows = sink.rows
     return {"rows_in": rows, "rows_out": rows, "work_seconds": time.perf_counter() - started,
             "peak_rss_mb": batches.peak_rss_mb()}
@@ -212,6 +242,8 @@ def main() -> None:
     ap.add_argument("--gate-log", help="the output of a smaller run going on beside this one: each stage here "
                                        "waits until that run's same stage ended with a peak RSS under --gate-rss-mb")
     ap.add_argument("--gate-rss-mb", type=float, default=1500)
+    ap.add_argument("--tile-raw", type=int, help="replace download by tiling the raw.parquet of this smaller size "
+                                                   "(see tile_raw)")
     ap.add_argument("--estimate-counts", action="store_true",
                     help="replace tokenize_count by counts estimated as characters / 4 (see estimate_counts)")
     a = ap.parse_args()
@@ -220,7 +252,8 @@ def main() -> None:
     table = []
     for size in a.sizes:
         src = work / f"rows_{size}.jsonl"
-        make_jsonl(src, size, Path(a.shared))
+        if not a.tile_raw:
+            make_jsonl(src, size, Path(a.shared))
         out = work / f"out_{size}"
         out.mkdir(exist_ok=True)
         chain_started = time.perf_counter()
@@ -228,10 +261,12 @@ def main() -> None:
         for stage in a.stages:
             if stage == "tokenize_count" and a.estimate_counts:
                 stage = "estimate_counts"
-            if a.gate_log and stage != "estimate_counts":
+            if stage == "download" and a.tile_raw:
+                stage = f"tile_raw:{work / f'out_{a.tile_raw}' / 'raw.parquet'}"
+            if a.gate_log and stage in STAGES:
                 wait_for_gate(Path(a.gate_log), stage, a.gate_rss_mb)
             m = measure(stage, src, out, a.rss_limit_mb)
-            row = {"rows": size, "stage": stage, "rows_in": m["rows_in"], "rows_out": m["rows_out"],
+            row = {"rows": size, "stage": stage.split(":")[0], "rows_in": m["rows_in"], "rows_out": m["rows_out"],
                    "wall_s": m["wall_seconds"], "work_s": m["work_seconds"],
                    "rows_per_s": m["rows_in"] / m["work_seconds"] if m["work_seconds"] else 0.0,
                    "peak_rss_mb": m["peak_rss_mb"]}
@@ -259,7 +294,7 @@ def main() -> None:
 
 if __name__ == "__main__" and "--stage" in sys.argv:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--stage", choices=(*STAGES, "estimate_counts"), required=True)
+    ap.add_argument("--stage", required=True, help=f"one of {STAGES}, estimate_counts, tile_raw:<small raw.parquet>")
     ap.add_argument("--src", required=True)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()

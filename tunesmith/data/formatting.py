@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib.resources
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -150,16 +150,18 @@ def build(frame: pd.DataFrame, section: dict[str, Any]) -> tuple[list[dict[str, 
     source)."""
     train: list[dict[str, Any]] = []
     evals: list[dict[str, Any]] = []
-    for item, held in items(frame, section, held_positions(frame, section)):
+    for item, held in items(frame.to_dict("records"), section, held_positions(frame, section)):
         (evals if held else train).append(item)
     return train, evals
 
 
-def items(frame: pd.DataFrame, section: dict[str, Any], held: set[int], offset: int = 0) -> Iterator[tuple[dict[str, Any], bool]]:
-    """(row as build() writes it, whether it is held out) for a batch of rows whose first row is at
-    position `offset` of the whole file (held: held_positions() of the whole file)."""
+def items(records: Iterable[dict[str, Any]], section: dict[str, Any], held: set[int],
+          offset: int = 0) -> Iterator[tuple[dict[str, Any], bool]]:
+    """(row as build() writes it, whether it is held out) for a batch of canonical rows as dicts
+    (a frame's records, or an arrow batch's to_pylist(), several times cheaper) whose first row is
+    at position `offset` of the whole file (held: held_positions() of the whole file)."""
     system_prompt = section["system_prompt"]
-    for pos, row in enumerate(frame.to_dict("records"), start=offset):
+    for pos, row in enumerate(records, start=offset):
         prompt, completion = conversation(row, system_prompt)
         item = {"id": int(row["id"]), "prompt": prompt, "completion": completion}
         if row.get("source"):

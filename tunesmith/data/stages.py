@@ -382,16 +382,15 @@ def format_rows(in_path: str, tokenizer_dir: str, section: dict[str, Any], train
         if not held and len(first_train) < section["preview_rows"]:
             first_train.append(item)
 
-    def count_in(frame: Any) -> None:
-        counts["rows_in"] += len(frame)
-        if has_source:
-            for name in frame["source"]:
-                per_source.setdefault(name, {"in": 0, "train": 0, "eval": 0})["in"] += 1
+    def count_in(sources: Any, n: int) -> None:
+        counts["rows_in"] += n
+        for name in sources if has_source else ():
+            per_source.setdefault(name, {"in": 0, "train": 0, "eval": 0})["in"] += 1
 
     mixture = None
     if weights:  # resampling draws from every train row of each source: held in memory
         frame = load.read_rows(in_path)
-        count_in(frame)
+        count_in(frame["source"] if has_source else None, len(frame))
         train, evals = formatting.build(frame, section)
         before = len(train)
         train, mixture = formatting.mix(train, weights, section["seed"])
@@ -409,12 +408,11 @@ def format_rows(in_path: str, tokenizer_dir: str, section: dict[str, Any], train
         with fileio.atomic_path(train_path) as train_tmp, fileio.atomic_path(eval_path) as eval_tmp, \
                 open(train_tmp, "w", encoding="utf-8") as train_fh, open(eval_tmp, "w", encoding="utf-8") as eval_fh:
             for batch in batches.iter_batches(in_path):
-                frame = batches.to_frame(batch)
-                count_in(frame)
-                for item, is_held in formatting.items(frame, section, held, offset):
+                count_in(batch.column("source").to_pylist() if has_source else None, batch.num_rows)
+                for item, is_held in formatting.items(batch.to_pylist(), section, held, offset):
                     (eval_fh if is_held else train_fh).write(json.dumps(item, ensure_ascii=False) + "\n")
                     tally(item, is_held)
-                offset += len(frame)
+                offset += batch.num_rows
     n_train, n_eval = counts["rows_train"], counts["rows_eval"]
     fileio.write_text(template_path, template)
     header = (f"# template: {label}; end of assistant turn: {end_token!r}; {n_train} train rows, "

@@ -54,7 +54,10 @@ def schema(path: str | Path) -> pa.Schema:
 def iter_batches(path: str | Path, columns: Sequence[str] | None = None, *,
                  row_groups: Sequence[int] | None = None, batch_rows: int | None = None) -> Iterator[pa.RecordBatch]:
     """Record batches of a parquet file, in row order; row_groups: only those (a shard)."""
-    source = pq.ParquetFile(path)
+    # pre_buffer (pyarrow's default) keeps every byte range it read until the reader is closed:
+    # memory that grows to the size of the file (measured: 228 MB over a 224 MB file). Streamed
+    # reads through a 1 MiB buffer instead stay flat.
+    source = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
     yield from source.iter_batches(batch_size=batch_rows or BATCH_ROWS, columns=list(columns) if columns else None,
                                    row_groups=row_groups)
 

@@ -17,6 +17,14 @@ the stage's metrics as peak_rss_mb) is its own. Near-dedupe is off (bench/dedupe
 measures it); decontaminate is skipped (the issue's chain: download -> tokenize_count -> filter
 -> exact dedupe -> select -> format). Files go under --work (default /tmp/data_scale), never into
 the repository; --clean deletes each size's stage outputs after it is measured.
+
+Where a big size cannot finish in the time there is (the 10M run of 2026-11-23, see README
+"Data at scale"): --gate-log makes each stage wait for a smaller run's same stage to end with
+bounded RSS; --tile-raw N builds the rows by tiling size N's raw.parquet (each copy tagged)
+instead of downloading; --estimate-counts puts characters / 4 in place of SmolLM2 counting:
+
+    nice -n 10 .venv/bin/python bench/data_scale.py --sizes 10000000 --tile-raw 1000000 \
+        --estimate-counts --gate-log /tmp/data_scale/run_1m.log
 """
 
 from __future__ import annotations

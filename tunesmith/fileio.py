@@ -6,8 +6,9 @@ import hashlib
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 
 def _tmp(path: Path) -> Path:
@@ -104,3 +105,18 @@ def sha256(path: str | Path) -> str:
             digest.update(f"{sub.relative_to(path)}\0{sha256(sub)}\n".encode())
         return digest.hexdigest()
     return "missing"
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temp path beside `path` to write in pieces (a streaming writer); it replaces `path` only when
+    the block ends without an error, and is removed when it raises."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(path)

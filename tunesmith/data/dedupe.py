@@ -45,8 +45,9 @@ def normalise(text: str) -> str:
     """The text exact dedupe hashes: NFKC (fullwidth letters, ligatures and NFD accents fold to
     one form), format characters (zero-width space, BOM, ...) removed, case and runs of white
     space folded."""
-    text = unicodedata.normalize("NFKC", text)
-    text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
+    if not text.isascii():  # ASCII has no format characters and NFKC leaves it as it is
+        text = unicodedata.normalize("NFKC", text)
+        text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
     return _SPACE.sub(" ", text).strip().lower()
 
 
@@ -55,18 +56,36 @@ def row_key(instruction: str, input_: str, output: str) -> str:
     return hashlib.sha1(joined.encode("utf-8")).hexdigest()
 
 
+def row_digests(instruction: Any, input_: Any, output: Any) -> np.ndarray:
+    """The first 16 bytes of each row's row_key digest as two uint64 columns (n x 2): what exact
+    dedupe keeps per row over millions of rows (a Python set of hex strings costs ~10x more).
+    A false match needs a 128-bit collision."""
+    packed = b"".join(hashlib.sha1("\x1f".join(normalise(x) for x in parts).encode("utf-8")).digest()[:16]
+                      for parts in zip(instruction, input_, output))
+    return np.frombuffer(packed, dtype=np.uint64).reshape(-1, 2).copy()
+
+
+def first_occurrences(digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """keep mask (the first row of each digest) and, per row, the position of its digest's first
+    row, by sorting the digests (memory: a few arrays of n numbers, no hash set)."""
+    n = len(digests)
+    if n == 0:
+        return np.ones(0, dtype=bool), np.zeros(0, dtype=np.int64)
+    order = np.lexsort((digests[:, 1], digests[:, 0]))  # stable: equal digests stay in row order
+    ordered = digests[order]
+    starts = np.ones(n, dtype=bool)
+    starts[1:] = (ordered[1:] != ordered[:-1]).any(axis=1)
+    group_first = order[np.maximum.accumulate(np.where(starts, np.arange(n), 0))]
+    first = np.empty(n, dtype=np.int64)
+    first[order] = group_first
+    return first == np.arange(n), first
+
+
 def exact_duplicates(frame: pd.DataFrame) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """keep mask and (kept position, removed position) pairs; the first occurrence is kept."""
-    first: dict[str, int] = {}
-    keep = np.ones(len(frame), dtype=bool)
-    pairs: list[tuple[int, int]] = []
-    for pos, key in enumerate(map(row_key, frame["instruction"], frame["input"], frame["output"])):
-        if key in first:
-            keep[pos] = False
-            pairs.append((first[key], pos))
-        else:
-            first[key] = pos
-    return keep, pairs
+    keep, first = first_occurrences(row_digests(frame["instruction"], frame["input"], frame["output"]))
+    removed = np.flatnonzero(~keep)
+    return keep, [(int(first[pos]), int(pos)) for pos in removed]
 
 
 # ---------------------------------------------------------------- embeddings
@@ -292,6 +311,13 @@ def field_texts(frame: pd.DataFrame, fld: str) -> list[str]:
     if fld == "instruction":
         return prompts
     return [f"{p}\n\n{o}" for p, o in zip(prompts, frame["output"])]
+
+
+def exact_pair_picks(n_pairs: int, n: int) -> list[int]:
+    """Which of n_pairs exact pairs (all similarity 1, in row order) _pair_sample would show."""
+    if not n_pairs or n == 0:
+        return []
+    return sorted(set(np.linspace(0, n_pairs - 1, num=min(n, n_pairs)).round().astype(int).tolist()))
 
 
 def _pair_sample(frame: pd.DataFrame, texts: list[str] | None, pairs: list[tuple[int, int, float]],

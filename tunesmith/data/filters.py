@@ -44,25 +44,54 @@ def rules(section: dict[str, Any], frame: pd.DataFrame) -> list[tuple[str, np.nd
     return out
 
 
+class Accounting:
+    """Drops by reason over a stream of batches: the first rule a row fails counts it. The
+    "a rule left no rows" check needs every batch, so report() makes it once they are all in."""
+
+    def __init__(self, examples: int = 5):
+        self.examples = examples
+        self.rows_in = self.rows_out = self.tokens_in = self.tokens_out = 0
+        self.drops: dict[str, int] = {}
+        self.dropped_ids: dict[str, list[int]] = {}
+        self.alive_after: dict[str, int] = {}
+
+    def add(self, frame: pd.DataFrame, masks: list[tuple[str, np.ndarray]]) -> np.ndarray:
+        """One batch's rows and its rules' drop masks; returns the mask of the rows kept."""
+        alive = np.ones(len(frame), dtype=bool)
+        for reason, mask in masks:
+            hit = alive & mask
+            self.drops[reason] = self.drops.get(reason, 0) + int(hit.sum())
+            ids = self.dropped_ids.setdefault(reason, [])
+            if len(ids) < self.examples and hit.any():
+                ids.extend(frame.loc[hit, "id"].head(self.examples - len(ids)).astype(int).tolist())
+            alive &= ~mask
+            self.alive_after[reason] = self.alive_after.get(reason, 0) + int(alive.sum())
+        n = frame["n_tokens"].to_numpy()
+        self.rows_in += len(frame)
+        self.rows_out += int(alive.sum())
+        self.tokens_in += int(n.sum())
+        self.tokens_out += int(n[alive].sum())
+        return alive
+
+    def report(self) -> dict[str, Any]:
+        if self.rows_in:
+            for i, (reason, left) in enumerate(self.alive_after.items()):
+                if left == 0:
+                    setting = f"filter.regex rule '{reason[6:]}'" if reason.startswith("regex:") else f"filter.{reason}"
+                    so_far = dict(list(self.drops.items())[:i + 1])
+                    raise DataError(f"filter '{reason}' removed the last {self.drops[reason]} rows, leaving none of "
+                                    f"{self.rows_in} (drops so far: {so_far}). Loosen {setting}.")
+        report = {"rows_in": self.rows_in, "rows_out": self.rows_out, "dropped": self.rows_in - self.rows_out,
+                  "drops": dict(self.drops), "example_ids": dict(self.dropped_ids),
+                  "tokens_in": self.tokens_in, "tokens_out": self.tokens_out}
+        if report["rows_in"] != report["rows_out"] + sum(self.drops.values()):
+            raise AssertionError(f"filter accounting is off: {report}")
+        return report
+
+
 def apply(frame: pd.DataFrame, section: dict[str, Any], examples: int = 5) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Filter canonical rows (with token counts). Returns kept rows and the report."""
-    rows_in = len(frame)
-    alive = np.ones(rows_in, dtype=bool)
-    drops: dict[str, int] = {}
-    dropped_ids: dict[str, list[int]] = {}
-    for reason, mask in rules(section, frame):
-        hit = alive & mask
-        drops[reason] = int(hit.sum())
-        dropped_ids[reason] = frame.loc[hit, "id"].head(examples).astype(int).tolist()
-        alive &= ~mask
-        if rows_in and not alive.any():
-            setting = f"filter.regex rule '{reason[6:]}'" if reason.startswith("regex:") else f"filter.{reason}"
-            raise DataError(f"filter '{reason}' removed the last {drops[reason]} rows, leaving none of {rows_in} "
-                            f"(drops so far: {drops}). Loosen {setting}.")
-    kept = frame.loc[alive].reset_index(drop=True)
-    report = {"rows_in": rows_in, "rows_out": len(kept), "dropped": rows_in - len(kept), "drops": drops,
-              "example_ids": dropped_ids,
-              "tokens_in": int(frame["n_tokens"].sum()), "tokens_out": int(kept["n_tokens"].sum())}
-    if report["rows_in"] != report["rows_out"] + sum(drops.values()):
-        raise AssertionError(f"filter accounting is off: {report}")
-    return kept, report
+    acc = Accounting(examples)
+    alive = acc.add(frame, rules(section, frame))
+    report = acc.report()
+    return frame.loc[alive].reset_index(drop=True), report

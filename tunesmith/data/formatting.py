@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib.resources
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -148,21 +148,27 @@ def held_positions(frame: pd.DataFrame, section: dict[str, Any]) -> set[int]:
 def build(frame: pd.DataFrame, section: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """train rows, eval rows (prompt/completion; eval rows with 'answer'; a mixture's rows name their
     source)."""
-    system_prompt = section["system_prompt"]
-    held = held_positions(frame, section)
     train: list[dict[str, Any]] = []
     evals: list[dict[str, Any]] = []
-    for pos, row in enumerate(frame.to_dict("records")):
+    for item, held in items(frame.to_dict("records"), section, held_positions(frame, section)):
+        (evals if held else train).append(item)
+    return train, evals
+
+
+def items(records: Iterable[dict[str, Any]], section: dict[str, Any], held: set[int],
+          offset: int = 0) -> Iterator[tuple[dict[str, Any], bool]]:
+    """(row as build() writes it, whether it is held out) for a batch of canonical rows as dicts
+    (a frame's records, or an arrow batch's to_pylist(), several times cheaper) whose first row is
+    at position `offset` of the whole file (held: held_positions() of the whole file)."""
+    system_prompt = section["system_prompt"]
+    for pos, row in enumerate(records, start=offset):
         prompt, completion = conversation(row, system_prompt)
         item = {"id": int(row["id"]), "prompt": prompt, "completion": completion}
         if row.get("source"):
             item["source"] = str(row["source"])
         if pos in held:
             item["answer"] = completion[-1]["content"]
-            evals.append(item)
-        else:
-            train.append(item)
-    return train, evals
+        yield item, pos in held
 
 
 def mix(train: list[dict[str, Any]], weights: dict[str, float], seed: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:

@@ -41,7 +41,7 @@ import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import pandas as pd
 
@@ -166,8 +166,10 @@ def _decode_document(raw: bytes, path: Path, on_bad_rows: str) -> str:
         return raw.decode("utf-8", errors="surrogateescape")
 
 
-def _read_jsonl(path: Path, raw: bytes, on_bad_rows: str) -> Iterator[tuple[str, Any]]:
-    for number, line in enumerate(raw.split(b"\n"), start=1):
+def _read_jsonl(path: Path, raw: bytes | Iterable[bytes], on_bad_rows: str) -> Iterator[tuple[str, Any]]:
+    """raw: the file's bytes, or its lines (a file opened in binary mode streams them)."""
+    lines = raw.split(b"\n") if isinstance(raw, bytes) else raw
+    for number, line in enumerate(lines, start=1):
         if number == 1 and line.startswith(b"\xef\xbb\xbf"):
             line = line[3:]
         if not line.strip():
@@ -237,10 +239,28 @@ def read_local(path: Path, fmt: str, on_bad_rows: str) -> Iterator[tuple[str, An
     if not path.is_file():
         raise DataError(f"dataset.source {path}: file not found (paths are relative to the workflow's "
                         f"working directory)")
+    if fmt == "jsonl":
+        # Streamed line by line: a JSONL file of millions of rows is never held in memory whole.
+        if _blank_file(path):
+            raise DataError(f"{path}: the file is empty")
+        return _stream_jsonl(path, on_bad_rows)
     raw = path.read_bytes()
     if not raw.strip():
         raise DataError(f"{path}: the file is empty")
     return READERS[fmt](path, raw, on_bad_rows)
+
+
+def _blank_file(path: Path) -> bool:
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            if chunk.strip():
+                return False
+    return True
+
+
+def _stream_jsonl(path: Path, on_bad_rows: str) -> Iterator[tuple[str, Any]]:
+    with path.open("rb") as fh:
+        yield from _read_jsonl(path, fh, on_bad_rows)
 
 
 def read_hub(source: str, split: str, revision: str | None, offline: bool) -> Iterator[tuple[str, Any]]:
@@ -352,7 +372,21 @@ def to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 def canonicalise(records: Iterator[tuple[str, Any]], *, file: str, schema: str, columns: dict[str, Any],
                  on_bad_rows: str = "error", limit: int | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Source records -> canonical frame + facts (source columns, skipped rows by reason)."""
+    facts: dict[str, Any] = {}
+    frames = list(canonical_batches(records, facts, file=file, schema=schema, columns=columns,
+                                    on_bad_rows=on_bad_rows, limit=limit))
+    frame = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+    return frame, facts
+
+
+def canonical_batches(records: Iterator[tuple[str, Any]], facts: dict[str, Any], *, file: str, schema: str,
+                      columns: dict[str, Any], on_bad_rows: str = "error", limit: int | None = None,
+                      batch_rows: int | None = None) -> Iterator[pd.DataFrame]:
+    """canonicalise() in frames of batch_rows rows (all in one without it); `facts` is filled once the
+    records are exhausted. A check that needs every record (no rows left, a mapped column no row
+    has) raises after the last batch, so a writer of the batches must discard what it wrote."""
     rows: list[dict[str, Any]] = []
+    n_rows = 0
     skipped = Skipped()
     seen_columns: dict[str, None] = {}
     records_read = 0
@@ -364,6 +398,10 @@ def canonicalise(records: Iterator[tuple[str, Any]], *, file: str, schema: str, 
             seen_columns.update(dict.fromkeys(record))
         try:
             rows.append(canonical_row(record, index, where, schema, columns))
+            if batch_rows is not None and len(rows) >= batch_rows:
+                n_rows += len(rows)
+                yield to_frame(rows)
+                rows = []
         except BadRow as bad:
             if on_bad_rows == "error":
                 if bad.reason == "missing_field":
@@ -378,11 +416,14 @@ def canonicalise(records: Iterator[tuple[str, Any]], *, file: str, schema: str, 
     missing_optional = [columns[c] for c in OPTIONAL[schema] if columns.get(c) and columns[c] not in seen_columns]
     if missing_optional:
         log.warning("%s: optional mapped column(s) %s not found; left empty", file, missing_optional)
-    if not rows:
+    if not rows and not n_rows:
         raise DataError(f"{file}: every one of the {records_read} rows was skipped as bad "
                         f"({dict(skipped.by_reason)}); first: {skipped.examples[:1]}")
-    return to_frame(rows), {"records_read": records_read, "source_columns": list(seen_columns),
-                            "skipped": skipped.as_dict(), "missing_optional_columns": missing_optional}
+    facts.update({"records_read": records_read, "source_columns": list(seen_columns),
+                  "skipped": skipped.as_dict(), "missing_optional_columns": missing_optional,
+                  "rows": n_rows + len(rows)})
+    if rows:
+        yield to_frame(rows)
 
 
 def _skip_hint(bad: BadRow) -> str:
@@ -488,6 +529,34 @@ def _sum_counts(dicts: Iterator[dict[str, int]]) -> dict[str, int]:
 
 def load(section: dict[str, Any], *, offline: bool, cache_dir: str | Path = "resources/downloads") -> Loaded:
     """Read dataset.source per the recipe's dataset section; returns canonical rows + source facts."""
+    records, info, limit = _open(section, offline=offline, cache_dir=cache_dir)
+    frame, facts = canonicalise(records, file=info.pop("_label"), schema=info["schema"], columns=info["columns_mapping"],
+                                on_bad_rows=info["on_bad_rows"], limit=limit)
+    info.update(facts)
+    info["rows"] = len(frame)
+    info["columns"] = list(frame.columns)
+    return Loaded(frame, info)
+
+
+def load_to_parquet(section: dict[str, Any], path: str | Path, *, offline: bool,
+                    cache_dir: str | Path = "resources/downloads") -> dict[str, Any]:
+    """load() of a single source written to `path` batch by batch (never the whole frame in memory);
+    returns the source facts. Nothing is left at `path` when a row or the file is bad."""
+    from tunesmith.data import batches
+
+    records, info, limit = _open(section, offline=offline, cache_dir=cache_dir)
+    facts: dict[str, Any] = {}
+    with batches.ParquetSink(path, batches.CANONICAL) as sink:
+        for frame in canonical_batches(records, facts, file=info.pop("_label"), schema=info["schema"],
+                                       columns=info["columns_mapping"], on_bad_rows=info["on_bad_rows"],
+                                       limit=limit, batch_rows=batches.BATCH_ROWS):
+            sink.write(frame)
+    info.update(facts)
+    info["columns"] = list(batches.CANONICAL.names)
+    return info
+
+
+def _open(section: dict[str, Any], *, offline: bool, cache_dir: str | Path) -> tuple[Iterator[tuple[str, Any]], dict[str, Any], int | None]:
     source = section["source"]
     if not source:
         raise DataError("dataset.source is empty: name a local file, URL or hub dataset id")
@@ -511,12 +580,8 @@ def load(section: dict[str, Any], *, offline: bool, cache_dir: str | Path = "res
     if limit is not None and section["sample"] == "random":
         records, info["sample"] = random_sample(records, limit, section["seed"])
         limit = None
-    frame, facts = canonicalise(records, file=label, schema=info["schema"], columns=columns,
-                                on_bad_rows=on_bad, limit=limit)
-    info.update(facts)
-    info["rows"] = len(frame)
-    info["columns"] = list(frame.columns)
-    return Loaded(frame, info)
+    info["_label"] = label
+    return records, info, limit
 
 
 def read_rows(path: str | Path) -> pd.DataFrame:

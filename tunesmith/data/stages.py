@@ -3,7 +3,14 @@ return a Result (tunesmith.result). scripts/<rule>.py hands each to the runner, 
 bench/ and tests call them directly.
 
 Every Result's metrics hold ``load_seconds`` (tokenizer / model load), ``work_seconds`` (the
-rest) and ``seconds`` (both), so start-up and work can be told apart.
+rest) and ``seconds`` (both), so start-up and work can be told apart, and ``peak_rss_mb``: the
+process's peak resident memory when the stage ended (its own under Snakemake, one job per process).
+
+The per-row stages read and write parquet one batch at a time (tunesmith.data.batches), so their
+memory does not grow with the rows: what they keep whole is a few numbers per row (token counts,
+a 16-byte digest for exact dedupe, the positions select keeps). Two paths still hold every row:
+near-dedupe (the embeddings need them) and a weighted mixture (download reads each source
+whole to cap and tag it; format resamples the train rows in memory).
 """
 
 from __future__ import annotations
@@ -13,14 +20,51 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tunesmith import fileio
 from tunesmith.errors import DataError
 from tunesmith.result import Result
+from tunesmith.data import batches
 from tunesmith.data import dedupe as dedupe_mod
 from tunesmith.data import filters, formatting, load, plots, tokens
 from tunesmith.data import select as select_mod
 
 log = logging.getLogger("tunesmith.data")
+
+
+class SourceTally:
+    """by_source() accumulated batch by batch: rows per source in and out of a stage."""
+
+    def __init__(self) -> None:
+        self.rows_in: dict[str, int] = {}
+        self.rows_out: dict[str, int] = {}
+        self.seen = False
+
+    @staticmethod
+    def _add(into: dict[str, int], values: Any) -> None:
+        for name, n in pd_value_counts(values).items():
+            into[str(name)] = into.get(str(name), 0) + int(n)
+
+    def add(self, batch: Any, keep: Any = None) -> None:
+        """batch: an arrow batch (its `source` column, when it has one); keep: the mask of the rows kept."""
+        if "source" not in batch.schema.names:
+            return
+        self.seen = True
+        values = batch.column("source").to_numpy(zero_copy_only=False)
+        self._add(self.rows_in, values)
+        self._add(self.rows_out, values if keep is None else values[keep])
+
+    def result(self) -> dict[str, dict[str, int]] | None:
+        if not self.seen:
+            return None
+        return {name: {"in": n, "out": self.rows_out.get(name, 0)} for name, n in self.rows_in.items()}
+
+
+def pd_value_counts(values: Any) -> Any:
+    import pandas as pd
+
+    return pd.Series(values).value_counts(sort=False)
 
 
 def by_source(before: Any, after: Any) -> dict[str, dict[str, int]] | None:
@@ -38,15 +82,19 @@ def _source_metrics(per_source: dict[str, dict[str, int]] | None) -> dict[str, i
 
 def _result(metrics: dict[str, Any], *artifacts: str, summary: str = "") -> Result:
     metrics["seconds"] = metrics["load_seconds"] + metrics["work_seconds"]
+    metrics["peak_rss_mb"] = batches.peak_rss_mb()
     return Result(metrics=metrics, artifacts=[str(a) for a in artifacts], summary=summary)
 
 
 def download(section: dict[str, Any], raw_path: str, source_path: str, *, offline: bool,
              cache_dir: str = "resources/downloads") -> Result:
     started = time.perf_counter()
-    loaded = (load.load_mixture if section["sources"] else load.load)(section, offline=offline, cache_dir=cache_dir)
-    fileio.write_parquet(raw_path, loaded.frame)
-    info = dict(loaded.info)
+    if section["sources"]:
+        loaded = load.load_mixture(section, offline=offline, cache_dir=cache_dir)
+        fileio.write_parquet(raw_path, loaded.frame)
+        info = dict(loaded.info)
+    else:
+        info = load.load_to_parquet(section, raw_path, offline=offline, cache_dir=cache_dir)
     info["raw_sha256"] = fileio.sha256(raw_path)
     info["changed_since_last_download"] = _compare_with_last(Path(source_path).parent / HISTORY, info)
     fileio.write_json(source_path, info)
@@ -93,44 +141,70 @@ def _compare_with_last(history: Path, info: dict[str, Any]) -> dict[str, Any] | 
 
 
 def tokenize_count(raw_path: str, tokenizer_dir: str, section: dict[str, Any], counts_path: str,
-                   stats_path: str, hist_path: str, *, tokenizer: Any = None, recipe: str = "") -> Result:
+                   stats_path: str, hist_path: str, *, tokenizer: Any = None, recipe: str = "",
+                   row_groups: Any = None) -> Result:
+    """row_groups: only these row groups of raw_path (a shard); all by default."""
+    import numpy as np
+
     t0 = time.perf_counter()
     tok = tokenizer if tokenizer is not None else tokens.load_counter(tokenizer_dir)
     t1 = time.perf_counter()
-    frame = load.read_rows(raw_path)
-    t2 = time.perf_counter()
-    counts = tokens.count_frame(frame, tok, section["batch_size"], progress=len(frame) > 50_000)
-    count_seconds = time.perf_counter() - t2
+    total = batches.num_rows(raw_path)
+    n_in, n_out, count_seconds = [], [], 0.0
+    with batches.ParquetSink(counts_path) as sink:
+        for batch in batches.iter_batches(raw_path, ["id", "instruction", "input", "output"], row_groups=row_groups):
+            frame = batch.to_pandas()
+            t2 = time.perf_counter()
+            counts = tokens.count_frame(frame, tok, section["batch_size"])
+            count_seconds += time.perf_counter() - t2
+            sink.write(counts)
+            # int32 is plenty for one row's tokens and halves what is kept per row for the stats.
+            n_in.append(counts["n_instruction_tokens"].to_numpy(np.int32))
+            n_out.append(counts["n_output_tokens"].to_numpy(np.int32))
+            if total > 50_000:
+                log.info("tokenize_count: %d / %d rows", sink.rows, total)
+        rows = sink.rows
+    counts = tokens.counts_arrays(np.concatenate(n_in) if n_in else np.zeros(0, np.int32),
+                                  np.concatenate(n_out) if n_out else np.zeros(0, np.int32))
     stats = tokens.stats(counts)
     stats["tokenizer"] = str(tokenizer_dir)
     stats["count_seconds"] = round(count_seconds, 4)
-    stats["rows_per_s"] = round(len(frame) / count_seconds, 1) if count_seconds else None
+    stats["rows_per_s"] = round(rows / count_seconds, 1) if count_seconds else None
     stats["tokens_per_s"] = round(int(counts["n_tokens"].sum()) / count_seconds, 1) if count_seconds else None
-    fileio.write_parquet(counts_path, counts)
     fileio.write_json(stats_path, stats)
-    plots.token_histogram({"instruction + input": counts["n_instruction_tokens"].to_numpy(),
-                           "output": counts["n_output_tokens"].to_numpy(),
-                           "combined": counts["n_tokens"].to_numpy()}, hist_path,
+    plots.token_histogram({"instruction + input": counts["n_instruction_tokens"],
+                           "output": counts["n_output_tokens"],
+                           "combined": counts["n_tokens"]}, hist_path,
                           title=f"{recipe} token counts ({Path(str(tokenizer_dir)).name} tokenizer)".strip())
-    log.info("tokenize_count: %d rows, %d tokens in %.2f s", len(frame), stats["combined"]["sum"], count_seconds)
-    return _result({"rows_in": len(frame), "rows_out": len(frame), "tokens": stats["combined"]["sum"],
+    log.info("tokenize_count: %d rows, %d tokens in %.2f s", rows, stats["combined"]["sum"], count_seconds)
+    return _result({"rows_in": rows, "rows_out": rows, "tokens": stats["combined"]["sum"],
                     "tokens_instruction": stats["instruction"]["sum"], "tokens_output": stats["output"]["sum"],
                     "tokens_p95": stats["combined"]["p95"], "tokens_max": stats["combined"]["max"],
                     "count_seconds": count_seconds, "rows_per_s": stats["rows_per_s"] or 0,
                     "tokens_per_s": stats["tokens_per_s"] or 0,
                     "load_seconds": t1 - t0, "work_seconds": time.perf_counter() - t1},
-                   stats_path, hist_path, summary=f"{len(frame)} rows, {stats['combined']['sum']} tokens")
+                   stats_path, hist_path, summary=f"{rows} rows, {stats['combined']['sum']} tokens")
 
 
 def filter_rows(raw_path: str, counts_path: str, section: dict[str, Any], out_path: str,
-                report_path: str) -> Result:
+                report_path: str, *, row_groups: Any = None) -> Result:
+    """Batch by batch: each raw batch gets its rows' counts (by id) and the rules' masks; the kept
+    rows stream out. The one check that needs every row (a rule left none) runs at the end, before
+    the output is put in place."""
     started = time.perf_counter()
-    import pandas as pd
-
-    frame = tokens.attach_counts(load.read_rows(raw_path), pd.read_parquet(counts_path))
-    kept, report = filters.apply(frame, section)
-    report["rows_by_source"] = by_source(frame, kept)
-    fileio.write_parquet(out_path, kept)
+    counts = tokens.CountIndex(counts_path)
+    tally = SourceTally()
+    acc = filters.Accounting()
+    with batches.ParquetSink(out_path) as sink:
+        for batch in batches.iter_batches(raw_path, row_groups=row_groups):
+            batch = counts.attach(batch)
+            frame = batch.drop_columns(["messages"]).to_pandas() if "messages" in batch.schema.names \
+                else batch.to_pandas()
+            alive = acc.add(frame, filters.rules(section, frame))
+            tally.add(batch, alive)
+            sink.write(batches.take_mask(batch, alive))
+        report = acc.report()
+    report["rows_by_source"] = tally.result()
     fileio.write_json(report_path, {**report, "settings": section})
     log.info("filter: %d -> %d rows; drops %s", report["rows_in"], report["rows_out"], report["drops"])
     return _result({"rows_in": report["rows_in"], "rows_out": report["rows_out"], "dropped": report["dropped"],
@@ -144,53 +218,19 @@ def embed_shard(in_path: str, section: dict[str, Any], shard: int, shards: int, 
                 offline: bool, model: Any = None) -> Result:
     """One of dataset.shards embedding jobs of near-dedupe (shard is 0-based); dedupe gathers them."""
     started = time.perf_counter()
-    frame = load.read_rows(in_path)
-    vectors, report = dedupe_mod.embed_shard(frame, section, shard, shards, offline=offline, model=model,
-                                             progress=len(frame) > 2000 * shards)
-    # the slice's place travels with it, so the gather can tell a stale or misplaced shard
-    fileio.write_npz(out_path, vectors=vectors, start=report["start"], stop=report["stop"], total=report["rows_total"])
-    log.info("embed_shard %d/%d: rows %d..%d of %d at %s rows/s", shard + 1, shards, report["start"], report["stop"],
-             report["rows_total"], report["embed_rows_per_s"])
-    load_seconds = report["model_load_seconds"]
-    return _result({"rows": report["rows"], "rows_total": report["rows_total"], "shard": shard, "shards": shards,
-                    "embed_seconds": report["embed_seconds"], "embed_rows_per_s": report["embed_rows_per_s"] or 0.0,
-                    "load_seconds": load_seconds, "work_seconds": time.perf_counter() - started - load_seconds},
-                   summary=f"shard {shard + 1}/{shards}: {report['rows']} rows embedded")
-
-
-def gather_embeddings(paths: list[str]) -> Any:
-    """The shard files (in shard order) as one array; a shard that does not continue the previous
-    one, or was cut from another number of rows, names its file."""
-    import numpy as np
-
-    parts, stop, total = [], 0, None
-    for shard, path in enumerate(paths):
-        with np.load(path) as part:
-            start, end, rows = int(part["start"]), int(part["stop"]), int(part["total"])
-            vectors = part["vectors"]
-        total = rows if total is None else total
-        if start != stop or rows != total or len(vectors) != end - start:
-            raise DataError(f"{path}: shard {shard + 1} of {len(paths)} holds rows {start}..{end} of {rows} "
-                            f"({len(vectors)} vectors), expected rows from {stop} of {total}: re-run its embed_shard job")
-        parts.append(vectors)
-        stop = end
-    if total is not None and stop != total:
-        raise DataError(f"{paths[-1]}: the shards end at row {stop} of {total}")
-    return np.concatenate(parts) if parts else None
-
-
-def dedupe(in_path: str, section: dict[str, Any], out_path: str, report_path: str, hist_path: str, *,
-           offline: bool, model: Any = None, recipe: str = "", embeddings: list[str] | None = None) -> Result:
-    """embeddings: the embed_shard outputs in shard order (dataset.shards > 1); none: embed here."""
-    started = time.perf_counter()
-    frame = load.read_rows(in_path)
-    vectors = gather_embeddings(embeddings) if embeddings else None
-    kept, report, nn_sim = dedupe_mod.run(frame, section, offline=offline, model=model,
-                                          progress=len(frame) > 2000, vectors=vectors)
-    if embeddings:
-        report["embedding_shards"] = len(embeddings)
-    report["rows_by_source"] = by_source(frame, kept)
-    fileio.write_parquet(out_path, kept)
+    if section["near"]:  # the embeddings need every row at once
+        frame = load.read_rows(in_path)
+        vectors = gather_embeddings(embeddings) if embeddings else None
+        kept, report, nn_sim = dedupe_mod.run(frame, section, offline=offline, model=model,
+                                              progress=len(frame) > 2000, vectors=vectors)
+        if embeddings:
+            report["embedding_shards"] = len(embeddings)
+        report["rows_by_source"] = by_source(frame, kept)
+        fileio.write_parquet(out_path, kept)
+        tokens_out = int(kept["n_tokens"].sum())
+    else:
+        report, tokens_out = _exact_dedupe_stream(in_path, section, out_path)
+        nn_sim = np.zeros(0)
     fileio.write_json(report_path, {**report, "settings": section})
     plots.similarity_histogram(nn_sim, report["threshold"] if section["near"] else None, hist_path,
                                title=f"{recipe} {report['field']} nearest-neighbour similarity".strip())
@@ -201,7 +241,7 @@ def dedupe(in_path: str, section: dict[str, Any], out_path: str, report_path: st
                     "exact_removed": report["exact_removed"], "near_removed": report["near_removed"],
                     "threshold": report["threshold"], "embed_seconds": report.get("embed_seconds", 0.0),
                     "embed_rows_per_s": report.get("embed_rows_per_s") or 0.0,
-                    "search_seconds": report.get("search_seconds", 0.0), "tokens": int(kept["n_tokens"].sum()),
+                    "search_seconds": report.get("search_seconds", 0.0), "tokens": tokens_out,
                     **_source_metrics(report["rows_by_source"]),
                     "load_seconds": load_seconds, "work_seconds": time.perf_counter() - started - load_seconds},
                    report_path, hist_path,
@@ -209,12 +249,67 @@ def dedupe(in_path: str, section: dict[str, Any], out_path: str, report_path: st
                            f"near {report['near_removed']})")
 
 
+def _exact_dedupe_stream(in_path: str, section: dict[str, Any], out_path: str) -> tuple[dict[str, Any], int]:
+    """Exact dedupe in two passes over the batches: a 16-byte digest per row, the first row of each
+    digest found by sorting them (dedupe.first_occurrences), then the kept rows streamed out. The
+    same rows, pairs and report as dedupe.run with near off."""
+    digests = [dedupe_mod.row_digests(b.column("instruction").to_pylist(), b.column("input").to_pylist(),
+                                      b.column("output").to_pylist())
+               for b in batches.iter_batches(in_path, ["instruction", "input", "output"])]
+    digests = np.concatenate(digests) if digests else np.zeros((0, 2), np.uint64)
+    rows_in = len(digests)
+    report: dict[str, Any] = {"rows_in": rows_in, "threshold": section["threshold"], "field": section["field"]}
+    if section["exact"]:
+        keep, first = dedupe_mod.first_occurrences(digests)
+        removed = np.flatnonzero(~keep)
+        sample = [(int(first[removed[i]]), int(removed[i])) for i in
+                  dedupe_mod.exact_pair_picks(len(removed), min(10, section["sample_pairs"]))]
+    else:
+        keep, removed, sample = np.ones(rows_in, dtype=bool), np.zeros(0, np.int64), []
+    del digests
+    wanted = {pos for pair in sample for pos in pair}
+    texts: dict[int, tuple[int, str]] = {}
+    tally = SourceTally()
+    tokens_out = offset = 0
+    with batches.ParquetSink(out_path, batches.schema(in_path)) as sink:
+        for batch in batches.iter_batches(in_path):
+            mask = keep[offset:offset + batch.num_rows]
+            for pos in (p for p in wanted if offset <= p < offset + batch.num_rows):
+                row = batch.slice(pos - offset, 1).to_pylist()[0]
+                texts[pos] = (int(row["id"]), f"{row['instruction']} || {row['output']}")
+            tally.add(batch, mask)
+            kept = batches.take_mask(batch, mask)
+            tokens_out += int(np.sum(kept.column("n_tokens").to_numpy()))
+            sink.write(kept)
+            offset += batch.num_rows
+    report["exact_removed"] = int(len(removed))
+    if section["exact"]:
+        report["exact_pairs_sample"] = [{"similarity": 1.0, "kept_id": texts[a][0], "kept_text": dedupe_mod._clip(texts[a][1]),
+                                         "removed_id": texts[b][0], "removed_text": dedupe_mod._clip(texts[b][1])}
+                                        for a, b in sample]
+    report["near_removed"] = 0
+    report["rows_out"] = int(keep.sum())
+    report["rows_by_source"] = tally.result()
+    return report, tokens_out
+
+
 def select(in_path: str, section: dict[str, Any], out_path: str, report_path: str) -> Result:
+    """Positions chosen from the n_tokens column alone, then the rows streamed through."""
     started = time.perf_counter()
-    frame = load.read_rows(in_path)
-    kept, report = select_mod.apply(frame, section)
-    report["rows_by_source"] = by_source(frame, kept)
-    fileio.write_parquet(out_path, kept)
+    n_tokens = batches.read_columns(in_path, ["n_tokens"])["n_tokens"].to_numpy()
+    kept_positions = select_mod.positions(n_tokens, section)
+    report = select_mod.report(n_tokens, kept_positions, section)
+    keep = np.zeros(len(n_tokens), dtype=bool)
+    keep[kept_positions] = True
+    tally = SourceTally()
+    offset = 0
+    with batches.ParquetSink(out_path, batches.schema(in_path)) as sink:
+        for batch in batches.iter_batches(in_path):
+            mask = keep[offset:offset + batch.num_rows]
+            tally.add(batch, mask)
+            sink.write(batches.take_mask(batch, mask))
+            offset += batch.num_rows
+    report["rows_by_source"] = tally.result()
     fileio.write_json(report_path, report)
     log.info("select (%s): %d -> %d rows", report["strategy"], report["rows_in"], report["rows_out"])
     return _result({"rows_in": report["rows_in"], "rows_out": report["rows_out"], "tokens": report["tokens_out"],
@@ -262,12 +357,15 @@ def decontaminate(in_path: str, section: dict[str, Any], out_path: str, report_p
 def format_rows(in_path: str, tokenizer_dir: str, section: dict[str, Any], train_path: str, eval_path: str,
                 preview_path: str, template_path: str, report_path: str, *, tokenizer: Any = None,
                 weights: dict[str, float] | None = None) -> Result:
-    """weights: a mixture's source -> weight (dataset.sources), applied to the train rows after the split."""
+    """weights: a mixture's source -> weight (dataset.sources), applied to the train rows after the split.
+    Without weights the rows stream from the parquet to the JSONL files batch by batch; the
+    held-out positions come from the few columns the split needs (formatting.held_positions)."""
+    import json
+
     t0 = time.perf_counter()
     tok = tokenizer if tokenizer is not None else tokens.load_tokenizer(tokenizer_dir)
     t1 = time.perf_counter()
-    frame = load.read_rows(in_path)
-    if (frame["text"].astype(bool) & (frame["instruction"] == "")).all() and len(frame):
+    if _all_raw_text(in_path):
         from tunesmith.errors import DataError
 
         raise DataError(f"{in_path}: rows are raw text (dataset.schema: text); format makes conversations "
@@ -275,37 +373,82 @@ def format_rows(in_path: str, tokenizer_dir: str, section: dict[str, Any], train
     template = formatting.resolve_template(section, tok, tokenizer_dir)
     label = section["template"]
     end_token = formatting.check_end_of_turn(tok, template, label, tokenizer_dir)
-    train, evals = formatting.build(frame, section)
+    has_source = "source" in batches.columns(in_path)
+    per_source: dict[str, dict[str, int]] = {}
+    counts = {"rows_in": 0, "rows_train": 0, "rows_eval": 0, "multi_turn_rows": 0}
+    first_train: list[dict[str, Any]] = []
+
+    def tally(item: dict[str, Any], held: bool) -> None:
+        split = "eval" if held else "train"
+        counts[f"rows_{split}"] += 1
+        counts["multi_turn_rows"] += len(item["prompt"]) > 2
+        if item.get("source") in per_source:
+            per_source[item["source"]][split] += 1
+        if not held and len(first_train) < section["preview_rows"]:
+            first_train.append(item)
+
+    def count_in(sources: Any, n: int) -> None:
+        counts["rows_in"] += n
+        for name in sources if has_source else ():
+            per_source.setdefault(name, {"in": 0, "train": 0, "eval": 0})["in"] += 1
+
     mixture = None
-    if weights:
+    if weights:  # resampling draws from every train row of each source: held in memory
+        frame = load.read_rows(in_path)
+        count_in(frame["source"] if has_source else None, len(frame))
+        train, evals = formatting.build(frame, section)
         before = len(train)
         train, mixture = formatting.mix(train, weights, section["seed"])
         log.info("format: %d train rows resampled to the mixture's weights: requested %s, obtained %s (from %d rows)",
                  len(train), mixture["requested"], mixture["obtained"], before)
-    fileio.write_jsonl(train_path, train)
-    fileio.write_jsonl(eval_path, evals)
+        for item in train:
+            tally(item, False)
+        for item in evals:
+            tally(item, True)
+        fileio.write_jsonl(train_path, train)
+        fileio.write_jsonl(eval_path, evals)
+    else:
+        held = formatting.held_positions(batches.read_columns(in_path, ["id", "split", "source"]), section)
+        offset = 0
+        with fileio.atomic_path(train_path) as train_tmp, fileio.atomic_path(eval_path) as eval_tmp, \
+                open(train_tmp, "w", encoding="utf-8") as train_fh, open(eval_tmp, "w", encoding="utf-8") as eval_fh:
+            for batch in batches.iter_batches(in_path):
+                count_in(batch.column("source").to_pylist() if has_source else None, batch.num_rows)
+                for item, is_held in formatting.items(batch.to_pylist(), section, held, offset):
+                    (eval_fh if is_held else train_fh).write(json.dumps(item, ensure_ascii=False) + "\n")
+                    tally(item, is_held)
+                offset += batch.num_rows
+    n_train, n_eval = counts["rows_train"], counts["rows_eval"]
     fileio.write_text(template_path, template)
-    header = (f"# template: {label}; end of assistant turn: {end_token!r}; {len(train)} train rows, "
-              f"{len(evals)} eval rows\n# Each example is the exact text the model sees; the loss falls on the "
+    header = (f"# template: {label}; end of assistant turn: {end_token!r}; {n_train} train rows, "
+              f"{n_eval} eval rows\n# Each example is the exact text the model sees; the loss falls on the "
               f"part between {formatting.COMPLETION_START} and {formatting.COMPLETION_END} (markers not part of "
               f"the text).\n\n")
-    fileio.write_text(preview_path, header + formatting.preview(tok, template, train, section["preview_rows"]))
-    log.info("format: %d train, %d eval rows with template %s", len(train), len(evals), label)
-    report = {"rows_in": len(frame), "rows_out": len(train) + len(evals), "rows_train": len(train),
-              "rows_eval": len(evals), "multi_turn_rows": int(sum(len(r["prompt"]) > 2 for r in train + evals)),
+    fileio.write_text(preview_path, header + formatting.preview(tok, template, first_train, section["preview_rows"]))
+    log.info("format: %d train, %d eval rows with template %s", n_train, n_eval, label)
+    report = {"rows_in": counts["rows_in"], "rows_out": n_train + n_eval, "rows_train": n_train,
+              "rows_eval": n_eval, "multi_turn_rows": counts["multi_turn_rows"],
               "template": label, "end_of_turn": end_token}
-    if "source" in frame.columns:
-        report["rows_by_source"] = {str(name): {"in": int((frame["source"] == name).sum()),
-                                                "train": sum(r.get("source") == name for r in train),
-                                                "eval": sum(r.get("source") == name for r in evals)}
-                                    for name in dict.fromkeys(frame["source"])}
+    if has_source:
+        report["rows_by_source"] = {str(name): c for name, c in per_source.items()}
         report["shares"] = mixture or {"requested": None, "obtained": {
-            k: round(v["train"] / max(1, len(train)), 4) for k, v in report["rows_by_source"].items()}}
+            k: round(v["train"] / max(1, n_train), 4) for k, v in report["rows_by_source"].items()}}
     fileio.write_json(report_path, report)
-    per_source = {f"rows_{split}.{name}": c[split] for name, c in (report.get("rows_by_source") or {}).items()
-                  for split in ("train", "eval")}
+    per_source_metrics = {f"rows_{split}.{name}": c[split] for name, c in (report.get("rows_by_source") or {}).items()
+                          for split in ("train", "eval")}
     shares = {f"share.{name}": v for name, v in ((report.get("shares") or {}).get("obtained") or {}).items()}
-    return _result({k: v for k, v in report.items() if isinstance(v, int)} | per_source | shares |
+    return _result({k: v for k, v in report.items() if isinstance(v, int)} | per_source_metrics | shares |
                    {"load_seconds": t1 - t0, "work_seconds": time.perf_counter() - t1},
                    report_path, preview_path, template_path,
-                   summary=f"{len(train)} train, {len(evals)} eval rows with template {label}")
+                   summary=f"{n_train} train, {n_eval} eval rows with template {label}")
+
+
+def _all_raw_text(path: str) -> bool:
+    """Every row a raw-text document (text set, no instruction), read a batch of two columns at a time."""
+    any_rows = False
+    for batch in batches.iter_batches(path, ["text", "instruction"]):
+        frame = batch.to_pandas()
+        any_rows = any_rows or len(frame) > 0
+        if not (frame["text"].astype(bool) & (frame["instruction"] == "")).all():
+            return False
+    return any_rows

@@ -110,12 +110,57 @@ def field_stats(values: np.ndarray) -> dict[str, float]:
             "mean": round(float(values.mean()), 2), "sum": int(values.sum())}
 
 
-def stats(counts: pd.DataFrame) -> dict[str, Any]:
-    """min/median/p95/max (+ mean, sum) per field."""
-    return {"rows": len(counts),
-            "instruction": field_stats(counts["n_instruction_tokens"].to_numpy()),
-            "output": field_stats(counts["n_output_tokens"].to_numpy()),
-            "combined": field_stats(counts["n_tokens"].to_numpy())}
+def stats(counts: pd.DataFrame | dict[str, np.ndarray]) -> dict[str, Any]:
+    """min/median/p95/max (+ mean, sum) per field; counts: a frame or counts_arrays()."""
+    return {"rows": len(counts["n_tokens"]),
+            "instruction": field_stats(np.asarray(counts["n_instruction_tokens"])),
+            "output": field_stats(np.asarray(counts["n_output_tokens"])),
+            "combined": field_stats(np.asarray(counts["n_tokens"]))}
+
+
+def counts_arrays(n_instruction: np.ndarray, n_output: np.ndarray) -> dict[str, np.ndarray]:
+    """The count columns as arrays (what stats and the histogram need of every row), sums in int64."""
+    n_in, n_out = n_instruction.astype(np.int64), n_output.astype(np.int64)
+    return {"n_instruction_tokens": n_in, "n_output_tokens": n_out, "n_tokens": n_in + n_out}
+
+
+COUNT_COLUMNS = ["n_instruction_tokens", "n_output_tokens", "n_tokens"]
+
+
+class CountIndex:
+    """token_counts.parquet held as arrays (a few bytes per row, not the rows), to attach each row's
+    counts to a batch of rows by id: attach_counts() for a stream of batches."""
+
+    def __init__(self, path: str | Path):
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path, columns=["id", *COUNT_COLUMNS])
+        self.ids = table.column("id").to_numpy()
+        # int32: one row's count fits, and it halves what is held for ten million rows.
+        self.cols = {c: table.column(c).to_numpy().astype(np.int32) for c in COUNT_COLUMNS}
+        self._next = 0
+        self._index: pd.Index | None = None
+
+    def attach(self, batch: Any) -> Any:
+        """An arrow batch of canonical rows + its count columns (int64, replacing any it had)."""
+        import pyarrow as pa
+
+        ids = batch.column("id").to_numpy()
+        start, n = self._next, len(ids)
+        if np.array_equal(self.ids[start:start + n], ids):  # the usual case: same row order as raw
+            positions = slice(start, start + n)
+            self._next += n
+        else:
+            if self._index is None:
+                self._index = pd.Index(self.ids)
+            positions = self._index.get_indexer(ids)
+            if (positions < 0).any():
+                missing = ids[positions < 0][:5].tolist()
+                raise DataError(f"token counts do not cover every row (ids {missing} missing): rerun tokenize_count")
+        names = [c for c in batch.schema.names if c not in COUNT_COLUMNS]
+        arrays = [batch.column(c) for c in names] + [pa.array(self.cols[c][positions].astype(np.int64))
+                                                     for c in COUNT_COLUMNS]
+        return pa.RecordBatch.from_arrays(arrays, names=names + COUNT_COLUMNS)
 
 
 def attach_counts(frame: pd.DataFrame, counts: pd.DataFrame) -> pd.DataFrame:

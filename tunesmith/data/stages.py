@@ -218,6 +218,45 @@ def embed_shard(in_path: str, section: dict[str, Any], shard: int, shards: int, 
                 offline: bool, model: Any = None) -> Result:
     """One of dataset.shards embedding jobs of near-dedupe (shard is 0-based); dedupe gathers them."""
     started = time.perf_counter()
+    frame = load.read_rows(in_path)
+    vectors, report = dedupe_mod.embed_shard(frame, section, shard, shards, offline=offline, model=model,
+                                             progress=len(frame) > 2000 * shards)
+    # the slice's place travels with it, so the gather can tell a stale or misplaced shard
+    fileio.write_npz(out_path, vectors=vectors, start=report["start"], stop=report["stop"], total=report["rows_total"])
+    log.info("embed_shard %d/%d: rows %d..%d of %d at %s rows/s", shard + 1, shards, report["start"], report["stop"],
+             report["rows_total"], report["embed_rows_per_s"])
+    load_seconds = report["model_load_seconds"]
+    return _result({"rows": report["rows"], "rows_total": report["rows_total"], "shard": shard, "shards": shards,
+                    "embed_seconds": report["embed_seconds"], "embed_rows_per_s": report["embed_rows_per_s"] or 0.0,
+                    "load_seconds": load_seconds, "work_seconds": time.perf_counter() - started - load_seconds},
+                   summary=f"shard {shard + 1}/{shards}: {report['rows']} rows embedded")
+
+
+def gather_embeddings(paths: list[str]) -> Any:
+    """The shard files (in shard order) as one array; a shard that does not continue the previous
+    one, or was cut from another number of rows, names its file."""
+    import numpy as np
+
+    parts, stop, total = [], 0, None
+    for shard, path in enumerate(paths):
+        with np.load(path) as part:
+            start, end, rows = int(part["start"]), int(part["stop"]), int(part["total"])
+            vectors = part["vectors"]
+        total = rows if total is None else total
+        if start != stop or rows != total or len(vectors) != end - start:
+            raise DataError(f"{path}: shard {shard + 1} of {len(paths)} holds rows {start}..{end} of {rows} "
+                            f"({len(vectors)} vectors), expected rows from {stop} of {total}: re-run its embed_shard job")
+        parts.append(vectors)
+        stop = end
+    if total is not None and stop != total:
+        raise DataError(f"{paths[-1]}: the shards end at row {stop} of {total}")
+    return np.concatenate(parts) if parts else None
+
+
+def dedupe(in_path: str, section: dict[str, Any], out_path: str, report_path: str, hist_path: str, *,
+           offline: bool, model: Any = None, recipe: str = "", embeddings: list[str] | None = None) -> Result:
+    """embeddings: the embed_shard outputs in shard order (dataset.shards > 1); none: embed here."""
+    started = time.perf_counter()
     if section["near"]:  # the embeddings need every row at once
         frame = load.read_rows(in_path)
         vectors = gather_embeddings(embeddings) if embeddings else None

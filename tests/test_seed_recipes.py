@@ -60,8 +60,9 @@ def test_seed_recipes_run_end_to_end_on_cpu(tmp_path, llama256_dir):
       random 2-layer Llama with SmolLM2's tokenizer;
     - scratch-llama: its tokenizer, pretraining and SFT as the recipe has them;
     - platypus-llama2-qlora: the recipe's QLoRA (nf4, double quantisation, paged 8-bit AdamW, LoRA
-      on every linear layer) on the default model, merged into the 16-bit base,
-      quantized and scored base -> tuned -> Q4_K_M."""
+      on every linear layer) on the default model over GPTeacher codegen, merged into the 16-bit
+      base, quantized and scored base -> tuned -> Q4_K_M. Code answers never match exactly; the
+      reference answers' log-likelihood says whether tuning helped."""
     work = make_workdir(tmp_path)
     cfg = yaml.safe_load((REPO / "tests" / "configs" / "cpu.yaml").read_text())
     cfg["tracking"] = {"enabled": False}
@@ -92,6 +93,8 @@ def test_seed_recipes_run_end_to_end_on_cpu(tmp_path, llama256_dir):
     assert check["max_abs_logit_diff_vs_4bit_base"] > 0  # what the adapter saw in training: the 4-bit base
     heldout = read_json(qlora / "eval" / "compare.json")["tasks"]["heldout"]
     assert {"base", "tuned"} <= set(heldout) and heldout["gguf"]["Q4_K_M"] is not None, heldout
+    ref = heldout["metrics"]["ref_logprob"]  # per token, of the held-out reference code under each model
+    assert ref["tuned"] > ref["base"], ref
     print(json.dumps({"train": {k: metrics[k] for k in ("train_loss_first", "train_loss_last", "eval_loss_initial",
                                                         "eval_loss", "seconds_per_step")},
                       "merge": check, "heldout": heldout}, indent=1))

@@ -36,7 +36,11 @@ def artifacts(tmp_path) -> dict[str, str]:
     compare.write_text(json.dumps({"tasks": {"heldout": {"base": 0.0, "tuned": 0.94, "metric": "exact_match,none",
                                                          "gguf": {"F16": 0.94, "Q8_0": 0.92},
                                                          "contamination": {"rows": 3, "rows_checked": 540,
-                                                                           "action": "flag", "method": "13-gram"}}}}))
+                                                                           "action": "flag", "method": "13-gram"},
+                                                         "metrics": {"exact_match": {"base": 0.0, "tuned": 0.94,
+                                                                                     "gguf": {"F16": 0.94, "Q8_0": 0.92}},
+                                                                     "ref_logprob": {"base": -1.5, "tuned": -0.25,
+                                                                                     "gguf": {"Q8_0": -0.3}}}}}}))
     return {"adapter": str(adapter), "merged": str(merged), "gguf": str(gguf), "compare": str(compare)}
 
 
@@ -123,6 +127,7 @@ def test_local_cards_state_lineage_scores_contamination_and_how_to_run_each_arti
         assert ModelCard(text).data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct", kind
         assert "## Data" in text and "540 rows" in text  # lineage from the merge card
         assert "| 0.000 | 0.940 |" in text and "3 of 540 (13-gram, flag)" in text
+        assert "| heldout | ref_logprob | -1.500 | -0.250 | - | -0.300 |  |" in text  # every metric, not only the headline
         assert "at git commit" in text
     assert f"tunesmith serve {artifacts['gguf']}/model-Q8_0.gguf" in (out / "gguf.md").read_text()
     assert f'AutoPeftModelForCausalLM.from_pretrained("{artifacts["adapter"]}")' in (out / "adapter.md").read_text()

@@ -104,7 +104,7 @@ def flat_scores(compare: str | None) -> dict[str, Any]:
     """compare.json's tasks as {task: {base, tuned, metric, <gguf type>..., contamination}}."""
     scores = json.loads(Path(compare).read_text()).get("tasks", {}) if compare else {}
     return {t: {"tuned": c.get("tuned"), "base": c.get("base"), "metric": c.get("metric"), **(c.get("gguf") or {}),
-                "contamination": c.get("contamination")} for t, c in scores.items()}
+                "contamination": c.get("contamination"), "metrics": c.get("metrics")} for t, c in scores.items()}
 
 
 def _merge_card_body(merged: Path) -> str:
@@ -120,7 +120,7 @@ def card_body(body: str, flat: dict[str, Any], recipe: str, variant: str, how_to
     return body.rstrip() + "\n\n" + _scores_table(flat) + _provenance(recipe, variant) + how_to_run
 
 
-SCORE_KEYS = {"base", "tuned", "metric", "contamination"}
+SCORE_KEYS = {"base", "tuned", "metric", "contamination", "metrics"}
 
 
 def _scores_table(flat: dict[str, Any]) -> str:
@@ -132,8 +132,13 @@ def _scores_table(flat: dict[str, Any]) -> str:
     lines = ["## Scores (held-out)", "", "| task | metric | " + " | ".join(labels) + " | training rows matching its documents |",
              "|---|---|" + "---|" * (len(labels) + 1)]
     for task, t in flat.items():
-        cells = [f"{t[k]:.3f}" if isinstance(t.get(k), (int, float)) else "-" for k in labels]
-        lines.append(f"| {task} | {str(t.get('metric')).split(',')[0]} | " + " | ".join(cells) + f" | {_dirty(t)} |")
+        # every metric the task reports (exact match says nothing about code or chat; chrF and the
+        # reference log-likelihood do), the headline one first
+        rows = [(name, {"base": m.get("base"), "tuned": m.get("tuned"), **(m.get("gguf") or {})})
+                for name, m in (t.get("metrics") or {}).items()] or [(str(t.get("metric")).split(",")[0], t)]
+        for i, (metric, values) in enumerate(rows):
+            cells = [f"{values[k]:.3f}" if isinstance(values.get(k), (int, float)) else "-" for k in labels]
+            lines.append(f"| {task} | {metric} | " + " | ".join(cells) + f" | {_dirty(t) if i == 0 else ''} |")
     return "\n".join(lines) + "\n\n"
 
 

@@ -76,7 +76,7 @@ def train_section(method: str = "lora", **args) -> dict:
 # pytest-xdist workers, one module at a time each (--dist loadfile), and a long module started
 # last would leave the other worker idle at the end.
 LONG_MODULES = ("test_workflow_default.py", "test_seed_recipes.py", "test_chains.py", "test_slurm.py",
-                "test_faults.py", "test_train_sft.py", "test_mlflow_server.py")
+                "test_faults.py", "test_train_sft.py", "test_mlflow_server.py", "test_train_ddp.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -74,7 +74,6 @@ def plan(*, recipe: str, variant: str, section: dict[str, Any], folders: dict[st
     merged = Path(folders["merged"])
     flat = flat_scores(compare)
     body = _merge_card_body(merged)
-    is_hub_dataset = bool(dataset_source) and not Path(dataset_source).exists() and "://" not in dataset_source
     out: dict[str, Any] = {"recipe": recipe, "variant": variant, "repos": []}
     for kind in KINDS:
         repo_id = (pub.get("repos") or {}).get(kind)
@@ -89,7 +88,7 @@ def plan(*, recipe: str, variant: str, section: dict[str, Any], folders: dict[st
         if kind == "gguf":
             files = {k: v for k, v in files.items() if k.endswith((".gguf", ".Modelfile")) or k == "report.json"}
         c = card(kind=kind, repo_id=repo_id, recipe=recipe, variant=variant, base_model=_root_base(merged),
-                 datasets=[dataset_source] if is_hub_dataset else [], license=pub["license"],
+                 datasets=_hub_datasets(dataset_source), license=pub["license"],
                  tags=list(pub.get("tags") or []), scores=flat,
                  body=card_body(body, flat, recipe, variant, _how_to_run(kind, repo_id)))
         out["repos"].append({"kind": kind, "repo_id": repo_id, "private": bool(pub.get("private", True)),
@@ -98,6 +97,13 @@ def plan(*, recipe: str, variant: str, section: dict[str, Any], folders: dict[st
     if not out["repos"]:
         raise TunesmithError("publish.repos: name at least one repository (adapter, merged or gguf)")
     return out
+
+
+def _hub_datasets(dataset_source: str | None) -> list[str]:
+    """The card's `datasets`: the source when it is a Hub id (a local file or a URL is none)."""
+    if dataset_source and not Path(dataset_source).exists() and "://" not in dataset_source:
+        return [dataset_source]
+    return []
 
 
 def flat_scores(compare: str | None) -> dict[str, Any]:
@@ -180,7 +186,6 @@ def local_cards(*, recipe: str, variant: str, section: dict[str, Any], folders: 
 
     merged = Path(folders["merged"])
     flat, body = flat_scores(compare), _merge_card_body(merged)
-    is_hub_dataset = bool(dataset_source) and not Path(dataset_source).exists() and "://" not in dataset_source
     out = Path(out_dir)
     tmp = out.with_name(f".{out.name}.tmp")
     if tmp.exists():
@@ -194,7 +199,7 @@ def local_cards(*, recipe: str, variant: str, section: dict[str, Any], folders: 
         if not folders.get(kind) or not folder.is_dir():
             continue
         c = card(kind=kind, repo_id=f"{recipe}-{variant}-{kind}", recipe=recipe, variant=variant,
-                 base_model=_root_base(merged), datasets=[dataset_source] if is_hub_dataset else [],
+                 base_model=_root_base(merged), datasets=_hub_datasets(dataset_source),
                  license=section.get("license"), tags=list(section.get("tags") or []), scores=flat,
                  body=card_body(body, flat, recipe, variant, _how_to_run_local(kind, folder)))
         (tmp / f"{kind}.md").write_text(str(c), encoding="utf-8")

@@ -1,4 +1,5 @@
-"""GPU check for the train stage: qlora, unsloth, lora, lora+packing in one run, each in its own
+"""GPU check for the train stage: qlora, unsloth, lora, lora+packing, full and full+fsdp (train.fsdp
+under accelerate launch, one rank) in one run, each in its own
 process (unsloth patches transformers globally), printing tokens/s, peak VRAM and MFU.
 
     python bench/gpu_check.py                       # SmolLM2-135M from resources/models, 40 steps each
@@ -43,6 +44,8 @@ CONFIGS = {  # name -> (method, packing)
     "unsloth": ("unsloth", False),
     "lora": ("lora", False),
     "lora+packing": ("lora", True),
+    "full": ("full", False),
+    "full+fsdp": ("full", False),  # train.fsdp: the child runs under accelerate launch (FSDP2, one rank)
 }
 ADAPTER_METHODS = {"lora", "qlora", "unsloth"}
 TIMING_FILE = "step_timing.json"
@@ -84,7 +87,7 @@ def write_data(folder: Path, n_eval: int = 32, source: str | None = None, base: 
     return {"train": str(folder / "train.jsonl"), "eval": str(folder / "eval.jsonl"), "template": ""}
 
 
-def section(method: str, packing: bool, opts: argparse.Namespace) -> dict:
+def section(method: str, packing: bool, opts: argparse.Namespace, fsdp: bool = False) -> dict:
     from tunesmith.recipe import fill_defaults, load_schema
 
     schema = load_schema("recipe")
@@ -98,6 +101,7 @@ def section(method: str, packing: bool, opts: argparse.Namespace) -> dict:
                                  "use_liger_kernel": bool(opts.liger)})
     if opts.pad_token:
         sec["model"]["pad_token"] = opts.pad_token
+    sec["train"]["fsdp"] = fsdp
     return copy.deepcopy(sec)
 
 
@@ -155,7 +159,7 @@ def run_one(name: str, opts: argparse.Namespace) -> None:
         return trainer
 
     sft.build_trainer = build_timed
-    train_sft(paths, section(method, packing, opts))
+    train_sft(paths, section(method, packing, opts, fsdp=name.endswith("+fsdp")))
 
 
 def peak_flops(device_name: str, override: float | None) -> float | None:
@@ -208,6 +212,8 @@ def main() -> None:
 
     import torch
 
+    from tunesmith import trainkit
+
     if not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA GPU visible to torch; run this on a GPU node")
     if not Path(opts.base, "config.json").is_file():
@@ -223,7 +229,10 @@ def main() -> None:
           f"work dir {workdir}", flush=True)
     results = {}
     for name in opts.only:
-        cmd = [sys.executable, __file__, "--one", name, "--workdir", str(workdir), "--base", opts.base,
+        # FSDP is set up by accelerate's launcher (as the train stage relaunches itself): one rank here.
+        launcher = ([sys.executable, "-m", "accelerate.commands.launch", *trainkit.launcher_flags(1, True),
+                     "--mixed_precision", "no", "--dynamo_backend", "no"] if name.endswith("+fsdp") else [sys.executable])
+        cmd = [*launcher, __file__, "--one", name, "--workdir", str(workdir), "--base", opts.base,
                "--steps", str(opts.steps), "--batch", str(opts.batch), "--max-length", str(opts.max_length)]
         if opts.gradient_checkpointing:
             cmd.append("--gradient-checkpointing")

@@ -13,7 +13,8 @@ from tunesmith.stage import run
 def main(io):
     train_cfg = io.section["train"]
     trainkit.die_with_launcher()
-    trainkit.require_device(train_cfg["method"])  # fail fast, before model loading
+    cuda = trainkit.require_device(train_cfg["method"])  # fail fast, before model loading
+    trainkit.check_fsdp(train_cfg, cuda)
     if trainkit.needs_relaunch(train_cfg):
         return trainkit.relaunch(Path(__file__).resolve(), train_cfg, io)
     from tunesmith import training

@@ -106,3 +106,30 @@ def test_more_than_one_node_needs_slurm(monkeypatch, tmp_path, section_factory):
     assert trainkit.needs_relaunch(train)
     with pytest.raises(EnvironmentNotSupported, match="srun inside a SLURM job"):
         trainkit.relaunch("scripts/train.py", train, io)
+
+
+def test_fsdp_is_refused_where_it_cannot_shard_and_launches_fsdp2_where_it_can(monkeypatch, tmp_path, section_factory):
+    """accelerate runs CPU ranks as DDP whatever --use_fsdp says (tried: 2 gloo ranks came out
+    wrapped in DistributedDataParallel), so train.fsdp is refused on CPU rather than silently
+    being DDP; adapters are refused when the recipe loads. On CUDA the launcher gets FSDP2."""
+    from tunesmith import trainkit
+    from tunesmith.errors import EnvironmentNotSupported, RecipeError
+    from tunesmith.recipe import load_recipe
+    from tunesmith.stage import StageIO
+
+    train = section_factory("full")["train"]
+    train["fsdp"] = True
+    assert trainkit.needs_relaunch(train)  # even one GPU: accelerate's launcher sets FSDP up
+    with pytest.raises(EnvironmentNotSupported, match="no FSDP for CPU processes"):
+        trainkit.check_fsdp(train, cuda=False)
+    trainkit.check_fsdp(train, cuda=True)
+    io = StageIO(input={}, output={"metrics": str(tmp_path / "m.json")}, params={}, stage="train")
+    cmd = trainkit.launch_command("scripts/train.py", 2, io, tmp_path / "p.json", 29555, fsdp=True)
+    assert "--use_fsdp" in cmd and "--multi_gpu" not in cmd
+    assert cmd[cmd.index("--fsdp_version") + 1] == "2" and cmd[cmd.index("--num_processes") + 1] == "2"
+    assert "--multi_gpu" in trainkit.launch_command("scripts/train.py", 2, io, tmp_path / "p.json", 29555)
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("dataset: {source: data/demo/reverse_words.jsonl}\ntrain: {method: lora, fsdp: true}\n")
+    with pytest.raises(RecipeError, match="train.fsdp shards full weights; method 'lora'"):
+        load_recipe(recipe)

@@ -247,6 +247,13 @@ def _check_semantics(recipe: dict[str, Any], source: str) -> None:
         raise RecipeError(
             f"{source}: model.trust_remote_code is on; say why in model.trust_remote_code_reason"
         )
+    if recipe["train"]["fsdp"]:
+        from tunesmith.methods import get as get_method
+
+        if get_method(recipe["train"]["method"]).adapter:
+            raise RecipeError(f"{source}: train.fsdp shards full weights; method '{recipe['train']['method']}' trains "
+                              f"an adapter on a frozen base, which data-parallel copies cheaply: use train.gpus "
+                              f"without fsdp, or method: full")
     for key in recipe["sweep"]:
         _get_dotted(recipe, key, source)
     headline = recipe["evaluate"]["headline"]

@@ -86,9 +86,32 @@ def processes_per_node(train_cfg: dict[str, Any], cuda: bool) -> int:
 
 
 def needs_relaunch(train_cfg: dict[str, Any]) -> bool:
-    """More than one process asked for (GPUs, CPU processes or nodes), and not yet under a launcher."""
+    """More than one process asked for (GPUs, CPU processes or nodes), or FSDP (which accelerate's
+    launcher sets up, even for one GPU), and not yet under a launcher."""
     total = int(train_cfg["nodes"]) * processes_per_node(train_cfg, cuda_available())
-    return total > 1 and not under_launcher()
+    return (total > 1 or bool(train_cfg["fsdp"])) and not under_launcher()
+
+
+def check_fsdp(train_cfg: dict[str, Any], cuda: bool) -> None:
+    """train.fsdp needs CUDA: with use_cpu accelerate runs the ranks as MULTI_CPU and wraps the model
+    in DDP whatever --use_fsdp says (accelerate 1.15, tried with 2 gloo ranks), so FSDP on CPU would
+    silently be DDP."""
+    if train_cfg["fsdp"] and not cuda:
+        raise EnvironmentNotSupported("train.fsdp shards the model over CUDA ranks; accelerate has no FSDP for CPU "
+                                      "processes (it would run them as DDP). On CPU use train.processes "
+                                      "(data-parallel) and set fsdp: false")
+
+
+def launcher_flags(processes: int, fsdp: bool) -> list[str]:
+    """How accelerate launch starts the ranks: DDP (--multi_gpu: torch.distributed.run; gloo when the
+    trainer's use_cpu is set), or FSDP2 with each of the model's no-split modules (its decoder
+    layers) a unit and the full state dict gathered for saving, so the saved model and checkpoints
+    are ordinary safetensors."""
+    if not fsdp:
+        return ["--multi_gpu", "--num_processes", str(processes)]
+    return ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+            "--fsdp_reshard_after_forward", "true", "--fsdp_state_dict_type", "FULL_STATE_DICT",
+            "--num_processes", str(processes)]
 
 
 def free_port() -> int:
@@ -101,14 +124,13 @@ def free_port() -> int:
 
 
 def launch_command(script: str | Path, processes: int, io: Any, params_file: Path, port: int, *,
-                   nodes: int = 1, machine: tuple[str, str] | None = None) -> list[str]:
+                   nodes: int = 1, machine: tuple[str, str] | None = None, fsdp: bool = False) -> list[str]:
     """accelerate launch with everything on the command line: the user's default accelerate
     config (another machine's GPU count, fp16, DeepSpeed) must not decide how this job runs.
     `processes` counts every rank on every node (accelerate's meaning); `machine` is
     (machine rank, main process address), given as shell variables when srun starts one launcher
-    per node. --multi_gpu is accelerate's DDP launcher (torch.distributed.run); on CPU the
-    trainer's use_cpu makes it gloo."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+    per node. See launcher_flags for DDP or FSDP."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher_flags(processes, fsdp),
            "--num_machines", str(nodes), "--machine_rank", machine[0] if machine else "0",
            "--main_process_port", str(port)]
     if machine:
@@ -144,6 +166,8 @@ def relaunch(script: str | Path, train_cfg: dict[str, Any], io: Any) -> Any:
     import subprocess
 
     cuda = cuda_available()
+    check_fsdp(train_cfg, cuda)
+    fsdp = bool(train_cfg["fsdp"])
     per_node, nodes = processes_per_node(train_cfg, cuda), int(train_cfg["nodes"])
     in_slurm = "SLURM_JOB_ID" in os.environ
     if nodes > 1 and not in_slurm:
@@ -162,11 +186,11 @@ def relaunch(script: str | Path, train_cfg: dict[str, Any], io: Any) -> Any:
     port = free_port() if not in_slurm else 20000 + int(os.environ["SLURM_JOB_ID"]) % 20000
     if in_slurm:
         launch = launch_command(script, nodes * per_node, io, params_file, port, nodes=nodes,
-                                machine=("$SLURM_NODEID", "$SLURM_LAUNCH_NODE_IPADDR"))
+                                machine=("$SLURM_NODEID", "$SLURM_LAUNCH_NODE_IPADDR"), fsdp=fsdp)
         cmd = srun_command(launch, nodes, max(1, int(io.threads)) * per_node, per_node if cuda else 0)
     else:
-        cmd = launch_command(script, per_node, io, params_file, port)
-    what = f"{nodes} node(s) x {per_node} {'GPU' if cuda else 'CPU'} process(es)"
+        cmd = launch_command(script, per_node, io, params_file, port, fsdp=fsdp)
+    what = f"{nodes} node(s) x {per_node} {'GPU' if cuda else 'CPU'} process(es)" + (", FSDP" if fsdp else "")
     log.info("data-parallel: relaunching under accelerate on %s: %s", what, " ".join(cmd))
     # PYTHONSAFEPATH: keep scripts/ off sys.path in every rank, as Snakemake's script runner does.
     # OMP_NUM_THREADS: torch.distributed.run sets 1 per process when unset. Locally the job's threads

@@ -4,7 +4,7 @@ transformers + peft AdamW loop, on the same rows, printed side by side from ONE 
     PYTHONPATH=. HF_HUB_OFFLINE=1 .venv/bin/python bench/train_throughput.py
         [--contenders stage,stage-token-metrics,trl,bare] [--warmup 4 --steps 6 --batch 8 --threads 0]
         [--set gradient_checkpointing=true ...]   (train.args overrides for the stage rows)
-        [--sweep]                                  (also: grad checkpointing, batch 4/16, 1 thread)
+        [--sweep]                                  (also: grad checkpointing, batch 4/16, 1 thread, 2 processes)
 
 Rows: the default recipe's (recipes/demo-reverse-lora.yaml) data, built as its format stage
 builds them (data/demo/reverse_words.jsonl, empty/short rows dropped, its system prompt), or a
@@ -294,6 +294,7 @@ def child(opts) -> None:
 
     figures["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     figures["threads"] = torch.get_num_threads()
+    figures["rank"] = int(os.environ.get("RANK", 0))
     print("RESULT " + json.dumps(figures), flush=True)
 
 
@@ -307,11 +308,20 @@ def parse_set(items: list[str]) -> dict:
     return out
 
 
-def run_one(name: str, label: str, argv: list[str], code: str | None = None) -> dict:
-    cmd = [sys.executable, __file__, "--child", name, *argv, *(["--code", code] if code else [])]
+def run_one(name: str, label: str, argv: list[str], code: str | None = None, processes: int = 1) -> dict:
+    # processes > 1: the child runs under accelerate launch (DDP over gloo), as the stage relaunches
+    # itself for train.processes; each rank prints its RESULT, rank 0's is the last.
+    launcher = [sys.executable]
+    if processes > 1:
+        from tunesmith import trainkit
+
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", *trainkit.launcher_flags(processes, False),
+                    "--num_machines", "1", "--main_process_port", str(trainkit.free_port()), "--mixed_precision", "no",
+                    "--dynamo_backend", "no"]
+    cmd = [*launcher, __file__, "--child", name, *argv, *(["--code", code] if code else [])]
     started = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ") and '"rank": 0' in x]
     if proc.returncode or not lines:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
         return {"label": label, "error": f"exit {proc.returncode}"}
@@ -349,7 +359,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="train.args override")
-    ap.add_argument("--sweep", action="store_true", help="also the stage with grad checkpointing, batch 4/16, 1 thread")
+    ap.add_argument("--sweep", action="store_true", help="also the stage with grad checkpointing, batch 4/16, 1 thread, and 2 processes "
+                    "(DDP over gloo) of half the batch each")
     ap.add_argument("--losspath", action="store_true", help="only: trl's fused-head loss vs transformers' loss, "
                     "forward + backward on one batch, interleaved (median of --steps after --warmup)")
     ap.add_argument("--train", default=None, help="a formatted train.jsonl (default: built as the default recipe does)")
@@ -398,9 +409,12 @@ def main() -> None:
                   ("bare", "bare, gradient_checkpointing on", common_argv(opts, sets={"gradient_checkpointing": True})),
                   ("stage", "stage, batch 4", common_argv(opts, batch=4)),
                   ("stage", "stage, batch 16", common_argv(opts, batch=16)),
-                  ("stage", "stage, 1 torch thread", common_argv(opts, threads=1))]
+                  ("stage", "stage, 1 torch thread", common_argv(opts, threads=1)),
+                  ("stage", f"stage, 2 processes x batch {opts.batch // 2} x 1 thread (train.processes: 2)",
+                   common_argv(opts, batch=max(1, opts.batch // 2), threads=1))]
         for name, label, argv in sweeps:
-            rows.append(_fastest([run_one(name, label, argv) | {"name": f"sweep-{name}"}]))
+            rows.append(_fastest([run_one(name, label, argv, processes=2 if "processes" in label else 1)
+                                  | {"name": f"sweep-{name}"}]))
     load = os.getloadavg()
     bare = next((r for r in rows if r.get("name") == "bare" and "error" not in r), None)
     print(f"\nload average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\n")

@@ -7,7 +7,7 @@ from tunesmith.stage import run
 def main(io):
     shard, shards = io.shard_of()
     return stages.embed_shard(io.input["filtered"], io.section["dedupe"], shard, shards, io.output["embeddings"],
-                              offline=settings.offline())
+                              offline=settings.offline(), digests=io.many("digests"))
 
 
 if __name__ == "__main__":

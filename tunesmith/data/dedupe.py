@@ -373,9 +373,10 @@ def exact_pass(frame: pd.DataFrame, section: dict[str, Any], sample: bool = True
 
 
 def embed_shard(frame: pd.DataFrame, section: dict[str, Any], shard: int, shards: int, *, offline: bool,
-                model: Any = None, progress: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
+                model: Any = None, progress: bool = False,
+                digests: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Embeddings of one shard's slice of the rows near-dedupe compares (run gathers them in order)."""
-    rows, _ = exact_pass(frame, section, sample=False)
+    rows, _ = exact_pass(frame, section, sample=False, digests=digests)
     start, stop = shard_bounds(len(rows), shards, shard)
     texts = field_texts(rows.iloc[start:stop], section["field"])
     load_started = time.perf_counter()

@@ -402,12 +402,14 @@ def gather_filtered(raw_path: str, counts_path: str, parts: list[str], reports: 
 
 
 def embed_shard(in_path: str, section: dict[str, Any], shard: int, shards: int, out_path: str, *,
-                offline: bool, model: Any = None) -> Result:
-    """One of dataset.shards embedding jobs of near-dedupe (shard is 0-based); dedupe gathers them."""
+                offline: bool, model: Any = None, digests: list[str] | None = None) -> Result:
+    """One of dataset.shards embedding jobs of near-dedupe (shard is 0-based); dedupe gathers them.
+    digests: the filter_shard jobs' row digests (exact dedupe then hashes nothing here)."""
     started = time.perf_counter()
     frame = load.read_rows(in_path)
     vectors, report = dedupe_mod.embed_shard(frame, section, shard, shards, offline=offline, model=model,
-                                             progress=len(frame) > 2000 * shards)
+                                             progress=len(frame) > 2000 * shards,
+                                             digests=gather_digests(digests, in_path) if digests else None)
     # the slice's place travels with it, so the gather can tell a stale or misplaced shard
     fileio.write_npz(out_path, vectors=vectors, start=report["start"], stop=report["stop"], total=report["rows_total"])
     log.info("embed_shard %d/%d: rows %d..%d of %d at %s rows/s", shard + 1, shards, report["start"], report["stop"],

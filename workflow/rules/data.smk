@@ -170,6 +170,7 @@ rule embed_shard:
     """Embed shard {shard} of {shards} contiguous slices of the rows near-dedupe compares (after exact dedupe)."""
     input:
         filtered=rules.filter.output.filtered,
+        digests=dedupe_digests,  # exact dedupe's row digests, hashed by the filter shards
         dataset=dataset_input,  # see dataset_input: a failed stage must not hide an edit
     output:
         embeddings=f"{RESULTS}/{{recipe}}/data/embeddings/{{shard}}-of-{{shards}}.npz",

@@ -63,8 +63,8 @@ class StageIO:
         try:
             shard, shards = int(self.wildcards["shard"]), int(self.wildcards["shards"])
         except (KeyError, ValueError):
-            raise TunesmithError(f"{self.stage} is one shard of dataset.shards: it needs the wildcards shard and shards "
-                              f"(by hand: --wildcard shard=1 --wildcard shards=4), got {self.wildcards}") from None
+            raise TunesmithError(f"{self.stage} is one shard of dataset.shards: it needs the wildcards shard and "
+                                 f"shards (by hand: --wildcard shard=1 --wildcard shards=4), got {self.wildcards}") from None
         if not 1 <= shard <= shards:
             raise TunesmithError(f"{self.stage}: shard {shard} of {shards} is not one of 1..{shards}")
         return shard - 1, shards

@@ -122,9 +122,9 @@ def to_frame(batch: pa.RecordBatch | pa.Table) -> pd.DataFrame:
 
 class ParquetSink:
     """Write a parquet file batch by batch, atomically (see fileio.atomic_path). The schema is the
-    one given or the first batch's; later batches are cast to it. metadata: key/value strings kept
-    in the file's schema (a shard's bounds, see file_metadata), settable until the sink closes.
-    Use as a context manager."""
+    one given or the first batch's; later batches are cast to it. metadata: key/value strings written
+    into the file's footer when the sink closes (a shard's bounds, read back by file_metadata), so a
+    stage may add to it until then. Use as a context manager."""
 
     def __init__(self, path: str | Path, schema: pa.Schema | None = None, metadata: dict[str, str] | None = None):
         self.path = Path(path)
@@ -149,7 +149,7 @@ class ParquetSink:
         if data.schema.remove_metadata() != self.schema:
             data = data.select(self.schema.names).cast(self.schema)
         if self._writer is None:
-            self._writer = self._open(self.schema)
+            self._writer = pq.ParquetWriter(self._tmp, self.schema)
         if data.num_rows:
             self._writer.write_table(data, row_group_size=BATCH_ROWS)
             self.rows += data.num_rows
@@ -162,15 +162,12 @@ class ParquetSink:
                   preserve_index=False).field(c) for c in frame.columns]
         return pa.schema(fields)
 
-    def _open(self, schema: pa.Schema) -> pq.ParquetWriter:
-        return pq.ParquetWriter(self._tmp, schema)
-
     def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
         try:
             if exc is None:
                 if self._writer is None:  # no batch at all: still a valid (empty) file
-                    self._writer = self._open(self.schema or CANONICAL)
-                if self.metadata:  # in the footer, written on close: a stage may set it last
+                    self._writer = pq.ParquetWriter(self._tmp, self.schema or CANONICAL)
+                if self.metadata:
                     self._writer.add_key_value_metadata(self.metadata)
                 self._writer.close()
             elif self._writer is not None:

@@ -7,7 +7,7 @@ from tunesmith.stage import run
 def main(io):
     return stages.dedupe(io.input["filtered"], io.section["dedupe"], io.output["deduped"], io.output["report"],
                          io.output["hist"], offline=settings.offline(), recipe=io.recipe,
-                         embeddings=io.many("embeddings"))
+                         embeddings=io.many("embeddings"), digests=io.many("digests"))
 
 
 if __name__ == "__main__":

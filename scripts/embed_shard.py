@@ -5,8 +5,9 @@ from tunesmith.stage import run
 
 
 def main(io):
-    return stages.embed_shard(io.input["filtered"], io.section["dedupe"], int(io.wildcards["shard"]) - 1,
-                              int(io.wildcards["shards"]), io.output["embeddings"], offline=settings.offline())
+    shard, shards = io.shard_of()
+    return stages.embed_shard(io.input["filtered"], io.section["dedupe"], shard, shards, io.output["embeddings"],
+                              offline=settings.offline(), digests=io.many("digests"))
 
 
 if __name__ == "__main__":

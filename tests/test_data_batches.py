@@ -133,3 +133,107 @@ def test_a_filter_that_empties_the_data_in_the_last_batch_is_named_and_writes_no
         stages.filter_rows(str(tmp_path / "raw.parquet"), str(tmp_path / "counts.parquet"), flt,
                            str(tmp_path / "filtered.parquet"), str(tmp_path / "report.json"))
     assert not any(p.name.startswith(("filtered", ".filtered")) for p in tmp_path.iterdir())
+
+
+def test_four_shards_of_a_mixture_give_the_unsharded_counts_report_and_rows(chain, data_tokenizer, smollm2_dir,
+                                                                             tmp_path):
+    """dataset.shards: 4 on the two-source chain (64-row batches): tokenize_shard and filter_shard jobs
+    gathered by tokenize_count and filter, and exact dedupe on the shards' digests, give the counts,
+    the filter report (rows per source included) and the rows of the unsharded stages."""
+    import pyarrow.parquet as pq
+
+    f = chain
+
+    def shard_files(suffix):
+        return [str(tmp_path / "shards" / f"{i + 1}-of-4{suffix}") for i in range(4)]
+
+    counts = shard_files(".parquet")
+    for i, path in enumerate(counts):
+        stages.tokenize_shard(f["raw"], str(smollm2_dir), section_defaults("tokenize"), i, 4, path,
+                              tokenizer=data_tokenizer)
+    g = {k: str(tmp_path / "gathered" / k) for k in ("counts", "stats", "hist", "filtered", "freport", "deduped", "dreport",
+                                                   "dhist")}  # the chain fixture's files lie in tmp_path
+    stages.tokenize_count(f["raw"], str(smollm2_dir), section_defaults("tokenize"), g["counts"], g["stats"], g["hist"],
+                          shards=counts)
+    assert pq.read_table(f["counts"]).equals(pq.read_table(g["counts"]))
+    flt = section_defaults("filter", {"max_tokens": 60})
+    stages.filter_rows(f["raw"], f["counts"], flt, f["filtered"], f["freport"])
+    parts, reports, digests = (shard_files(s) for s in (".rows.parquet", ".report.json", ".digests.npz"))
+    for i in range(4):
+        stages.filter_shard(f["raw"], counts[i], flt, i, 4, parts[i], reports[i], digests[i])
+    m = stages.gather_filtered(f["raw"], g["counts"], parts, reports, flt, g["filtered"], g["freport"])
+    assert open(f["freport"], "rb").read() == open(g["freport"], "rb").read()
+    assert set(_report(g["freport"])["rows_by_source"]) == {"one", "two"} and m.metrics["shards"] == 4
+    assert pq.read_table(f["filtered"]).equals(pq.read_table(g["filtered"]))
+    dd = section_defaults("dedupe", {"near": False})
+    stages.dedupe(f["filtered"], dd, f["deduped"], f["dreport"], f["dhist"], offline=True)
+    stages.dedupe(g["filtered"], dd, g["deduped"], g["dreport"], g["dhist"], offline=True, digests=digests)
+    assert pq.read_table(f["deduped"]).equals(pq.read_table(g["deduped"]))
+    assert _report(f["dreport"])["exact_removed"] > 40
+    assert {k: v for k, v in _report(g["dreport"]).items() if k != "digest_shards"} == _report(f["dreport"])
+
+
+def test_a_shard_may_lose_every_row_but_the_data_may_not(tmp_path):
+    """filter_shard: a shard whose rows all fail a rule is an empty part; the gather checks "a rule left
+    no rows" over every shard and, when it did, names the rule as the unsharded filter does."""
+    n = 300
+    frame = load.to_frame([{"id": i, "instruction": f"q{i}", "input": "", "output": f"a{i}", "system": "",
+                            "messages": [], "text": ""} for i in range(n)])
+    raw = str(tmp_path / "raw.parquet")
+    frame.to_parquet(raw)
+    n_out = [50] * 256 + [1] * 44  # the last shard (rows 225..300) holds the 44 short rows
+    counts = []
+    for i in range(4):
+        start, stop = batches.shard_bounds(n, 4, i)
+        counts.append(str(tmp_path / f"c{i + 1}-of-4.parquet"))
+        with batches.ParquetSink(counts[-1], tokens.counts_schema(), metadata=stages._bounds(start, stop, n)) as sink:
+            sink.write(pd.DataFrame({"id": range(start, stop), "n_instruction_tokens": 1,
+                                     "n_output_tokens": n_out[start:stop],
+                                     "n_tokens": [c + 1 for c in n_out[start:stop]]}))
+    pd.concat([pd.read_parquet(c) for c in counts]).to_parquet(tmp_path / "counts.parquet")
+
+    def run(flt, name):
+        paths = [[str(tmp_path / name / f"{i + 1}-of-4{s}") for i in range(4)]
+                 for s in (".parquet", ".report.json", ".digests.npz")]
+        for i in range(4):
+            stages.filter_shard(raw, counts[i], flt, i, 4, paths[0][i], paths[1][i], paths[2][i])
+        out = tmp_path / name / "filtered.parquet"
+        stages.gather_filtered(raw, str(tmp_path / "counts.parquet"), paths[0], paths[1], flt, str(out),
+                               str(tmp_path / name / "report.json"))
+        return out, paths
+
+    out, paths = run(section_defaults("filter", {"max_tokens": 20}), "some")
+    assert [batches.num_rows(p) for p in paths[0]] == [0, 0, 0, 44]
+    assert load.read_rows(out)["id"].tolist() == list(range(256, 300))
+    with pytest.raises(DataError, match=r"filter 'max_tokens' removed the last 256 rows, leaving none of 300 \(drops so "
+                                        r"far: \{'empty': 0, 'min_tokens': 44, 'max_tokens': 256\}\)"):
+        run(section_defaults("filter", {"min_tokens": 10, "max_tokens": 20}), "none")
+    assert not (tmp_path / "none" / "filtered.parquet").exists()
+
+
+def test_a_shard_script_runs_by_hand_with_its_wildcards(tmp_path, smollm2_dir):
+    """scripts/tokenize_shard.py outside Snakemake: its place comes as --wildcard shard=2 --wildcard
+    shards=3; without them it stops with one line naming what it needs."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    raw = tmp_path / "raw.parquet"
+    load.to_frame([{"id": i, "instruction": f"question {i}", "input": "", "output": f"answer {i}", "system": "",
+                    "messages": [], "text": ""} for i in range(10)]).to_parquet(raw)
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps({"section": {"tokenize": section_defaults("tokenize")}}))
+    out = tmp_path / "counts" / "2-of-3.parquet"
+    cmd = [sys.executable, str(repo / "scripts" / "tokenize_shard.py"), f"--input=raw={raw}",
+           f"--input=tokenizer={smollm2_dir}", f"--output=counts={out}", f"--params={params}"]
+    env = {**__import__("os").environ, "PYTHONPATH": str(repo)}
+    proc = subprocess.run([*cmd, "--wildcard=shard=2", "--wildcard=shards=3"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "shard 2/3: 3 rows counted" in proc.stdout
+    assert batches.file_metadata(out) | {"count_seconds": "-"} == {"shard_start": "3", "shard_stop": "6",
+                                                                    "shard_total": "10", "count_seconds": "-"}
+    assert pd.read_parquet(out)["id"].tolist() == [3, 4, 5]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert proc.returncode == 1 and "tokenize_shard is one shard of dataset.shards: it needs the wildcards shard and " \
+        "shards (by hand: --wildcard shard=1 --wildcard shards=4)" in proc.stdout + proc.stderr, proc.stderr[-2000:]

@@ -207,39 +207,108 @@ SHARED_TOOLFORMER = __import__("pathlib").Path(__file__).resolve().parents[2] / 
     "toolformer-dedupe-only.json"
 
 
-def test_four_embedding_shards_keep_the_unsharded_rows(tmp_path, embedder):
-    """dataset.shards: 4 embed_shard jobs (the stage functions the rules run) gathered by dedupe keep
-    exactly the rows one dedupe job keeps, on real rows with real near duplicates across shards."""
-    from tunesmith.data import stages
+def test_four_shards_keep_the_unsharded_counts_drops_and_rows(tmp_path, embedder, smollm2_dir, data_tokenizer,
+                                                              monkeypatch):
+    """dataset.shards: 4 tokenize_shard, filter_shard and embed_shard jobs (the stage functions the
+    rules run), gathered by tokenize_count, filter and dedupe, give exactly the token counts, the
+    filter report, the exact-dedupe digests and the kept rows of the unsharded stages, on real rows
+    with real near duplicates across shards."""
+    import pyarrow.parquet as pq
+
+    from tunesmith.data import batches, stages
 
     if not SHARED_TOOLFORMER.exists():
         pytest.skip(f"shared data absent: {SHARED_TOOLFORMER}")
+    monkeypatch.setattr(batches, "BATCH_ROWS", 32)  # raw row groups of 32: shard slices start and end inside them
     records = json.loads(SHARED_TOOLFORMER.read_text())[:160]
-    outputs = [r["response"] for r in records]
-    # exact copies shift the shard bounds: the shards must slice the rows left after exact dedupe
-    frame = canon(outputs + outputs[:7], [r["instruction"] for r in records] + [r["instruction"] for r in records[:7]])
-    src = tmp_path / "filtered.parquet"
-    frame.to_parquet(src)
+    rows = [{"q": r["instruction"], "a": r["response"]} for r in records]
+    rows += [dict(r) for r in rows[:7]]  # exact copies: they shift the embedding shards' bounds
+    for i in (5, 77, 150):
+        rows[i]["a"] = "  "  # empty: filtered in shards 1, 2 and 4
+    source = tmp_path / "rows.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = str(tmp_path / "raw.parquet")
+    stages.download(section_defaults("dataset", {"source": str(source), "columns": {"instruction": "q", "input": None,
+                    "output": "a"}}), raw, str(tmp_path / "source.json"), offline=True)
+    assert pq.ParquetFile(raw).metadata.num_row_groups == 6 and batches.num_rows(raw) == 167
+    one, four = tmp_path / "one", tmp_path / "four"
+    tok = section_defaults("tokenize")
+
+    def shard_files(name, suffix):
+        return [str(four / name / f"{i + 1}-of-4{suffix}") for i in range(4)]
+
+    # token counts: 4 slices of raw counted, then gathered in order
+    stages.tokenize_count(raw, str(smollm2_dir), tok, str(one / "c.parquet"), str(one / "s.json"), str(one / "h.png"),
+                          tokenizer=data_tokenizer)
+    counts = shard_files("token_counts", ".parquet")
+    for i, path in enumerate(counts):
+        assert stages.tokenize_shard(raw, str(smollm2_dir), tok, i, 4, path, tokenizer=data_tokenizer).metrics["rows"] \
+            == [41, 42, 42, 42][i]
+    m = stages.tokenize_count(raw, str(smollm2_dir), tok, str(four / "c.parquet"), str(four / "s.json"),
+                              str(four / "h.png"), shards=counts)
+    assert m.metrics["shards"] == 4 and m.metrics["rows_out"] == 167
+    assert pq.read_table(one / "c.parquet").equals(pq.read_table(four / "c.parquet"))
+    timing = ("count_seconds", "rows_per_s", "tokens_per_s")
+    stats_one, stats_four = ({k: v for k, v in json.loads((d / "s.json").read_text()).items() if k not in timing}
+                             for d in (one, four))
+    assert stats_one == stats_four and stats_one["rows"] == 167
+
+    # filter: 4 slices with their own counts; the gathered report is the unsharded one, byte for byte
+    flt = section_defaults("filter", {"max_tokens": 120, "min_output_tokens": 8,
+                                      "regex": [{"name": "no_urls", "pattern": "https?://", "field": "output"}]})
+    stages.filter_rows(raw, str(one / "c.parquet"), flt, str(one / "f.parquet"), str(one / "f.json"))
+    parts, reports, digests = (shard_files("filtered", s) for s in (".parquet", ".report.json", ".digests.npz"))
+    for i in range(4):
+        stages.filter_shard(raw, counts[i], flt, i, 4, parts[i], reports[i], digests[i])
+    stages.gather_filtered(raw, str(four / "c.parquet"), parts, reports, flt, str(four / "f.parquet"),
+                           str(four / "f.json"))
+    assert (one / "f.json").read_bytes() == (four / "f.json").read_bytes()
+    drops = json.loads((four / "f.json").read_text())["drops"]
+    assert drops["empty"] == 3 and drops["max_tokens"] > 5 and drops["min_output_tokens"] > 0 and drops["regex:no_urls"] > 0, drops
+    assert pq.read_table(one / "f.parquet").equals(pq.read_table(four / "f.parquet"))
+    kept_rows = batches.num_rows(four / "f.parquet")
+
+    # dedupe: exact on the shards' digests, near on the shards' embeddings of the rows after it
     section = section_defaults("dedupe", {"threshold": 0.9, "neighbors": 3, "batch_size": 32})
-    one = tmp_path / "one"
-    stages.dedupe(str(src), section, str(one / "d.parquet"), str(one / "r.json"), str(one / "h.png"),
+    stages.dedupe(str(one / "f.parquet"), section, str(one / "d.parquet"), str(one / "r.json"), str(one / "h.png"),
                   offline=True, model=embedder)
-    shard_paths = [str(tmp_path / "emb" / f"{i + 1}-of-4.npz") for i in range(4)]
-    for i, path in enumerate(shard_paths):
-        metrics = stages.embed_shard(str(src), section, i, 4, path, offline=True, model=embedder).metrics
-        assert metrics["rows"] == 40 and metrics["rows_total"] == 160
-    four = tmp_path / "four"
-    stages.dedupe(str(src), section, str(four / "d.parquet"), str(four / "r.json"), str(four / "h.png"),
-                  offline=True, model=embedder, embeddings=shard_paths)
+    embeddings = shard_files("embeddings", ".npz")
+    for i, path in enumerate(embeddings):
+        stages.embed_shard(str(four / "f.parquet"), section, i, 4, path, offline=True, model=embedder,
+                           digests=digests if i % 2 else None)  # with the filter shards' digests or hashing
+    stages.dedupe(str(four / "f.parquet"), section, str(four / "d.parquet"), str(four / "r.json"), str(four / "h.png"),
+                  offline=True, model=embedder, embeddings=embeddings, digests=digests)
     unsharded, sharded = (json.loads((d / "r.json").read_text()) for d in (one, four))
-    assert unsharded["exact_removed"] == sharded["exact_removed"] == 7
-    assert unsharded["near_removed"] == sharded["near_removed"] > 5 and sharded["embedding_shards"] == 4
+    assert unsharded["rows_in"] == sharded["rows_in"] == kept_rows
+    assert unsharded["exact_removed"] == sharded["exact_removed"] >= 4
+    assert unsharded["near_removed"] == sharded["near_removed"] > 5
+    assert sharded["embedding_shards"] == sharded["digest_shards"] == 4
     kept_one, kept_four = (load.read_rows(str(d / "d.parquet"))["id"].tolist() for d in (one, four))
     assert kept_one == kept_four
     assert [(p["kept_id"], p["removed_id"]) for p in unsharded["pairs_sample"]] == \
         [(p["kept_id"], p["removed_id"]) for p in sharded["pairs_sample"]]
-    with pytest.raises(DataError, match=r"3-of-4.npz: shard 2 of 3 holds rows 80..120 of 160 \(40 vectors\), expected rows from 40"):
-        stages.gather_embeddings([shard_paths[0], shard_paths[2], shard_paths[3]])
+    exact = dict(section, near=False)  # the streamed exact path reads the same digests
+    for d, kw in ((one, {}), (four, {"digests": digests})):
+        stages.dedupe(str(d / "f.parquet"), exact, str(d / "x.parquet"), str(d / "x.json"), str(d / "xh.png"),
+                      offline=True, **kw)
+    assert pq.read_table(one / "x.parquet").equals(pq.read_table(four / "x.parquet"))
+    assert {k: v for k, v in json.loads((four / "x.json").read_text()).items() if k != "digest_shards"} == \
+        json.loads((one / "x.json").read_text())
+
+    # a stale or misplaced shard is named
+    with pytest.raises(DataError, match=r"3-of-4.npz: shard 2 of 3 holds rows .* \(\d+ vectors\), expected rows from \d+"):
+        stages.gather_embeddings([embeddings[0], embeddings[2], embeddings[3]])
+    with pytest.raises(DataError, match=r"2-of-4.parquet: shard 1 of 4 holds rows 41..83 of 167 \(42 counts\), "
+                                        r"expected rows from 0 of 167 \(.*raw.parquet\): re-run its tokenize_shard job"):
+        stages.tokenize_count(raw, str(smollm2_dir), tok, str(tmp_path / "c.parquet"), str(tmp_path / "s.json"),
+                              str(tmp_path / "h.png"), shards=[counts[1], counts[0], *counts[2:]])
+    with pytest.raises(DataError, match=r"3-of-4.report.json: the shards end at row 125 of 167: a shard job is missing"):
+        stages.gather_filtered(raw, str(four / "c.parquet"), parts[:3], reports[:3], flt, str(tmp_path / "f.parquet"),
+                               str(tmp_path / "f.json"))
+    with pytest.raises(DataError, match=r"1-of-4.parquet: token counts of rows 0..41 of 167, filter shard 2/4 reads "
+                                        r"rows 41..83 of 167 .*: re-run its tokenize_shard job"):
+        stages.filter_shard(raw, counts[0], flt, 1, 4, *(str(tmp_path / n) for n in ("p.parquet", "r.json", "d.npz")))
+    assert not (tmp_path / "f.parquet").exists() and not (tmp_path / "c.parquet").exists()
 
 
 def _dry_run_jobs(tmp_path, shards, near=True):
@@ -260,13 +329,19 @@ def _dry_run_jobs(tmp_path, shards, near=True):
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}, proc.stdout
 
 
-def test_shards_scatter_the_embedding_into_jobs_and_one_shard_adds_none(tmp_path):
+def test_shards_scatter_the_per_row_stages_into_jobs_and_one_shard_adds_none(tmp_path):
+    import re
+
     counts, out = _dry_run_jobs(tmp_path / "four", 4)
-    assert counts["embed_shard"] == 4 and counts["dedupe"] == 1, counts
-    assert sorted(set(__import__("re").findall(r"embeddings/(\d-of-4)\.npz", out))) == ["1-of-4", "2-of-4", "3-of-4", "4-of-4"]
+    assert {k: counts[k] for k in ("tokenize_shard", "tokenize_count", "filter_shard", "filter", "embed_shard",
+                                   "dedupe")} == {"tokenize_shard": 4, "tokenize_count": 1, "filter_shard": 4,
+                                                  "filter": 1, "embed_shard": 4, "dedupe": 1}, counts
+    for folder, suffix in (("token_counts", "parquet"), ("filtered", "digests.npz"), ("embeddings", "npz")):
+        assert sorted(set(re.findall(rf"data/{folder}/(\d-of-4)\.{suffix}", out))) == \
+            ["1-of-4", "2-of-4", "3-of-4", "4-of-4"], folder
     counts, _ = _dry_run_jobs(tmp_path / "one", 1)
     # the DAG of the default (one shard) is the one without sharding: no new job
     # (prepare_model only where resources/models lacks the base model)
     assert set(counts) - {"prepare_model"} == {"download", "tokenize_count", "filter", "dedupe", "total"}, counts
-    counts, _ = _dry_run_jobs(tmp_path / "off", 4, near=False)  # nothing to embed
-    assert "embed_shard" not in counts, counts
+    counts, _ = _dry_run_jobs(tmp_path / "off", 4, near=False)  # nothing to embed; the per-row stages still scatter
+    assert "embed_shard" not in counts and counts["tokenize_shard"] == counts["filter_shard"] == 4, counts

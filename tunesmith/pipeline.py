@@ -28,9 +28,12 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     Stage("prepare_model", "model", "prepare_model.py"),
     Stage("download", "data", "download.py", rows_report="source.json"),
+    # The *_shard stages run only with dataset.shards > 1, one job per shard, each gathered by the
+    # stage after it; not "data" stages, which every recipe runs.
+    Stage("tokenize_shard", "data_shard", "tokenize_shard.py"),
     Stage("tokenize_count", "data", "tokenize_count.py"),
+    Stage("filter_shard", "data_shard", "filter_shard.py"),
     Stage("filter", "data", "filter.py", rows_report="filter_report.json"),
-    # Only with dataset.shards > 1, one job per shard; not a "data" stage, which every recipe runs.
     Stage("embed_shard", "data_shard", "embed_shard.py"),
     Stage("dedupe", "data", "dedupe.py", rows_report="dedupe_report.json"),
     Stage("select", "data", "select_rows.py", rows_report="select_report.json"),

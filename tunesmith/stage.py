@@ -57,6 +57,18 @@ class StageIO:
             value = value.split(",")
         return [str(v) for v in value]
 
+    def shard_of(self) -> tuple[int, int]:
+        """(shard, shards) of a shard job, shard 0-based, from its {shard}-of-{shards} wildcards
+        (by hand: --wildcard shard=2 --wildcard shards=4)."""
+        try:
+            shard, shards = int(self.wildcards["shard"]), int(self.wildcards["shards"])
+        except (KeyError, ValueError):
+            raise TunesmithError(f"{self.stage} is one shard of dataset.shards: it needs the wildcards shard and "
+                                 f"shards (by hand: --wildcard shard=1 --wildcard shards=4), got {self.wildcards}") from None
+        if not 1 <= shard <= shards:
+            raise TunesmithError(f"{self.stage}: shard {shard} of {shards} is not one of 1..{shards}")
+        return shard - 1, shards
+
     def one(self, name: str) -> str | None:
         """An optional input: absent, or an empty list (Snakemake's 'none'), is None."""
         value = self.input.get(name)
@@ -106,12 +118,15 @@ def from_argv(description: str, argv: list[str] | None = None) -> StageIO:
     parser.add_argument("--variant", default=None, help="sweep variant, as the {variant} wildcard")
     parser.add_argument("--input", action="append", default=[], metavar="NAME=PATH")
     parser.add_argument("--output", action="append", default=[], metavar="NAME=PATH")
+    parser.add_argument("--wildcard", action="append", default=[], metavar="NAME=VALUE",
+                        help="another wildcard of the rule (a shard job: shard=2, shards=4)")
     parser.add_argument("--params", help="JSON file with the rule's params (recipe section etc.)")
     parser.add_argument("--log", default=None)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     params = json.loads(Path(args.params).read_text()) if args.params else {}
-    wildcards = {"recipe": args.recipe, **({"variant": args.variant} if args.variant else {})}
+    wildcards = {**_pairs(args.wildcard, "--wildcard"), "recipe": args.recipe,
+                 **({"variant": args.variant} if args.variant else {})}
     return StageIO(_pairs(args.input, "--input"), _pairs(args.output, "--output"), params, args.log, args.threads,
                    wildcards, args.stage)
 
@@ -160,7 +175,10 @@ def call_stage(stage_fn: Callable[[StageIO], Any], io: StageIO) -> Any:
     entry = pipeline.BY_NAME.get(io.stage)
     datasets = {io.one(name): context for name, context in (entry.datasets if entry else ()) if io.one(name)}
     model_dir = io.output.get(entry.model_output) if entry and entry.model_output else None
-    with tracking.stage_run(io.stage, io.input, io.output, recipe=io.recipe, variant=io.variant,
+    # One record per shard job (tokenize_shard-2-of-4): the N jobs of a shard rule run at once and
+    # must not write one record file.
+    name = f"{io.stage}-{io.wildcards['shard']}-of-{io.wildcards.get('shards')}" if "shard" in io.wildcards else io.stage
+    with tracking.stage_run(name, io.input, io.output, recipe=io.recipe, variant=io.variant,
                             results_dir=settings.results_dir(), section=io.section, datasets=datasets,
                             model_dir=model_dir) as record:
         result = stage_fn(io)

@@ -1,9 +1,10 @@
 """Rows in and out of the data stages' parquet files one batch at a time, so a stage's memory is
 set by its batch, not by the dataset (ten million rows held as one pandas frame do not fit).
 
-Every stage reads its input with :func:`iter_batches` (pyarrow's row-group reader, optionally a
-subset of row groups: a shard) and writes with :class:`ParquetSink`, an atomic streaming writer:
-the output appears only once the stage finished, so a failure never leaves half a file.
+Every stage reads its input with :func:`iter_batches` (pyarrow's row-group reader) and writes with
+:class:`ParquetSink`, an atomic streaming writer: the output appears only once the stage finished,
+so a failure never leaves half a file. A shard job (dataset.shards > 1) reads its rows [start, stop)
+with :func:`iter_rows`; :func:`shard_bounds` is the one definition of which rows shard i of N holds.
 """
 
 from __future__ import annotations
@@ -62,6 +63,41 @@ def iter_batches(path: str | Path, columns: Sequence[str] | None = None, *,
                                    row_groups=row_groups)
 
 
+def shard_bounds(n_rows: int, shards: int, shard: int) -> tuple[int, int]:
+    """Rows [start, stop) of shard (0-based) out of shards contiguous, near-equal slices: the one
+    contract of every shard job (tokenize_shard, filter_shard, embed_shard) and of their gathers."""
+    from tunesmith.errors import DataError
+
+    if not 0 <= shard < shards:
+        raise DataError(f"shard {shard} is outside 0..{shards - 1} (dataset.shards = {shards})")
+    return n_rows * shard // shards, n_rows * (shard + 1) // shards
+
+
+def iter_rows(path: str | Path, columns: Sequence[str] | None = None, *, start: int = 0,
+              stop: int | None = None) -> Iterator[pa.RecordBatch]:
+    """Record batches of rows [start, stop) of a parquet file, in row order: only the row groups that
+    hold them are read, one batch at a time (memory set by the batch, as iter_batches)."""
+    meta = pq.ParquetFile(path).metadata
+    stop = meta.num_rows if stop is None else min(stop, meta.num_rows)
+    groups, pos, first = [], 0, None
+    for group in range(meta.num_row_groups):
+        n = meta.row_group(group).num_rows
+        if pos < stop and pos + n > start:
+            groups.append(group)
+            first = pos if first is None else first
+        pos += n
+    if not groups or start >= stop:
+        return
+    pos = first
+    for batch in iter_batches(path, columns, row_groups=groups):
+        lo, hi = max(start - pos, 0), min(stop - pos, batch.num_rows)
+        if hi > lo:
+            yield batch if (lo, hi) == (0, batch.num_rows) else batch.slice(lo, hi - lo)
+        pos += batch.num_rows
+        if pos >= stop:
+            return
+
+
 def read_columns(path: str | Path, columns: Sequence[str]) -> pd.DataFrame:
     """A few (small) columns of every row, strings of a column named `source` or `split` as categories."""
     present = set(pq.ParquetFile(path).schema_arrow.names)
@@ -86,11 +122,14 @@ def to_frame(batch: pa.RecordBatch | pa.Table) -> pd.DataFrame:
 
 class ParquetSink:
     """Write a parquet file batch by batch, atomically (see fileio.atomic_path). The schema is the
-    one given or the first batch's; later batches are cast to it. Use as a context manager."""
+    one given or the first batch's; later batches are cast to it. metadata: key/value strings written
+    into the file's footer when the sink closes (a shard's bounds, read back by file_metadata), so a
+    stage may add to it until then. Use as a context manager."""
 
-    def __init__(self, path: str | Path, schema: pa.Schema | None = None):
+    def __init__(self, path: str | Path, schema: pa.Schema | None = None, metadata: dict[str, str] | None = None):
         self.path = Path(path)
         self.schema = schema
+        self.metadata = dict(metadata or {})
         self.rows = 0
         self._stack = ExitStack()
         self._writer: pq.ParquetWriter | None = None
@@ -128,12 +167,20 @@ class ParquetSink:
             if exc is None:
                 if self._writer is None:  # no batch at all: still a valid (empty) file
                     self._writer = pq.ParquetWriter(self._tmp, self.schema or CANONICAL)
+                if self.metadata:
+                    self._writer.add_key_value_metadata(self.metadata)
                 self._writer.close()
             elif self._writer is not None:
                 self._writer.close()
         finally:
             self._stack.__exit__(kind, exc, tb)
         return False
+
+
+def file_metadata(path: str | Path) -> dict[str, str]:
+    """The key/value metadata a ParquetSink wrote into a file (its own keys, not pyarrow's)."""
+    meta = pq.ParquetFile(path).metadata.metadata or {}
+    return {k.decode(): v.decode() for k, v in meta.items() if not k.startswith(b"ARROW:") and k != b"pandas"}
 
 
 def take_mask(batch: pa.RecordBatch, keep: np.ndarray) -> pa.RecordBatch:

@@ -11,7 +11,8 @@ neighbours cannot hide a kept one (HNSW has no range search).
 
 Index: exact flat up to dedupe.flat_max_rows, IVF beyond (recall and times measured by
 bench/dedupe_scale.py). Sharded (dataset.shards > 1): embed_shard embeds one contiguous slice of
-the rows after exact dedupe per job, and run() takes the gathered vectors.
+the rows after exact dedupe per job, and run() takes the gathered vectors; the filter shard jobs
+hash their kept rows (row_digests), and run() takes the gathered digests.
 
 Stable for other callers: build_index(vectors, kind, settings=None) -> (index, device, rescan
 index), neighbours(index, vectors, k, device), embed(model, texts, batch_size).
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tunesmith.data.batches import shard_bounds  # the one shard contract of every shard job
 from tunesmith.errors import DataError, EnvironmentNotSupported
 
 log = logging.getLogger("tunesmith.data.dedupe")
@@ -347,21 +349,22 @@ def _clip(text: str, n: int = 300) -> str:
     return text if len(text) <= n else text[:n] + "…"
 
 
-def shard_bounds(n_rows: int, shards: int, shard: int) -> tuple[int, int]:
-    """Rows [start, stop) of shard (0-based) out of shards contiguous, near-equal slices."""
-    if not 0 <= shard < shards:
-        raise DataError(f"shard {shard} is outside 0..{shards - 1} (dataset.shards = {shards})")
-    return n_rows * shard // shards, n_rows * (shard + 1) // shards
-
-
-def exact_pass(frame: pd.DataFrame, section: dict[str, Any], sample: bool = True) -> tuple[pd.DataFrame, dict[str, Any]]:
+def exact_pass(frame: pd.DataFrame, section: dict[str, Any], sample: bool = True,
+               digests: np.ndarray | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The rows near-dedupe sees (after exact dedupe, when on) and the exact part of the report
     (its pair sample only with sample). Embedding shard jobs call it too, so that their slices
-    index the same rows."""
+    index the same rows. digests: the rows' row_digests, when the filter shard jobs hashed them."""
     frame = frame.reset_index(drop=True)
     if not section["exact"]:
         return frame, {"exact_removed": 0}
-    keep, exact_pairs = exact_duplicates(frame)
+    if digests is None:
+        keep, exact_pairs = exact_duplicates(frame)
+    else:
+        if len(digests) != len(frame):
+            raise DataError(f"dedupe: {len(digests)} gathered row digests for {len(frame)} rows: the digests are of "
+                            f"other rows (re-run the filter_shard jobs)")
+        keep, first = first_occurrences(digests)
+        exact_pairs = [(int(first[pos]), int(pos)) for pos in np.flatnonzero(~keep)]
     report: dict[str, Any] = {"exact_removed": int((~keep).sum())}
     if sample:
         report["exact_pairs_sample"] = _pair_sample(frame, None, [(a, b, 1.0) for a, b in exact_pairs],
@@ -370,9 +373,10 @@ def exact_pass(frame: pd.DataFrame, section: dict[str, Any], sample: bool = True
 
 
 def embed_shard(frame: pd.DataFrame, section: dict[str, Any], shard: int, shards: int, *, offline: bool,
-                model: Any = None, progress: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
+                model: Any = None, progress: bool = False,
+                digests: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Embeddings of one shard's slice of the rows near-dedupe compares (run gathers them in order)."""
-    rows, _ = exact_pass(frame, section, sample=False)
+    rows, _ = exact_pass(frame, section, sample=False, digests=digests)
     start, stop = shard_bounds(len(rows), shards, shard)
     texts = field_texts(rows.iloc[start:stop], section["field"])
     load_started = time.perf_counter()
@@ -392,14 +396,16 @@ def embed_shard(frame: pd.DataFrame, section: dict[str, Any], shard: int, shards
 
 
 def run(frame: pd.DataFrame, section: dict[str, Any], *, offline: bool, model: Any = None,
-        progress: bool = False, vectors: np.ndarray | None = None) -> tuple[pd.DataFrame, dict[str, Any], np.ndarray]:
+        progress: bool = False, vectors: np.ndarray | None = None,
+        digests: np.ndarray | None = None) -> tuple[pd.DataFrame, dict[str, Any], np.ndarray]:
     """Dedupe canonical rows. Returns kept rows, the report, and nearest-neighbour similarities.
 
     vectors: the embeddings of the rows after exact dedupe, in row order (gathered from the
-    embedding shard jobs, see embed_shard); None: embed them here."""
+    embedding shard jobs, see embed_shard); None: embed them here. digests: the rows' row_digests
+    (gathered from the filter shard jobs); None: hash them here."""
     rows_in = len(frame)
     report: dict[str, Any] = {"rows_in": rows_in, "threshold": section["threshold"], "field": section["field"]}
-    frame, exact_report = exact_pass(frame, section)
+    frame, exact_report = exact_pass(frame, section, digests=digests)
     report.update(exact_report)
     nn_sim = np.zeros(0)
     report["near_removed"] = 0

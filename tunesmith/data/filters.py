@@ -73,6 +73,24 @@ class Accounting:
         self.tokens_out += int(n[alive].sum())
         return alive
 
+    def state(self) -> dict[str, Any]:
+        """What a shard job hands its gather (no check: a shard may lose every row, the data may not)."""
+        return {"rows_in": self.rows_in, "rows_out": self.rows_out, "tokens_in": self.tokens_in,
+                "tokens_out": self.tokens_out, "drops": dict(self.drops), "example_ids": dict(self.dropped_ids),
+                "alive_after": dict(self.alive_after)}
+
+    def absorb(self, state: dict[str, Any]) -> None:
+        """Add a shard's state(); absorbed in shard order, the report is the one a single pass gives."""
+        for key in ("rows_in", "rows_out", "tokens_in", "tokens_out"):
+            setattr(self, key, getattr(self, key) + int(state[key]))
+        for reason, n in state["drops"].items():
+            self.drops[reason] = self.drops.get(reason, 0) + int(n)
+        for reason, n in state["alive_after"].items():
+            self.alive_after[reason] = self.alive_after.get(reason, 0) + int(n)
+        for reason, ids in state["example_ids"].items():
+            kept = self.dropped_ids.setdefault(reason, [])
+            kept.extend(int(i) for i in ids[:max(0, self.examples - len(kept))])
+
     def report(self) -> dict[str, Any]:
         if self.rows_in:
             for i, (reason, left) in enumerate(self.alive_after.items()):

@@ -55,6 +55,16 @@ class SourceTally:
         self._add(self.rows_in, values)
         self._add(self.rows_out, values if keep is None else values[keep])
 
+    def state(self) -> dict[str, Any]:
+        return {"seen": self.seen, "in": dict(self.rows_in), "out": dict(self.rows_out)}
+
+    def absorb(self, state: dict[str, Any]) -> None:
+        """Add a shard's state(); in shard order the sources keep the order a single pass meets them in."""
+        self.seen = self.seen or bool(state["seen"])
+        for into, counts in ((self.rows_in, state["in"]), (self.rows_out, state["out"])):
+            for name, n in counts.items():
+                into[name] = into.get(name, 0) + int(n)
+
     def result(self) -> dict[str, dict[str, int]] | None:
         if not self.seen:
             return None
@@ -142,17 +152,20 @@ def _compare_with_last(history: Path, info: dict[str, Any]) -> dict[str, Any] | 
 
 def tokenize_count(raw_path: str, tokenizer_dir: str, section: dict[str, Any], counts_path: str,
                    stats_path: str, hist_path: str, *, tokenizer: Any = None, recipe: str = "",
-                   row_groups: Any = None) -> Result:
-    """row_groups: only these row groups of raw_path (a shard); all by default."""
+                   shards: list[str] | None = None) -> Result:
+    """shards: the tokenize_shard outputs in shard order (dataset.shards > 1): gathered into the
+    same counts, stats and histogram, nothing counted here; none: count every row here."""
     import numpy as np
 
+    if shards:
+        return _gather_token_counts(raw_path, tokenizer_dir, shards, counts_path, stats_path, hist_path, recipe=recipe)
     t0 = time.perf_counter()
     tok = tokenizer if tokenizer is not None else tokens.load_counter(tokenizer_dir)
     t1 = time.perf_counter()
     total = batches.num_rows(raw_path)
     n_in, n_out, count_seconds = [], [], 0.0
     with batches.ParquetSink(counts_path) as sink:
-        for batch in batches.iter_batches(raw_path, ["id", "instruction", "input", "output"], row_groups=row_groups):
+        for batch in batches.iter_batches(raw_path, ["id", "instruction", "input", "output"]):
             frame = batch.to_pandas()
             t2 = time.perf_counter()
             counts = tokens.count_frame(frame, tok, section["batch_size"])
@@ -164,6 +177,14 @@ def tokenize_count(raw_path: str, tokenizer_dir: str, section: dict[str, Any], c
             if total > 50_000:
                 log.info("tokenize_count: %d / %d rows", sink.rows, total)
         rows = sink.rows
+    return _token_outputs(tokenizer_dir, n_in, n_out, rows, count_seconds, stats_path, hist_path, recipe=recipe,
+                          load_seconds=t1 - t0, work_started=t1)
+
+
+def _token_outputs(tokenizer_dir: str, n_in: list[Any], n_out: list[Any], rows: int, count_seconds: float,
+                   stats_path: str, hist_path: str, *, recipe: str, load_seconds: float, work_started: float,
+                   extra: dict[str, Any] | None = None) -> Result:
+    """Stats JSON, histogram and Result of tokenize_count from every row's counts (per batch, in row order)."""
     counts = tokens.counts_arrays(np.concatenate(n_in) if n_in else np.zeros(0, np.int32),
                                   np.concatenate(n_out) if n_out else np.zeros(0, np.int32))
     stats = tokens.stats(counts)
@@ -181,13 +202,92 @@ def tokenize_count(raw_path: str, tokenizer_dir: str, section: dict[str, Any], c
                     "tokens_instruction": stats["instruction"]["sum"], "tokens_output": stats["output"]["sum"],
                     "tokens_p95": stats["combined"]["p95"], "tokens_max": stats["combined"]["max"],
                     "count_seconds": count_seconds, "rows_per_s": stats["rows_per_s"] or 0,
-                    "tokens_per_s": stats["tokens_per_s"] or 0,
-                    "load_seconds": t1 - t0, "work_seconds": time.perf_counter() - t1},
+                    "tokens_per_s": stats["tokens_per_s"] or 0, **(extra or {}),
+                    "load_seconds": load_seconds, "work_seconds": time.perf_counter() - work_started},
                    stats_path, hist_path, summary=f"{rows} rows, {stats['combined']['sum']} tokens")
 
 
+# ---------------------------------------------------------------- shards (dataset.shards > 1)
+# Every shard job works on rows [start, stop) of its input as batches.shard_bounds cuts them, and
+# records those bounds beside its output; the gathering job checks that its shards meet end to end
+# over the input it reads, so a stale or misplaced shard is named, never silently mixed in.
+
+def _bounds(start: int, stop: int, total: int) -> dict[str, str]:
+    return {"shard_start": str(start), "shard_stop": str(stop), "shard_total": str(total)}
+
+
+def _read_bounds(path: str, meta: dict[str, Any]) -> tuple[int, int, int]:
+    try:
+        return int(meta["shard_start"]), int(meta["shard_stop"]), int(meta["shard_total"])
+    except KeyError:
+        raise DataError(f"{path}: not a shard file (no shard bounds in it): re-run its shard job") from None
+
+
+def check_shards(paths: list[str], bounds: list[tuple[int, int, int, int]], *, unit: str, job: str,
+                 total: int | None = None, source: str = "") -> None:
+    """bounds: per shard file (start, stop, rows of the input it was cut from, rows it holds). The
+    shards must hold consecutive slices of one input of `total` rows (when given), start to end."""
+    stop, seen_total = 0, total
+    for shard, (path, (start, end, rows, held)) in enumerate(zip(paths, bounds)):
+        seen_total = rows if seen_total is None else seen_total
+        if start != stop or rows != seen_total or held != end - start:
+            raise DataError(f"{path}: shard {shard + 1} of {len(paths)} holds rows {start}..{end} of {rows} "
+                            f"({held} {unit}), expected rows from {stop} of {seen_total}"
+                            f"{' (' + source + ')' if source else ''}: re-run its {job} job")
+        stop = end
+    if seen_total is not None and paths and stop != seen_total:
+        raise DataError(f"{paths[-1]}: the shards end at row {stop} of {seen_total}: a shard job is missing")
+
+
+def tokenize_shard(raw_path: str, tokenizer_dir: str, section: dict[str, Any], shard: int, shards: int,
+                   out_path: str, *, tokenizer: Any = None) -> Result:
+    """One of dataset.shards token-counting jobs (shard is 0-based): the counts of rows
+    [start, stop) of raw_path, read batch by batch; tokenize_count gathers them."""
+    t0 = time.perf_counter()
+    tok = tokenizer if tokenizer is not None else tokens.load_counter(tokenizer_dir)
+    t1 = time.perf_counter()
+    total = batches.num_rows(raw_path)
+    start, stop = batches.shard_bounds(total, shards, shard)
+    count_seconds = 0.0
+    with batches.ParquetSink(out_path, tokens.counts_schema(), metadata=_bounds(start, stop, total)) as sink:
+        for batch in batches.iter_rows(raw_path, ["id", "instruction", "input", "output"], start=start, stop=stop):
+            t2 = time.perf_counter()
+            counts = tokens.count_frame(batch.to_pandas(), tok, section["batch_size"])
+            count_seconds += time.perf_counter() - t2
+            sink.write(counts)
+            if stop - start > 50_000:
+                log.info("tokenize_shard %d/%d: %d / %d rows", shard + 1, shards, sink.rows, stop - start)
+        sink.metadata["count_seconds"] = repr(count_seconds)
+        rows = sink.rows
+    rate = round(rows / count_seconds, 1) if count_seconds else 0.0
+    log.info("tokenize_shard %d/%d: rows %d..%d of %d at %s rows/s", shard + 1, shards, start, stop, total, rate)
+    return _result({"rows": rows, "rows_total": total, "shard": shard, "shards": shards,
+                    "count_seconds": count_seconds, "rows_per_s": rate,
+                    "load_seconds": t1 - t0, "work_seconds": time.perf_counter() - t1},
+                   summary=f"shard {shard + 1}/{shards}: {rows} rows counted")
+
+
+def _gather_token_counts(raw_path: str, tokenizer_dir: str, paths: list[str], counts_path: str, stats_path: str,
+                         hist_path: str, *, recipe: str) -> Result:
+    started = time.perf_counter()
+    metas = [batches.file_metadata(p) for p in paths]
+    check_shards(paths, [(*_read_bounds(p, m), batches.num_rows(p)) for p, m in zip(paths, metas)],
+                 unit="counts", job="tokenize_shard", total=batches.num_rows(raw_path), source=raw_path)
+    n_in, n_out = [], []
+    with batches.ParquetSink(counts_path) as sink:
+        for path in paths:
+            for batch in batches.iter_batches(path):
+                sink.write(batch)
+                n_in.append(batch.column("n_instruction_tokens").to_numpy().astype(np.int32))
+                n_out.append(batch.column("n_output_tokens").to_numpy().astype(np.int32))
+        rows = sink.rows
+    count_seconds = sum(float(m.get("count_seconds", 0.0)) for m in metas)  # the shard jobs' own, summed
+    return _token_outputs(tokenizer_dir, n_in, n_out, rows, count_seconds, stats_path, hist_path, recipe=recipe,
+                          load_seconds=0.0, work_started=started, extra={"shards": len(paths)})
+
+
 def filter_rows(raw_path: str, counts_path: str, section: dict[str, Any], out_path: str,
-                report_path: str, *, row_groups: Any = None) -> Result:
+                report_path: str) -> Result:
     """Batch by batch: each raw batch gets its rows' counts (by id) and the rules' masks; the kept
     rows stream out. The one check that needs every row (a rule left none) runs at the end, before
     the output is put in place."""
@@ -196,31 +296,120 @@ def filter_rows(raw_path: str, counts_path: str, section: dict[str, Any], out_pa
     tally = SourceTally()
     acc = filters.Accounting()
     with batches.ParquetSink(out_path) as sink:
-        for batch in batches.iter_batches(raw_path, row_groups=row_groups):
-            batch = counts.attach(batch)
-            frame = batch.drop_columns(["messages"]).to_pandas() if "messages" in batch.schema.names \
-                else batch.to_pandas()
-            alive = acc.add(frame, filters.rules(section, frame))
-            tally.add(batch, alive)
-            sink.write(batches.take_mask(batch, alive))
+        for batch in batches.iter_batches(raw_path):
+            sink.write(_filter_batch(batch, counts, section, acc, tally))
         report = acc.report()
+    return _filter_report(report, tally, section, report_path, started)
+
+
+def _filter_batch(batch: Any, counts: Any, section: dict[str, Any], acc: Any, tally: "SourceTally") -> Any:
+    """One raw batch with its counts attached, less the rows a rule drops (counted in acc and tally)."""
+    batch = counts.attach(batch)
+    frame = batch.drop_columns(["messages"]).to_pandas() if "messages" in batch.schema.names \
+        else batch.to_pandas()
+    alive = acc.add(frame, filters.rules(section, frame))
+    tally.add(batch, alive)
+    return batches.take_mask(batch, alive)
+
+
+def _filter_report(report: dict[str, Any], tally: "SourceTally", section: dict[str, Any], report_path: str,
+                   started: float, extra: dict[str, Any] | None = None) -> Result:
     report["rows_by_source"] = tally.result()
     fileio.write_json(report_path, {**report, "settings": section})
     log.info("filter: %d -> %d rows; drops %s", report["rows_in"], report["rows_out"], report["drops"])
     return _result({"rows_in": report["rows_in"], "rows_out": report["rows_out"], "dropped": report["dropped"],
                     **{f"drop_{k.replace(':', '_')}": v for k, v in report["drops"].items()},
                     "tokens": report["tokens_out"], "load_seconds": 0.0, **_source_metrics(report["rows_by_source"]),
-                    "work_seconds": time.perf_counter() - started},
+                    **(extra or {}), "work_seconds": time.perf_counter() - started},
                    report_path, summary=f"{report['rows_in']} -> {report['rows_out']} rows; drops {report['drops']}")
 
 
+def _filtered_schema(raw_path: str) -> Any:
+    """The schema filter writes: raw's columns, then the count columns (as CountIndex.attach makes them)."""
+    import pyarrow as pa
+
+    raw = batches.schema(raw_path)
+    return pa.schema([pa.field(f.name, f.type) for f in raw if f.name not in tokens.COUNT_COLUMNS] +
+                     [pa.field(c, pa.int64()) for c in tokens.COUNT_COLUMNS])
+
+
+def filter_shard(raw_path: str, counts_path: str, section: dict[str, Any], shard: int, shards: int, out_path: str,
+                 report_path: str, digests_path: str) -> Result:
+    """One of dataset.shards filter jobs (shard is 0-based): rows [start, stop) of raw_path with the
+    counts of its tokenize_shard job (counts_path), streamed through the rules. Writes the kept rows,
+    the shard's drops by reason (report_path: summed and checked by the filter job, which gathers
+    the shards) and the kept rows' exact-dedupe digests (digests_path: gathered by dedupe, which
+    then hashes nothing)."""
+    started = time.perf_counter()
+    total = batches.num_rows(raw_path)
+    start, stop = batches.shard_bounds(total, shards, shard)
+    have = _read_bounds(counts_path, batches.file_metadata(counts_path))
+    if have != (start, stop, total):
+        raise DataError(f"{counts_path}: token counts of rows {have[0]}..{have[1]} of {have[2]}, filter shard "
+                        f"{shard + 1}/{shards} reads rows {start}..{stop} of {total} of {raw_path}: re-run its "
+                        f"tokenize_shard job")
+    counts = tokens.CountIndex(counts_path)
+    tally = SourceTally()
+    acc = filters.Accounting()
+    digests = []
+    with batches.ParquetSink(out_path, _filtered_schema(raw_path), metadata=_bounds(start, stop, total)) as sink:
+        for batch in batches.iter_rows(raw_path, start=start, stop=stop):
+            kept = _filter_batch(batch, counts, section, acc, tally)
+            digests.append(dedupe_mod.row_digests(kept.column("instruction").to_pylist(),
+                                                  kept.column("input").to_pylist(), kept.column("output").to_pylist()))
+            sink.write(kept)
+        digests = np.concatenate(digests) if digests else np.zeros((0, 2), np.uint64)
+        fileio.write_npz(digests_path, digests=digests, start=start, stop=stop, total=total)
+        fileio.write_json(report_path, {"shard": shard + 1, "shards": shards, **_bounds(start, stop, total),
+                                        "accounting": acc.state(), "rows_by_source": tally.state()})
+    log.info("filter_shard %d/%d: rows %d..%d of %d: %d kept; drops %s", shard + 1, shards, start, stop, total,
+             acc.rows_out, acc.drops)
+    return _result({"rows_in": acc.rows_in, "rows_out": acc.rows_out, "shard": shard, "shards": shards,
+                    "load_seconds": 0.0, "work_seconds": time.perf_counter() - started},
+                   summary=f"shard {shard + 1}/{shards}: {acc.rows_in} -> {acc.rows_out} rows")
+
+
+def gather_filtered(raw_path: str, counts_path: str, parts: list[str], reports: list[str], section: dict[str, Any],
+                    out_path: str, report_path: str) -> Result:
+    """The filter job with dataset.shards > 1: the filter_shard outputs (kept rows and reports, in
+    shard order) checked to cover raw_path end to end, their drops summed (the report a single
+    pass writes, "a rule left no rows" checked over all of them), their rows concatenated."""
+    import json
+
+    started = time.perf_counter()
+    if len(parts) != len(reports):
+        raise DataError(f"filter: {len(parts)} shard row files but {len(reports)} shard reports")
+    states = [json.loads(Path(p).read_text(encoding="utf-8")) for p in reports]
+    check_shards(reports, [(*_read_bounds(p, st), st["accounting"]["rows_in"]) for p, st in zip(reports, states)],
+                 unit="rows", job="filter_shard", total=batches.num_rows(raw_path), source=raw_path)
+    counted = batches.num_rows(counts_path)
+    if counted != batches.num_rows(raw_path):
+        raise DataError(f"{counts_path}: token counts of {counted} rows, {raw_path} holds {batches.num_rows(raw_path)}: "
+                        f"re-run tokenize_count")
+    acc, tally = filters.Accounting(), SourceTally()
+    for path, part, state in zip(reports, parts, states):
+        if batches.num_rows(part) != state["accounting"]["rows_out"]:
+            raise DataError(f"{part}: {batches.num_rows(part)} rows, its report {path} kept "
+                            f"{state['accounting']['rows_out']}: re-run its filter_shard job")
+        acc.absorb(state["accounting"])
+        tally.absorb(state["rows_by_source"])
+    report = acc.report()  # before any row is written: a rule that left none stops here
+    with batches.ParquetSink(out_path, batches.schema(parts[0]) if parts else None) as sink:
+        for part in parts:
+            for batch in batches.iter_batches(part):
+                sink.write(batch)
+    return _filter_report(report, tally, section, report_path, started, extra={"shards": len(parts)})
+
+
 def embed_shard(in_path: str, section: dict[str, Any], shard: int, shards: int, out_path: str, *,
-                offline: bool, model: Any = None) -> Result:
-    """One of dataset.shards embedding jobs of near-dedupe (shard is 0-based); dedupe gathers them."""
+                offline: bool, model: Any = None, digests: list[str] | None = None) -> Result:
+    """One of dataset.shards embedding jobs of near-dedupe (shard is 0-based); dedupe gathers them.
+    digests: the filter_shard jobs' row digests (exact dedupe then hashes nothing here)."""
     started = time.perf_counter()
     frame = load.read_rows(in_path)
     vectors, report = dedupe_mod.embed_shard(frame, section, shard, shards, offline=offline, model=model,
-                                             progress=len(frame) > 2000 * shards)
+                                             progress=len(frame) > 2000 * shards,
+                                             digests=gather_digests(digests, in_path) if digests else None)
     # the slice's place travels with it, so the gather can tell a stale or misplaced shard
     fileio.write_npz(out_path, vectors=vectors, start=report["start"], stop=report["stop"], total=report["rows_total"])
     log.info("embed_shard %d/%d: rows %d..%d of %d at %s rows/s", shard + 1, shards, report["start"], report["stop"],
@@ -237,39 +426,55 @@ def gather_embeddings(paths: list[str]) -> Any:
     one, or was cut from another number of rows, names its file."""
     import numpy as np
 
-    parts, stop, total = [], 0, None
-    for shard, path in enumerate(paths):
+    parts, bounds = [], []
+    for path in paths:
         with np.load(path) as part:
-            start, end, rows = int(part["start"]), int(part["stop"]), int(part["total"])
-            vectors = part["vectors"]
-        total = rows if total is None else total
-        if start != stop or rows != total or len(vectors) != end - start:
-            raise DataError(f"{path}: shard {shard + 1} of {len(paths)} holds rows {start}..{end} of {rows} "
-                            f"({len(vectors)} vectors), expected rows from {stop} of {total}: re-run its embed_shard job")
-        parts.append(vectors)
-        stop = end
-    if total is not None and stop != total:
-        raise DataError(f"{paths[-1]}: the shards end at row {stop} of {total}")
+            bounds.append((int(part["start"]), int(part["stop"]), int(part["total"]), len(part["vectors"])))
+            parts.append(part["vectors"])
+    check_shards(paths, bounds, unit="vectors", job="embed_shard")
     return np.concatenate(parts) if parts else None
 
 
+def gather_digests(paths: list[str], in_path: str) -> Any:
+    """The filter_shard jobs' row digests (in shard order) as one array: those of in_path's rows, in
+    its row order (the filter job concatenated the shards' rows in the same order)."""
+    parts, bounds = [], []
+    for path in paths:
+        with np.load(path) as part:
+            parts.append(part["digests"])
+            start, stop, total = int(part["start"]), int(part["stop"]), int(part["total"])
+        bounds.append((start, stop, total, stop - start))
+    check_shards(paths, bounds, unit="rows", job="filter_shard")
+    digests = np.concatenate(parts) if parts else np.zeros((0, 2), np.uint64)
+    rows = batches.num_rows(in_path)
+    if len(digests) != rows:
+        raise DataError(f"{in_path}: {rows} rows, the filter shards' digests ({paths[0]} ...) are of {len(digests)} "
+                        f"kept rows: re-run the filter_shard jobs and filter")
+    return digests
+
+
 def dedupe(in_path: str, section: dict[str, Any], out_path: str, report_path: str, hist_path: str, *,
-           offline: bool, model: Any = None, recipe: str = "", embeddings: list[str] | None = None) -> Result:
-    """embeddings: the embed_shard outputs in shard order (dataset.shards > 1); none: embed here."""
+           offline: bool, model: Any = None, recipe: str = "", embeddings: list[str] | None = None,
+           digests: list[str] | None = None) -> Result:
+    """embeddings: the embed_shard outputs in shard order (dataset.shards > 1); none: embed here.
+    digests: the filter_shard jobs' row digests in shard order (dataset.shards > 1); none: hash here."""
     started = time.perf_counter()
+    row_digests = gather_digests(digests, in_path) if digests else None
     if section["near"]:  # the embeddings need every row at once
         frame = load.read_rows(in_path)
         vectors = gather_embeddings(embeddings) if embeddings else None
         kept, report, nn_sim = dedupe_mod.run(frame, section, offline=offline, model=model,
-                                              progress=len(frame) > 2000, vectors=vectors)
+                                              progress=len(frame) > 2000, vectors=vectors, digests=row_digests)
         if embeddings:
             report["embedding_shards"] = len(embeddings)
         report["rows_by_source"] = by_source(frame, kept)
         fileio.write_parquet(out_path, kept)
         tokens_out = int(kept["n_tokens"].sum())
     else:
-        report, tokens_out = _exact_dedupe_stream(in_path, section, out_path)
+        report, tokens_out = _exact_dedupe_stream(in_path, section, out_path, row_digests)
         nn_sim = np.zeros(0)
+    if digests:
+        report["digest_shards"] = len(digests)
     fileio.write_json(report_path, {**report, "settings": section})
     plots.similarity_histogram(nn_sim, report["threshold"] if section["near"] else None, hist_path,
                                title=f"{recipe} {report['field']} nearest-neighbour similarity".strip())
@@ -288,14 +493,17 @@ def dedupe(in_path: str, section: dict[str, Any], out_path: str, report_path: st
                            f"near {report['near_removed']})")
 
 
-def _exact_dedupe_stream(in_path: str, section: dict[str, Any], out_path: str) -> tuple[dict[str, Any], int]:
+def _exact_dedupe_stream(in_path: str, section: dict[str, Any], out_path: str,
+                         digests: Any = None) -> tuple[dict[str, Any], int]:
     """Exact dedupe in two passes over the batches: a 16-byte digest per row, the first row of each
     digest found by sorting them (dedupe.first_occurrences), then the kept rows streamed out. The
-    same rows, pairs and report as dedupe.run with near off."""
-    digests = [dedupe_mod.row_digests(b.column("instruction").to_pylist(), b.column("input").to_pylist(),
-                                      b.column("output").to_pylist())
-               for b in batches.iter_batches(in_path, ["instruction", "input", "output"])]
-    digests = np.concatenate(digests) if digests else np.zeros((0, 2), np.uint64)
+    same rows, pairs and report as dedupe.run with near off. digests: those of every row, hashed by
+    the filter shard jobs (gather_digests); the first pass is then skipped."""
+    if digests is None:
+        digests = [dedupe_mod.row_digests(b.column("instruction").to_pylist(), b.column("input").to_pylist(),
+                                          b.column("output").to_pylist())
+                   for b in batches.iter_batches(in_path, ["instruction", "input", "output"])]
+        digests = np.concatenate(digests) if digests else np.zeros((0, 2), np.uint64)
     rows_in = len(digests)
     report: dict[str, Any] = {"rows_in": rows_in, "threshold": section["threshold"], "field": section["field"]}
     if section["exact"]:

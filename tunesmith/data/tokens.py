@@ -127,6 +127,13 @@ def counts_arrays(n_instruction: np.ndarray, n_output: np.ndarray) -> dict[str, 
 COUNT_COLUMNS = ["n_instruction_tokens", "n_output_tokens", "n_tokens"]
 
 
+def counts_schema() -> Any:
+    """token_counts.parquet's columns (what count_frame's frames are written as)."""
+    import pyarrow as pa
+
+    return pa.schema([pa.field("id", pa.int64())] + [pa.field(c, pa.int64()) for c in COUNT_COLUMNS])
+
+
 class CountIndex:
     """token_counts.parquet held as arrays (a few bytes per row, not the rows), to attach each row's
     counts to a batch of rows by id: attach_counts() for a stream of batches."""

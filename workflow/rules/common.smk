@@ -351,11 +351,38 @@ def embed_shard_params(wildcards):
     return {"dedupe": {k: dedupe[k] for k in ("exact", "field", "model", "batch_size", "device")}}
 
 
+def shard_files(wildcards, folder, suffix):
+    """dataset.shards N > 1: the N files data/<folder>/<i>-of-<N><suffix> of the shard jobs, in shard
+    order, for the job that gathers them; N = 1: none, the stage runs whole, and the DAG has no
+    shard job."""
+    shards = recipe_of(wildcards)["dataset"]["shards"]
+    if shards <= 1:
+        return []
+    return [f"{RESULTS}/{wildcards.recipe}/data/{folder}/{i}-of-{shards}{suffix}" for i in range(1, shards + 1)]
+
+
+def token_shards(wildcards):
+    """The tokenize_shard counts tokenize_count gathers."""
+    return shard_files(wildcards, "token_counts", ".parquet")
+
+
+def filter_shards(wildcards):
+    """The filter_shard rows filter gathers (their reports: filter_shard_reports)."""
+    return shard_files(wildcards, "filtered", ".parquet")
+
+
+def filter_shard_reports(wildcards):
+    return shard_files(wildcards, "filtered", ".report.json")
+
+
+def dedupe_digests(wildcards):
+    """The filter_shard jobs' digests of their kept rows: exact dedupe hashes nothing itself."""
+    return shard_files(wildcards, "filtered", ".digests.npz")
+
+
 def dedupe_embeddings(wildcards):
     """dataset.shards > 1 with near-dedupe on: the shard embeddings in order (gathered by dedupe);
-    else none, and dedupe embeds in its own job: the default DAG has no shard jobs."""
-    recipe = recipe_of(wildcards)
-    shards = recipe["dataset"]["shards"]
-    if shards <= 1 or not recipe["dedupe"]["near"]:
+    else none, and dedupe embeds in its own job."""
+    if not recipe_of(wildcards)["dedupe"]["near"]:
         return []
-    return [f"{RESULTS}/{wildcards.recipe}/data/embeddings/{i}-of-{shards}.npz" for i in range(1, shards + 1)]
+    return shard_files(wildcards, "embeddings", ".npz")

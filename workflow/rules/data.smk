@@ -1,5 +1,8 @@
 # Data curation: download -> tokenize_count -> filter -> dedupe -> select -> decontaminate -> format.
-# All CPU rules; outputs under results/{recipe}/data/.
+# All CPU rules; outputs under results/{recipe}/data/. With dataset.shards N > 1 the per-row work
+# scatters into N jobs of each *_shard rule (rows [a, b) of shard i: tunesmith.data.batches.shard_bounds),
+# gathered by the next stage: tokenize_shard -> tokenize_count, filter_shard -> filter (rows, drops)
+# and dedupe (row digests), embed_shard -> dedupe. N = 1: no shard job, the DAG of an unsharded run.
 
 
 rule prepare_model:
@@ -47,11 +50,41 @@ rule download:
         "../../scripts/download.py"
 
 
-rule tokenize_count:
-    """Count instruction, output and combined tokens with the model's fast tokenizer, in batches."""
+rule tokenize_shard:
+    """Count the tokens of shard {shard} of {shards} contiguous slices of raw.parquet (dataset.shards > 1)."""
     input:
         raw=rules.download.output.raw,
         tokenizer=tokenizer_input,
+        dataset=dataset_input,  # see dataset_input: a failed stage must not hide an edit
+    output:
+        counts=f"{RESULTS}/{{recipe}}/data/token_counts/{{shard}}-of-{{shards}}.parquet",
+    wildcard_constraints:
+        shard=r"\d+",
+        shards=r"\d+",
+    params:
+        code=stage_code("tokenize_shard"),
+        section=stage_params("tokenize"),
+    log:
+        "logs/{recipe}/tokenize_shard/{shard}-of-{shards}.log",
+    benchmark:
+        "benchmarks/{recipe}/tokenize_shard/{shard}-of-{shards}.tsv"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../../envs/cpu.yaml"
+    script:
+        "../../scripts/tokenize_shard.py"
+
+
+rule tokenize_count:
+    """Count instruction, output and combined tokens with the model's fast tokenizer, in batches
+    (dataset.shards > 1: gather the tokenize_shard counts)."""
+    input:
+        raw=rules.download.output.raw,
+        tokenizer=tokenizer_input,
+        shards=token_shards,
         dataset=dataset_input,  # see dataset_input: a failed stage must not hide an edit
     output:
         counts=f"{RESULTS}/{{recipe}}/data/token_counts.parquet",
@@ -74,11 +107,46 @@ rule tokenize_count:
         "../../scripts/tokenize_count.py"
 
 
+rule filter_shard:
+    """Filter shard {shard} of {shards} contiguous slices of raw.parquet and hash its kept rows for exact dedupe."""
+    input:
+        raw=rules.download.output.raw,
+        counts=rules.tokenize_shard.output.counts,
+        dataset=dataset_input,  # see dataset_input: a failed stage must not hide an edit
+    output:
+        # a copy of its slice of filtered.parquet: deleted once filter gathered it (the digests and
+        # report stay, and nothing reruns a shard for its rows alone: a change to filter reruns both)
+        filtered=temp(f"{RESULTS}/{{recipe}}/data/filtered/{{shard}}-of-{{shards}}.parquet"),
+        report=f"{RESULTS}/{{recipe}}/data/filtered/{{shard}}-of-{{shards}}.report.json",
+        digests=f"{RESULTS}/{{recipe}}/data/filtered/{{shard}}-of-{{shards}}.digests.npz",
+    wildcard_constraints:
+        shard=r"\d+",
+        shards=r"\d+",
+    params:
+        code=stage_code("filter_shard"),
+        section=stage_params("filter"),
+    log:
+        "logs/{recipe}/filter_shard/{shard}-of-{shards}.log",
+    benchmark:
+        "benchmarks/{recipe}/filter_shard/{shard}-of-{shards}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=20,
+    conda:
+        "../../envs/cpu.yaml"
+    script:
+        "../../scripts/filter_shard.py"
+
+
 rule filter:
-    """Drop empty, too short, too long and regex-matched rows; count every drop by reason."""
+    """Drop empty, too short, too long and regex-matched rows; count every drop by reason
+    (dataset.shards > 1: gather the filter_shard rows and drops)."""
     input:
         raw=rules.download.output.raw,
         counts=rules.tokenize_count.output.counts,
+        shards=filter_shards,
+        shard_reports=filter_shard_reports,
         dataset=dataset_input,  # see dataset_input: a failed stage must not hide an edit
     output:
         filtered=f"{RESULTS}/{{recipe}}/data/filtered.parquet",
@@ -102,6 +170,7 @@ rule embed_shard:
     """Embed shard {shard} of {shards} contiguous slices of the rows near-dedupe compares (after exact dedupe)."""
     input:
         filtered=rules.filter.output.filtered,
+        digests=dedupe_digests,  # exact dedupe's row digests, hashed by the filter shards
         dataset=dataset_input,  # see dataset_input: a failed stage must not hide an edit
     output:
         embeddings=f"{RESULTS}/{{recipe}}/data/embeddings/{{shard}}-of-{{shards}}.npz",
@@ -130,6 +199,7 @@ rule dedupe:
     input:
         filtered=rules.filter.output.filtered,
         embeddings=dedupe_embeddings,
+        digests=dedupe_digests,
         dataset=dataset_input,  # see dataset_input: a failed stage must not hide an edit
     output:
         deduped=f"{RESULTS}/{{recipe}}/data/deduped.parquet",

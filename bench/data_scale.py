@@ -1,6 +1,7 @@
 """Data chain at scale: rows/s and peak RSS per stage at 100k, 1M and 10M rows, in one table.
 
     nice -n 10 .venv/bin/python bench/data_scale.py --sizes 100000 1000000 [--work /tmp/data_scale]
+        [--embed-share 5000 --embed-jobs 2]   # + near-dedupe's embedding measured on shards, projected
     .venv/bin/python bench/data_scale.py --make-only --sizes 10000000   # only write the synthetic JSONL
 
 Synthetic rows are built from the shared datasets (../shared/data: GSM8K train + the three
@@ -116,6 +117,14 @@ def run_stage(stage: str, src: Path, out: Path) -> dict:
                                        ("sreport", "select.json"), ("train", "train.jsonl"), ("eval", "eval.jsonl"),
                                        ("preview", "preview.txt"), ("template", "template.jinja"),
                                        ("report", "format.json")]}
+    if stage.startswith("embed_shard:"):  # embed_shard:<shard, 1-based>:<shards>, near-dedupe's embedding job
+        from tunesmith.recipe import section_defaults
+
+        shard, shards = (int(x) for x in stage.split(":")[1:])
+        (out / "embeddings").mkdir(exist_ok=True)
+        r = stages.embed_shard(f["filtered"], section_defaults("dedupe"), shard - 1, shards,
+                               str(out / "embeddings" / f"{shard}-of-{shards}.npz"), offline=True)
+        return {**r.metrics, "rows_in": r.metrics["rows"], "rows_out": r.metrics["rows"]}
     if stage.startswith("tile_raw:"):
         return tile_raw(Path(stage.split(":", 1)[1]), out, int(src.stem.split("_")[-1]))
     if stage == "estimate_counts":
@@ -223,6 +232,52 @@ def measure(stage: str, src: Path, out: Path, rss_limit_mb: float) -> dict:
     return metrics
 
 
+# all-MiniLM-L6-v2 on a lent H100 (README "Near-dedupe at a million rows"): the GPU row of the projection.
+H100_ROWS_PER_S = (2550, 3950)
+
+
+def embed_share(out: Path, size: int, share_rows: int, jobs: int, rss_limit_mb: float) -> list[dict]:
+    """Near-dedupe's embedding at `size` rows, measured on a share: the shard jobs of
+    dataset.shards = size / share_rows. Shard 1 runs alone with every core, then shards 1..jobs at
+    once with cores / jobs threads each (as N SLURM jobs would run side by side; shard 1 again, so
+    that one job's rate alone and beside the others is on the same rows: text length sets the
+    rate). The time for all the rows is projected from the rate alone."""
+    shards = max(jobs, -(-size // share_rows))
+    cores = os.cpu_count() or 1
+    alone = measure(f"embed_shard:1:{shards}", out / "rows.jsonl", out, rss_limit_mb)
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, cores // jobs)))
+    procs = [subprocess.Popen([sys.executable, __file__, "--stage", f"embed_shard:{k}:{shards}", "--src",
+                               str(out / "rows.jsonl"), "--out", str(out)],
+                              env=dict(env, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1"), stdout=subprocess.PIPE, text=True)
+             for k in range(1, 1 + jobs)]
+    side = []
+    for proc in procs:
+        stdout = proc.communicate()[0]
+        if proc.returncode:
+            raise SystemExit(f"embed_shard job failed (exit {proc.returncode})")
+        side.append(json.loads(stdout.strip().splitlines()[-1]))
+    one = alone["embed_rows_per_s"]
+    each = sum(m["embed_rows_per_s"] for m in side) / len(side)
+    print(f"\nnear-dedupe embedding at {size:,} rows (all-MiniLM-L6-v2), measured on {jobs} of {shards} shards "
+          f"of ~{share_rows:,} rows; load average now {os.getloadavg()[0]:.1f}:")
+    print(f"  shard 1 alone, {cores} threads: {one:,.1f} rows/s (model load {alone['load_seconds']:.0f} s, "
+          f"job {alone['wall_seconds']:.0f} s, peak RSS {alone['peak_rss_mb']:,.0f} MB)")
+    print(f"  shards 1-{jobs} at once, {max(1, cores // jobs)} thread(s) each: "
+          + ", ".join(f"{m['embed_rows_per_s']:,.1f}" for m in side)
+          + f" rows/s (shard 1 {side[0]['embed_rows_per_s']:,.1f}), {each * jobs:,.1f} rows/s together")
+    print(f"| embedding {size:,} rows | time (projected) |\n|---|---|")
+    rows = [("one CPU job like this machine's (dataset.shards: 1)", size / one)]
+    for n in (8, 32, 128):
+        rows.append((f"{n} SLURM CPU jobs like this machine's, in parallel (dataset.shards: {n})", size / n / one))
+    rows.append((f"one H100 ({H100_ROWS_PER_S[0]:,}-{H100_ROWS_PER_S[1]:,} rows/s, measured in an earlier session)",
+                 size / sum(H100_ROWS_PER_S) * 2))
+    for label, seconds in rows:
+        print(f"| {label} | {seconds / 60:,.1f} min |")
+    return [{"rows": size, "stage": "embed (1 job)", "rows_in": alone["rows"], "rows_out": alone["rows"],
+             "wall_s": alone["wall_seconds"], "work_s": alone["embed_seconds"], "rows_per_s": one,
+             "peak_rss_mb": alone["peak_rss_mb"]}]
+
+
 def wait_for_gate(log: Path, stage: str, limit_mb: float) -> None:
     """Hold a big run's stage until the smaller run's same stage has shown bounded memory."""
     while True:
@@ -254,6 +309,11 @@ def main() -> None:
                                                    "(see tile_raw)")
     ap.add_argument("--estimate-counts", action="store_true",
                     help="replace tokenize_count by counts estimated as characters / 4 (see estimate_counts)")
+    ap.add_argument("--embed-share", type=int, default=0, metavar="ROWS",
+                    help="after each size's chain, embed shards of about ROWS rows of its filtered rows as "
+                         "near-dedupe's embed_shard jobs would (one alone, then --embed-jobs at once) and project "
+                         "the whole size's embedding for N SLURM jobs and a GPU (0: off)")
+    ap.add_argument("--embed-jobs", type=int, default=2, help="shard jobs run side by side for --embed-share")
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -286,6 +346,8 @@ def main() -> None:
                       "rows_in": ran[0]["rows_in"], "rows_out": ran[-1]["rows_out"],
                       "wall_s": time.perf_counter() - chain_started, "work_s": sum(r["work_s"] for r in ran),
                       "rows_per_s": 0.0, "peak_rss_mb": max(r["peak_rss_mb"] for r in ran)})
+        if a.embed_share:
+            table += embed_share(out, size, a.embed_share, a.embed_jobs, a.rss_limit_mb)
         disk = sum(p.stat().st_size for p in out.iterdir() if p.is_file()) / 1e9
         print(f"size {size}: chain {table[-1]['wall_s']:.0f} s, outputs {disk:.2f} GB under {out}", flush=True)
         if a.clean:

@@ -166,8 +166,7 @@ def relaunch(script: str | Path, train_cfg: dict[str, Any], io: Any) -> Any:
     import subprocess
 
     cuda = cuda_available()
-    check_fsdp(train_cfg, cuda)
-    fsdp = bool(train_cfg["fsdp"])
+    fsdp = bool(train_cfg["fsdp"])  # scripts/train.py has refused it on CPU (check_fsdp) before relaunching
     per_node, nodes = processes_per_node(train_cfg, cuda), int(train_cfg["nodes"])
     in_slurm = "SLURM_JOB_ID" in os.environ
     if nodes > 1 and not in_slurm:

@@ -7,7 +7,7 @@
    - the seeds' approach: iterate rows, tokenizer.tokenize() once per field,
    - the raw ceiling: one batched fast-tokenizer call over each column,
    and the stage's ratios to each (target: >= 0.8x the ceiling).
-2. Every data stage run by hand as its own process (scripts/<rule>.py, MLflow off) on the
+2. Every data stage run by hand as its own process (scripts/stage.py <rule>, MLflow off) on the
    toolformer set: wall time split into start-up (interpreter + imports before the stage body,
    plus tokenizer / embedding-model load) and work.
 3. Dedupe embedding rows/s against a bare SentenceTransformer.encode of the same texts, and
@@ -39,7 +39,7 @@ DATASETS = {
 
 
 def dataset_section(shared: Path, name: str) -> dict:
-    from tunesmith.recipe import section_defaults
+    from tunesmith.schema import section_defaults
 
     path, cols = DATASETS[name]
     return section_defaults("dataset", {"source": str(shared / path), "columns": dict(cols)})
@@ -84,7 +84,8 @@ def bench_counting(shared: Path, tok) -> None:
 def run_stage(script: str, inputs: dict, outputs: dict, params: dict, work: Path) -> dict:
     pfile = work / f"{script}.params.json"
     pfile.write_text(json.dumps(params))
-    cmd = [sys.executable, str(REPO / "scripts" / f"{script}.py"), "--params", str(pfile),
+    cmd = [sys.executable, str(REPO / "scripts" / "stage.py"), "select" if script == "select_rows" else script,
+           "--params", str(pfile),
            "--log", str(work / "logs" / f"{script}.log")]
     cmd += [a for k, v in inputs.items() for a in ("--input", f"{k}={v}")]
     cmd += [a for k, v in outputs.items() for a in ("--output", f"{k}={v}")]
@@ -103,7 +104,7 @@ def run_stage(script: str, inputs: dict, outputs: dict, params: dict, work: Path
 
 
 def bench_stages(shared: Path, rows: int | None = None) -> dict:
-    from tunesmith.recipe import fill_defaults, load_schema
+    from tunesmith.schema import fill_defaults, load_schema
 
     schema = load_schema("recipe")
     sec = {name: fill_defaults({}, schema["properties"][name], schema)
@@ -151,14 +152,14 @@ def bench_stages(shared: Path, rows: int | None = None) -> dict:
 
 
 def bench_embedding(work: Path, report: dict) -> None:
-    from tunesmith.data import dedupe, load
+    from tunesmith.data import duplicates, load
 
     frame = load.read_rows(work / "data" / "filtered.parquet")
-    keep, _ = dedupe.exact_duplicates(frame)
-    texts = dedupe.field_texts(frame.loc[keep].reset_index(drop=True), report["field"])
+    keep, _ = duplicates.exact_duplicates(frame)
+    texts = duplicates.field_texts(frame.loc[keep].reset_index(drop=True), report["field"])
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(str(dedupe.default_model_path()), device="cpu")
+    model = SentenceTransformer(str(duplicates.default_model_path()), device="cpu")
     t = time.perf_counter()
     model.encode(texts, batch_size=report["settings"]["batch_size"], show_progress_bar=False)
     bare_s = time.perf_counter() - t

@@ -96,7 +96,7 @@ def make_jsonl(path: Path, n: int, shared: Path) -> None:
 
 
 def sections(src: Path) -> dict[str, dict]:
-    from tunesmith.recipe import section_defaults
+    from tunesmith.schema import section_defaults
 
     return {"dataset": section_defaults("dataset", {"source": str(src), "columns": {"output": "response"}}),
             "tokenize": section_defaults("tokenize"), "filter": section_defaults("filter"),
@@ -106,7 +106,7 @@ def sections(src: Path) -> dict[str, dict]:
 
 def run_stage(stage: str, src: Path, out: Path) -> dict:
     """One stage function on the files of one size (in this process: the parent runs each in its own)."""
-    from tunesmith.data import stages
+    from tunesmith.stages import dedupe as dedupe_stage, download as download_stage, embed_shard as embed_shard_stage, filter as filter_stage, format as format_stage, select as select_stage, tokenize_count as tokenize_count_stage
 
     s = sections(src)
     f = {k: str(out / v) for k, v in [("raw", "raw.parquet"), ("source", "source.json"), ("counts", "counts.parquet"),
@@ -118,11 +118,11 @@ def run_stage(stage: str, src: Path, out: Path) -> dict:
                                        ("preview", "preview.txt"), ("template", "template.jinja"),
                                        ("report", "format.json")]}
     if stage.startswith("embed_shard:"):  # embed_shard:<shard, 1-based>:<shards>, near-dedupe's embedding job
-        from tunesmith.recipe import section_defaults
+        from tunesmith.schema import section_defaults
 
         shard, shards = (int(x) for x in stage.split(":")[1:])
         (out / "embeddings").mkdir(exist_ok=True)
-        r = stages.embed_shard(f["filtered"], section_defaults("dedupe"), shard - 1, shards,
+        r = embed_shard_stage.embed_shard(f["filtered"], section_defaults("dedupe"), shard - 1, shards,
                                str(out / "embeddings" / f"{shard}-of-{shards}.npz"), offline=True)
         return {**r.metrics, "rows_in": r.metrics["rows"], "rows_out": r.metrics["rows"]}
     if stage.startswith("tile_raw:"):
@@ -130,17 +130,17 @@ def run_stage(stage: str, src: Path, out: Path) -> dict:
     if stage == "estimate_counts":
         return estimate_counts(f["raw"], f["counts"])
     if stage == "download":
-        r = stages.download(s["dataset"], f["raw"], f["source"], offline=True, cache_dir=str(out / "cache"))
+        r = download_stage.download(s["dataset"], f["raw"], f["source"], offline=True, cache_dir=str(out / "cache"))
     elif stage == "tokenize_count":
-        r = stages.tokenize_count(f["raw"], str(model_dir()), s["tokenize"], f["counts"], f["stats"], f["thist"])
+        r = tokenize_count_stage.tokenize_count(f["raw"], str(model_dir()), s["tokenize"], f["counts"], f["stats"], f["thist"])
     elif stage == "filter":
-        r = stages.filter_rows(f["raw"], f["counts"], s["filter"], f["filtered"], f["freport"])
+        r = filter_stage.filter_rows(f["raw"], f["counts"], s["filter"], f["filtered"], f["freport"])
     elif stage == "dedupe":
-        r = stages.dedupe(f["filtered"], s["dedupe"], f["deduped"], f["dreport"], f["dhist"], offline=True)
+        r = dedupe_stage.dedupe(f["filtered"], s["dedupe"], f["deduped"], f["dreport"], f["dhist"], offline=True)
     elif stage == "select":
-        r = stages.select(f["deduped"], s["select"], f["selected"], f["sreport"])
+        r = select_stage.select(f["deduped"], s["select"], f["selected"], f["sreport"])
     else:
-        r = stages.format_rows(f["selected"], str(model_dir()), s["format"], f["train"], f["eval"], f["preview"],
+        r = format_stage.format_rows(f["selected"], str(model_dir()), s["format"], f["train"], f["eval"], f["preview"],
                                f["template"], f["report"])
     return r.metrics
 

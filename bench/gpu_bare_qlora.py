@@ -38,7 +38,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from tunesmith import contract
-    from tunesmith.training import load_tokenizer
+    from tunesmith.contract import load_tokenizer
 
     sys.path.insert(0, str(REPO / "bench"))
     from gpu_check import write_data

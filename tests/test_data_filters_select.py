@@ -5,9 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from tunesmith.data import filters, select
+from tunesmith.data import filters, selection
 from tunesmith.errors import DataError
-from tunesmith.recipe import section_defaults
+from tunesmith.schema import section_defaults
 
 
 def rows():
@@ -54,11 +54,11 @@ def test_filter_that_empties_the_dataset_is_named():
 
 def test_select_strategies():
     frame = rows()
-    assert len(select.apply(frame, select_section())[0]) == 7
-    top, report = select.apply(frame, select_section(strategy="top_k", k=2))
+    assert len(selection.apply(frame, select_section())[0]) == 7
+    top, report = selection.apply(frame, select_section(strategy="top_k", k=2))
     assert top["id"].tolist() == [3, 6] and report["rows_out"] == 2  # longest two, original order
-    a = select.apply(frame, select_section(strategy="random_k", k=3, seed=1))[0]["id"].tolist()
-    b = select.apply(frame, select_section(strategy="random_k", k=3, seed=1))[0]["id"].tolist()
-    c = select.apply(frame, select_section(strategy="random_k", k=3, seed=2))[0]["id"].tolist()
+    a = selection.apply(frame, select_section(strategy="random_k", k=3, seed=1))[0]["id"].tolist()
+    b = selection.apply(frame, select_section(strategy="random_k", k=3, seed=1))[0]["id"].tolist()
+    c = selection.apply(frame, select_section(strategy="random_k", k=3, seed=2))[0]["id"].tolist()
     assert a == b and a == sorted(a) and len(set(a)) == 3 and c != a
-    assert len(select.apply(frame, select_section(strategy="top_k", k=100))[0]) == 7
+    assert len(selection.apply(frame, select_section(strategy="top_k", k=100))[0]) == 7

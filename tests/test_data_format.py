@@ -10,7 +10,7 @@ import pytest
 from tunesmith.data import formatting, load
 from tunesmith.data.stages import format_rows
 from tunesmith.errors import DataError
-from tunesmith.recipe import section_defaults
+from tunesmith.schema import section_defaults
 
 def fmt(**values):
     """The format section as the stage gets it (schema defaults filled)."""

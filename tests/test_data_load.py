@@ -11,7 +11,7 @@ from tunesmith import fileio
 from tunesmith.data import load
 from tunesmith.data.stages import download
 from tunesmith.errors import DataError
-from tunesmith.recipe import section_defaults
+from tunesmith.schema import section_defaults
 
 ROWS = [{"instruction": "Say hi", "output": "hi"}, {"instruction": "Add 1+1", "input": "numbers", "output": "2"}]
 

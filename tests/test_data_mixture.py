@@ -10,10 +10,11 @@ import json
 
 import pytest
 
-from tunesmith.data import decontaminate as decon
+from tunesmith.data import contamination as decon
 from tunesmith.data import formatting, load
 from tunesmith.errors import RecipeError
-from tunesmith.recipe import load_recipe, section_defaults
+from tunesmith.recipe import load_recipe
+from tunesmith.schema import section_defaults
 
 
 def _write(path, rows):

@@ -7,18 +7,18 @@ import json
 
 import pytest
 
-from tunesmith.data import stages
-from tunesmith.recipe import section_defaults
+from tunesmith.stages import dedupe as dedupe_stage, download as download_stage, filter as filter_stage, format as format_stage, tokenize_count as tokenize_count_stage
+from tunesmith.schema import section_defaults
 
 
 def run_until_filter(tmp_path, dataset, smollm2_dir, tokenizer, filter_section):
     d = {k: str(tmp_path / v) for k, v in [("raw", "raw.parquet"), ("source", "source.json"), ("counts", "c.parquet"),
                                            ("stats", "s.json"), ("hist", "h.png"), ("filtered", "f.parquet"),
                                            ("report", "filter_report.json")]}
-    stages.download(dataset, d["raw"], d["source"], offline=True)
-    stages.tokenize_count(d["raw"], str(smollm2_dir), section_defaults("tokenize"), d["counts"], d["stats"], d["hist"],
+    download_stage.download(dataset, d["raw"], d["source"], offline=True)
+    tokenize_count_stage.tokenize_count(d["raw"], str(smollm2_dir), section_defaults("tokenize"), d["counts"], d["stats"], d["hist"],
                           tokenizer=tokenizer)
-    stages.filter_rows(d["raw"], d["counts"], filter_section, d["filtered"], d["report"])
+    filter_stage.filter_rows(d["raw"], d["counts"], filter_section, d["filtered"], d["report"])
     return d
 
 
@@ -44,12 +44,12 @@ def test_toolformer_near_dedupe(tmp_path, shared_data, embedder, recipe_sections
     s = recipe_sections(dataset={"source": str(shared_data / "gpteacher/toolformer-dedupe-only.json"),
                                  "columns": {"output": "response"}, "limit": 400},
                         dedupe={"threshold": threshold, "sample_pairs": 20})
-    stages.download(s["dataset"], str(tmp_path / "raw.parquet"), str(tmp_path / "src.json"), offline=True)
+    download_stage.download(s["dataset"], str(tmp_path / "raw.parquet"), str(tmp_path / "src.json"), offline=True)
     from tunesmith.data import load
 
     frame = load.read_rows(tmp_path / "raw.parquet").assign(n_instruction_tokens=1, n_output_tokens=1, n_tokens=2)
     frame.to_parquet(tmp_path / "f.parquet")
-    stages.dedupe(str(tmp_path / "f.parquet"), s["dedupe"], str(tmp_path / "d.parquet"), str(tmp_path / "r.json"),
+    dedupe_stage.dedupe(str(tmp_path / "f.parquet"), s["dedupe"], str(tmp_path / "d.parquet"), str(tmp_path / "r.json"),
                   str(tmp_path / "h.png"), offline=True, model=embedder)
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["near_removed"] > 0 and report["pairs_sample"]
@@ -69,7 +69,7 @@ def test_gsm8k_train_to_alpaca_conversations(tmp_path, shared_data, data_tokeniz
     d = run_until_filter(tmp_path, s["dataset"], smollm2_dir, data_tokenizer, s["filter"])
     report = json.loads(open(d["report"]).read())
     assert report["rows_in"] == 7473 == report["rows_out"] + sum(report["drops"].values())
-    m = stages.format_rows(d["filtered"], str(smollm2_dir), s["format"], str(tmp_path / "train.jsonl"),
+    m = format_stage.format_rows(d["filtered"], str(smollm2_dir), s["format"], str(tmp_path / "train.jsonl"),
                            str(tmp_path / "eval.jsonl"), str(tmp_path / "preview.txt"), str(tmp_path / "t.jinja"),
                            str(tmp_path / "format_report.json"), tokenizer=data_tokenizer).metrics
     assert m["rows_eval"] == 100 and m["rows_train"] == report["rows_out"] - 100
@@ -83,7 +83,7 @@ def test_sharegpt_multi_turn(tmp_path, shared_data, data_tokenizer, smollm2_dir,
                                  "schema": "messages", "columns": {"messages": "conversations"}})
     d = run_until_filter(tmp_path, s["dataset"], smollm2_dir, data_tokenizer, s["filter"])
     assert json.loads(open(d["source"]).read())["rows"] == 500
-    m = stages.format_rows(d["filtered"], str(smollm2_dir), s["format"], str(tmp_path / "train.jsonl"),
+    m = format_stage.format_rows(d["filtered"], str(smollm2_dir), s["format"], str(tmp_path / "train.jsonl"),
                            str(tmp_path / "eval.jsonl"), str(tmp_path / "preview.txt"), str(tmp_path / "t.jinja"),
                            str(tmp_path / "format_report.json"), tokenizer=data_tokenizer).metrics
     assert m["multi_turn_rows"] > 0

@@ -10,7 +10,7 @@ import pytest
 
 from tunesmith.data import load, tokens
 from tunesmith.data.stages import tokenize_count
-from tunesmith.recipe import section_defaults
+from tunesmith.schema import section_defaults
 from workflow_helpers import SHARED
 
 

@@ -1,9 +1,8 @@
-"""lm-eval through the evaluate rules' script on local tasks with a tiny model: scores, limits and
+"""lm-eval through the evaluate stages on local tasks with a tiny model: scores, limits and
 deltas land in compare.json, lm-eval's own result files are kept, and MLflow gets the metrics."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sqlite3
@@ -11,18 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from tunesmith import evaluate
-from tunesmith.recipe import fill_defaults, load_schema
-from tunesmith.stage import StageIO, call_stage
+from tunesmith import evaluation
+from tunesmith.errors import TunesmithError
+from tunesmith.schema import fill_defaults, load_schema
+from tunesmith.runner import call_stage, stage_function
+from tunesmith.stageio import StageIO
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("evaluate_script", REPO / "scripts" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _section(**evaluate_keys):
@@ -33,11 +27,10 @@ def _section(**evaluate_keys):
 
 @pytest.mark.slow
 def test_local_task_scores_land_in_compare_json_and_mlflow(tmp_path, tiny_llama_dir, eval_split, mlflow_store):
-    script = _script()
     section = _section(tasks=["heldout"], limit=4, max_gen_toks=8, batch_size=4, log_samples=True)
     results = tmp_path / "results" / "r"
     base_json = results / "eval_base" / "base.json"
-    call_stage(script.main, StageIO(input={"base": str(tiny_llama_dir), "eval": eval_split["eval"],
+    call_stage(stage_function("evaluate_base"), StageIO(input={"base": str(tiny_llama_dir), "eval": eval_split["eval"],
                                            "template": eval_split["template"]},
                                     output={"scores": str(base_json)}, params={"section": section}, threads=2,
                                     wildcards={"recipe": "r"}, stage="evaluate_base"))
@@ -45,7 +38,7 @@ def test_local_task_scores_land_in_compare_json_and_mlflow(tmp_path, tiny_llama_
     contamination = tmp_path / "decontaminate_report.json"
     contamination.write_text(json.dumps({"action": "flag", "ngram": 13, "embedding": None, "tasks": {},
                                          "heldout": {"rows_checked": 20, "rows_matched": 1}, "not_checked": {}}))
-    call_stage(script.main, StageIO(input={"tuned": str(tiny_llama_dir), "base_scores": str(base_json),
+    call_stage(stage_function("evaluate"), StageIO(input={"tuned": str(tiny_llama_dir), "base_scores": str(base_json),
                                            "contamination": str(contamination),
                                            "eval": eval_split["eval"], "template": eval_split["template"], "gguf": []},
                                     output={"scores": str(out / "tuned.json"), "compare": str(out / "compare.json"),
@@ -89,7 +82,7 @@ def test_compare_keeps_limits_and_gguf_scores_in_order():
     base = {"model": "b", "tasks": {"heldout": {"metric": "exact_match,none", "score": 0.1, "limit": 50}}}
     tuned = {"model": "t", "tasks": {"heldout": {"metric": "exact_match,none", "score": 0.7, "limit": 50}},
              "gguf": {"Q8_0": {"tasks": {"heldout": {"score": 0.7}}}, "Q4_K_M": {"tasks": {"heldout": {"score": 0.6}}}}}
-    c = evaluate.compare(base, tuned)["tasks"]["heldout"]
+    c = evaluation.compare(base, tuned)["tasks"]["heldout"]
     assert c["delta"] == pytest.approx(0.6) and c["limit"] == 50 and c["base_limit"] == 50
     assert list(c["gguf"]) == ["Q8_0", "Q4_K_M"] and c["gguf_delta_vs_tuned"]["Q4_K_M"] == pytest.approx(-0.1)
     assert c["regressed"] is False
@@ -99,7 +92,7 @@ def test_a_tuned_model_below_its_base_is_marked_with_the_noise_of_the_difference
     """A chained recipe's base is its upstream model: DPO scoring below SFT must say so."""
     base = {"model": "sft", "tasks": {"heldout": {"metric": "exact_match,none", "score": 0.96, "limit": 50}}}
     tuned = {"model": "dpo", "tasks": {"heldout": {"metric": "exact_match,none", "score": 0.94, "limit": 50}}}
-    c = evaluate.compare(base, tuned)["tasks"]["heldout"]
+    c = evaluation.compare(base, tuned)["tasks"]["heldout"]
     assert c["regressed"] is True
     assert c["delta_stderr"] == pytest.approx(((0.96 * 0.04 + 0.94 * 0.06) / 50) ** 0.5)
 
@@ -109,8 +102,8 @@ def test_bad_eval_row_names_file_and_line(tmp_path, eval_split, smollm2_dir):
 
     bad = tmp_path / "eval.jsonl"
     bad.write_text(Path(eval_split["eval"]).read_text() + '{"id": 9, "prompt": "not a list", "answer": "x"}\n')
-    with pytest.raises(evaluate.TunesmithError, match=r"eval.jsonl, row 7: missing field .completion."):
-        evaluate.render_heldout(bad, eval_split["template"], AutoTokenizer.from_pretrained(smollm2_dir))
+    with pytest.raises(TunesmithError, match=r"eval.jsonl, row 7: missing field .completion."):
+        evaluation.render_heldout(bad, eval_split["template"], AutoTokenizer.from_pretrained(smollm2_dir))
 
 
 class _CountingLM:
@@ -126,7 +119,7 @@ class _CountingLM:
 def test_reference_likelihood_is_token_weighted_and_skips_empty_answers():
     rows = [{"prompt_text": "p", "answer": "abcd"}, {"prompt_text": "q", "answer": "ab"},
             {"prompt_text": "r", "answer": ""}]
-    ref = evaluate.reference_likelihood(_CountingLM(), rows)
+    ref = evaluation.reference_likelihood(_CountingLM(), rows)
     assert ref == {"ref_logprob": -1.0, "ref_perplexity": pytest.approx(math.e), "ref_tokens": 6}
 
 
@@ -137,15 +130,15 @@ def test_compare_leads_with_the_headline_metric_and_names_the_metrics_a_task_has
             "metrics": {"exact_match": em, "chrf": chrf, "ref_logprob": lp, "ref_perplexity": math.exp(-lp)}}}}
     tuned = scores(0.0, 41.0, -0.6, "t")
     tuned["gguf"] = {"Q8_0": {"tasks": {"heldout": {"score": 0.0, "metrics": {"exact_match": 0.0, "chrf": 40.0}}}}}
-    c = evaluate.compare(scores(0.0, 30.0, -0.9, "b"), tuned, {"task": "heldout", "metric": "chrf"})
+    c = evaluation.compare(scores(0.0, 30.0, -0.9, "b"), tuned, {"task": "heldout", "metric": "chrf"})
     assert list(c)[0] == "headline"
     assert c["headline"] == {"task": "heldout", "metric": "chrf", "base": 30.0, "tuned": 41.0, "delta": 11.0,
                              "higher_is_better": True, "gguf": {"Q8_0": 40.0}}
     m = c["tasks"]["heldout"]["metrics"]
     assert m["exact_match"]["delta"] == 0 and m["ref_logprob"]["delta"] == pytest.approx(0.3)
     assert m["ref_perplexity"]["delta"] < 0 and "gguf" not in m["ref_logprob"]  # Q8_0 had no log-likelihood here
-    with pytest.raises(evaluate.TunesmithError, match=r"did you mean 'chrf'\?.*exact_match, chrf"):
-        evaluate.compare(scores(0, 1, -1, "b"), scores(0, 1, -1, "t"), {"task": "heldout", "metric": "chrF"})
+    with pytest.raises(TunesmithError, match=r"did you mean 'chrf'\?.*exact_match, chrf"):
+        evaluation.compare(scores(0, 1, -1, "b"), scores(0, 1, -1, "t"), {"task": "heldout", "metric": "chrF"})
 
 
 def test_a_headline_the_recipe_cannot_have_stops_it_before_any_job(tmp_path):

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from tunesmith import evaluate
+from tunesmith import evaluation, tasks
 from tunesmith.errors import TunesmithError
-from tunesmith.recipe import section_defaults
+from tunesmith.schema import section_defaults
 
 
 def _no_model():
@@ -32,7 +32,7 @@ def builtin_tasks(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gsm8k_file():
-    path = evaluate.default_gsm8k_file()
+    path = tasks.default_gsm8k_file()
     if not path.is_file():
         pytest.skip(f"{path} not present (../shared/data beside the checkout)")
     return path
@@ -41,8 +41,8 @@ def gsm8k_file():
 def test_gsm8k_local_reuses_lm_eval_definition_over_local_file(tmp_path, gsm8k_file):
     from lm_eval.tasks import TaskManager, get_task_dict
 
-    evaluate.write_gsm8k_task(tmp_path, data_files=gsm8k_file)
-    # as evaluate.score builds it for local tasks: without lm-eval's built-in index
+    evaluation.write_gsm8k_task(tmp_path, data_files=gsm8k_file)
+    # as evaluation.score builds it for local tasks: without lm-eval's built-in index
     task = get_task_dict(["gsm8k_local"], TaskManager(include_path=str(tmp_path), include_defaults=False))["gsm8k_local"]
     docs = list(task.test_docs())
     assert len(docs) == 1319
@@ -54,7 +54,7 @@ def test_gsm8k_local_reuses_lm_eval_definition_over_local_file(tmp_path, gsm8k_f
 
 def test_gsm8k_local_missing_file_says_how_to_point_it(tmp_path):
     with pytest.raises(TunesmithError, match="data_files"):
-        evaluate.write_gsm8k_task(tmp_path, data_files=tmp_path / "nope.jsonl")
+        evaluation.write_gsm8k_task(tmp_path, data_files=tmp_path / "nope.jsonl")
 
 
 def test_builtin_task_offline_error_names_task_and_local_alternative(tmp_path, monkeypatch, builtin_tasks):
@@ -62,24 +62,24 @@ def test_builtin_task_offline_error_names_task_and_local_alternative(tmp_path, m
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("TUNESMITH_OFFLINE", "1")
     tm = builtin_tasks
-    spec = evaluate.task_specs(section_defaults("evaluate", {"tasks": ["arc_easy"], "limit": 2}))[0]
+    spec = tasks.task_specs(section_defaults("evaluate", {"tasks": ["arc_easy"], "limit": 2}))[0]
     with pytest.raises(TunesmithError) as err:
-        evaluate.run_task(_no_model(), spec, tm, tmp_path, label="base")  # fails at the dataset, before the model
+        evaluation.run_task(_no_model(), spec, tm, tmp_path, label="base")  # fails at the dataset, before the model
     text = str(err.value)
     assert "'arc_easy'" in text and "offline" in text and "gsm8k_local" in text and "heldout" in text
     assert "Traceback" not in text
 
 
 def test_unknown_task_name_is_clear(tmp_path, builtin_tasks):
-    spec = evaluate.task_specs(section_defaults("evaluate", {"tasks": ["no_such_task_xyz"], "limit": 2}))[0]
+    spec = tasks.task_specs(section_defaults("evaluate", {"tasks": ["no_such_task_xyz"], "limit": 2}))[0]
     with pytest.raises(TunesmithError, match="unknown task 'no_such_task_xyz'"):
-        evaluate.run_task(_no_model(), spec, builtin_tasks, tmp_path, label="base")
+        evaluation.run_task(_no_model(), spec, builtin_tasks, tmp_path, label="base")
 
 
 @pytest.mark.slow
 def test_score_model_on_gsm8k_local(tmp_path, tiny_llama_dir, gsm8k_file):
     """The function the GSM8K recipe uses for its base figure; limit recorded next to the score."""
-    out = evaluate.score_model(tiny_llama_dir, [{"name": "gsm8k_local", "max_gen_toks": 8, "num_fewshot": 0}],
+    out = evaluation.score_model(tiny_llama_dir, [{"name": "gsm8k_local", "max_gen_toks": 8, "num_fewshot": 0}],
                                tmp_path, limit=2, label="base")
     g = out["tasks"]["gsm8k_local"]
     assert g["metric"] == "exact_match,strict-match" and g["limit"] == 2 and g["score"] == 0.0

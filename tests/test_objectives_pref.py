@@ -13,7 +13,7 @@ from conftest import SMOLLM2_DIR, reverse_rows
 
 from tunesmith.data.preference import write_rows
 from tunesmith.errors import TunesmithError
-from tunesmith.recipe import load_schema
+from tunesmith.schema import load_schema
 
 PAIR_HISTORIES = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 
@@ -35,7 +35,7 @@ def word_count_reward(prompts, completions, **kwargs):
 
 
 def paths_for(tmp: Path, n_train: int = 8, n_eval: int = 4, objective: str = "dpo"):
-    from tunesmith.training import ObjectivePaths
+    from tunesmith.training import TrainPaths
 
     data = tmp / "data"
     data.mkdir(parents=True, exist_ok=True)
@@ -47,7 +47,7 @@ def paths_for(tmp: Path, n_train: int = 8, n_eval: int = 4, objective: str = "dp
         if n_eval:
             write_rows(data / "eval.jsonl", reverse_pairs(n_eval, 2))
     run = tmp / "run"
-    return ObjectivePaths(train=str(data / "train.jsonl"), eval=str(data / "eval.jsonl") if n_eval else "",
+    return TrainPaths(train=str(data / "train.jsonl"), eval=str(data / "eval.jsonl") if n_eval else "",
                           template=str(data / "chat_template.jinja"), base="", model=str(run / "model/trained"),
                           metrics=str(run / "train/metrics.json"), loss=str(run / "train/loss.png"),
                           plot=str(run / "train/rewards.png"))
@@ -69,14 +69,14 @@ def test_every_objective_setting_has_a_description_and_a_default():
 def test_dpo_lora_trains_and_records_reward_histories(tmp_path, tiny_llama_dir, section_factory, caplog):
     import logging
 
-    from tunesmith.training import train_preference
+    from tunesmith.training import train
 
     caplog.set_level(logging.INFO, logger="tunesmith.train")
     section = section_factory("lora", max_steps=3, per_device_train_batch_size=4, save_steps=10)
     section["train"]["objective"] = "dpo"
     paths = paths_for(tmp_path)
     paths.base = str(tiny_llama_dir)
-    result = train_preference(paths, section)
+    result = train(paths, section)
 
     metrics = json.loads(Path(paths.metrics).read_text())
     assert metrics["objective"] == "dpo" and metrics["method"] == "lora" and metrics["steps"] == 3
@@ -106,13 +106,13 @@ def test_dpo_lora_trains_and_records_reward_histories(tmp_path, tiny_llama_dir, 
 
 @pytest.mark.parametrize("method", ["full", "qlora"])
 def test_dpo_on_the_other_methods(tmp_path, tiny_llama_dir, section_factory, method):
-    from tunesmith.training import train_preference
+    from tunesmith.training import train
 
     section = section_factory(method, max_steps=2, per_device_train_batch_size=4, save_steps=10)
     section["train"]["objective"] = "dpo"
     paths = paths_for(tmp_path, n_eval=0)
     paths.base = str(tiny_llama_dir)
-    metrics = train_preference(paths, section).metrics
+    metrics = train(paths, section).metrics
     assert metrics["method"] == method and metrics["steps"] == 2
     assert math.isfinite(metrics["train_loss_last"])
     # full: a second frozen copy of the base is the reference; qlora: its 4-bit base with the adapter
@@ -123,13 +123,13 @@ def test_dpo_on_the_other_methods(tmp_path, tiny_llama_dir, section_factory, met
 
 
 def test_kto_lora_splits_pairs_and_records_histories(tmp_path, tiny_llama_dir, section_factory):
-    from tunesmith.training import train_preference
+    from tunesmith.training import train
 
     section = section_factory("lora", max_steps=2, per_device_train_batch_size=4, save_steps=10)
     section["train"]["objective"] = "kto"
     paths = paths_for(tmp_path, n_eval=0)
     paths.base = str(tiny_llama_dir)
-    result = train_preference(paths, section)
+    result = train(paths, section)
     metrics = json.loads(Path(paths.metrics).read_text())
     assert metrics["objective"] == "kto" and metrics["steps"] == 2 and metrics["train_rows"] == 16
     assert metrics["train_desirable"] == 8 and metrics["train_undesirable"] == 8
@@ -139,7 +139,7 @@ def test_kto_lora_splits_pairs_and_records_histories(tmp_path, tiny_llama_dir, s
 
 
 def test_grpo_lora_samples_scores_and_records_the_reward(tmp_path, tiny_llama_dir, section_factory):
-    from tunesmith.training import train_grpo
+    from tunesmith.training import train
 
     section = section_factory("lora", max_steps=2, per_device_train_batch_size=2, save_steps=10)
     section["train"]["objective"] = "grpo"
@@ -147,7 +147,7 @@ def test_grpo_lora_samples_scores_and_records_the_reward(tmp_path, tiny_llama_di
                                     rewards=["exact_match", "test_objectives_pref:word_count_reward"])
     paths = paths_for(tmp_path, objective="grpo", n_eval=0)
     paths.base = str(tiny_llama_dir)
-    result = train_grpo(paths, section)
+    result = train(paths, section)
     metrics = json.loads(Path(paths.metrics).read_text())
     assert metrics["objective"] == "grpo" and metrics["steps"] == 2 and metrics["train_prompts"] == 8
     for name in ("reward", "reward_std", "completions/mean_length", "rewards/exact_match/mean",
@@ -166,7 +166,7 @@ def test_grpo_lora_samples_scores_and_records_the_reward(tmp_path, tiny_llama_di
 
 
 def test_misfits_are_named_before_training(tmp_path, tiny_llama_dir, section_factory):
-    from tunesmith.training import train_grpo, train_preference
+    from tunesmith.training import train
 
     section = section_factory("lora", max_steps=1, per_device_train_batch_size=4)
     section["train"]["objective"] = "dpo"
@@ -174,12 +174,12 @@ def test_misfits_are_named_before_training(tmp_path, tiny_llama_dir, section_fac
     paths.base = str(tiny_llama_dir)
     Path(paths.train).write_text(json.dumps({"prompt": "p", "completion": "c", "label": True}) + "\n")
     with pytest.raises(TunesmithError, match=r"dpo needs chosen/rejected pairs, but this file holds kto rows"):
-        train_preference(paths, section)
+        train(paths, section)
     section["train"]["objective"] = "grpo"
     section["train"]["grpo"]["num_generations"] = 3
     with pytest.raises(TunesmithError, match=r"num_generations \(3\) must divide the completions per optimizer "
                                              r"step.* = 4"):
-        train_grpo(paths, section)
+        train(paths, section)
     section["train"]["grpo"].update(num_generations=2, rewards=["exact_mach"])
     with pytest.raises(TunesmithError, match=r"did you mean 'exact_match'"):
-        train_grpo(paths, section)
+        train(paths, section)

@@ -17,7 +17,7 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
 def tokenizer(smollm2_dir):
     from conftest import train_section
 
-    from tunesmith.training import load_tokenizer
+    from tunesmith.contract import load_tokenizer
 
     tok, _ = load_tokenizer(smollm2_dir, None, {**train_section()["model"], "max_length": 256})
     return tok

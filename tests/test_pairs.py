@@ -11,7 +11,7 @@ from conftest import SMOLLM2_DIR, reverse_rows
 
 from tunesmith.data import pairs as curation
 from tunesmith.data.preference import load_preference, write_rows
-from tunesmith.recipe import section_defaults
+from tunesmith.schema import section_defaults
 from tunesmith.verifier import pairs_from_samples
 
 
@@ -26,7 +26,7 @@ def odd_length(prompts, completions, **kwargs):
 
 @pytest.fixture(scope="module")
 def tokenizer(smollm2_dir):
-    from tunesmith.training import load_tokenizer
+    from tunesmith.contract import load_tokenizer
 
     return load_tokenizer(smollm2_dir, None, section_defaults("model", {"max_length": 256}))[0]
 

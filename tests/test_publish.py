@@ -9,8 +9,10 @@ import json
 
 import pytest
 
-from tunesmith import publish
+from tunesmith import publishing
 from tunesmith.errors import TunesmithError
+from tunesmith.stageio import StageIO
+from tunesmith.stages import publish as publish_stage
 
 
 @pytest.fixture
@@ -49,8 +51,8 @@ SECTION = {"enabled": True, "repos": {"adapter": "me/demo-lora", "merged": "me/d
 
 
 def _plan(artifacts, section=SECTION, dataset="data/demo/reverse_words.jsonl"):
-    return publish.plan(recipe="demo", variant="main", section=section, compare=artifacts["compare"],
-                        folders={k: artifacts[k] for k in publish.KINDS}, dataset_source=dataset)
+    return publishing.plan(recipe="demo", variant="main", section=section, compare=artifacts["compare"],
+                        folders={k: artifacts[k] for k in publishing.KINDS}, dataset_source=dataset)
 
 
 def test_the_plan_names_files_per_repository_and_cards_whose_metadata_parses(artifacts):
@@ -90,10 +92,10 @@ def test_offline_or_tokenless_publishing_pushes_nothing_and_names_what_was_not_p
     plan = _plan(artifacts)
     with pytest.raises(TunesmithError, match=r"offline .* nothing pushed\. Not pushed: me/demo-lora \(adapter, 2 files\), "
                                              r"me/demo \(merged, 3 files\), me/demo-GGUF \(gguf, 5 files\)"):
-        publish.push(plan, offline=True)
+        publishing.push(plan, offline=True)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     with pytest.raises(TunesmithError, match="HF_TOKEN is not set .* Not pushed: me/demo-lora"):
-        publish.push(plan, offline=False)
+        publishing.push(plan, offline=False)
     with pytest.raises(TunesmithError, match="publish.license"):
         _plan(artifacts, {**SECTION, "license": None})
     with pytest.raises(TunesmithError, match="publish.repos: name at least one"):
@@ -102,10 +104,11 @@ def test_offline_or_tokenless_publishing_pushes_nothing_and_names_what_was_not_p
 
 def test_the_stage_writes_the_plan_before_refusing_offline(artifacts, tmp_path):
     out = tmp_path / "publish" / "plan.json"
+    io = StageIO(input={**{k: artifacts[k] for k in publishing.KINDS}, "compare": artifacts["compare"]},
+                 output={"plan": str(out)}, params={"section": {"publish": SECTION}, "dataset_source": None},
+                 wildcards={"recipe": "demo", "variant": "main"}, stage="publish")
     with pytest.raises(TunesmithError, match="Not pushed"):
-        publish.stage(recipe="demo", variant="main", section={"publish": SECTION}, compare=artifacts["compare"],
-                      folders={k: artifacts[k] for k in publish.KINDS}, dataset_source=None, plan_path=str(out),
-                      offline=True)
+        publish_stage.run(io)  # offline: TUNESMITH_OFFLINE unset means offline
     assert not out.exists()  # the rule's output means "pushed"
     pending = json.loads(out.with_suffix(".pending.json").read_text())
     assert [r["repo_id"] for r in pending["repos"]] == ["me/demo-lora", "me/demo", "me/demo-GGUF"]
@@ -118,11 +121,11 @@ def test_local_cards_state_lineage_scores_contamination_and_how_to_run_each_arti
     from huggingface_hub import ModelCard
 
     out = tmp_path / "cards"
-    result = publish.local_cards(recipe="demo", variant="main", section={"license": None, "tags": []},
-                                 folders={k: artifacts[k] for k in publish.KINDS}, compare=artifacts["compare"],
+    result = publishing.local_cards(recipe="demo", variant="main", section={"license": None, "tags": []},
+                                 folders={k: artifacts[k] for k in publishing.KINDS}, compare=artifacts["compare"],
                                  dataset_source="data/demo/reverse_words.jsonl", out_dir=out)
     assert result.metrics["cards"] == 3 and sorted(p.name for p in out.iterdir()) == ["adapter.md", "gguf.md", "merged.md"]
-    for kind in publish.KINDS:
+    for kind in publishing.KINDS:
         text = (out / f"{kind}.md").read_text()
         assert ModelCard(text).data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct", kind
         assert "## Data" in text and "540 rows" in text  # lineage from the merge card

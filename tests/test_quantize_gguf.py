@@ -10,14 +10,14 @@ import json
 import numpy as np
 import pytest
 
-from tunesmith import quantize
+from tunesmith import llamacpp, quantization
 from tunesmith.errors import EnvironmentNotSupported, TunesmithError
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, llama256_dir, eval_split):
     out = tmp_path_factory.mktemp("gguf") / "gguf"
-    report = quantize.export(llama256_dir, out, types=["Q8_0", "Q4_K_M"], smoke_prompt="Say hello.",
+    report = quantization.export(llama256_dir, out, types=["Q8_0", "Q4_K_M"], smoke_prompt="Say hello.",
                              eval_jsonl=eval_split["eval"], n_texts=6, max_tokens=64, pre_tokenizer_fallback="gpt-2",
                              system="You reverse word lists.", name="tiny")
     return out, report
@@ -66,18 +66,18 @@ def test_an_ollama_modelfile_beside_each_gguf(exported, llama256_dir):
         assert 'PARAMETER stop "<|im_end|>"' in lines and not any(x.startswith("TEMPLATE") for x in lines)
         assert 'SYSTEM """You reverse word lists."""' in lines
         assert lines[0].startswith(f"# ollama create tiny -f {info['modelfile']}")
-    custom = quantize.modelfile("model-Q8_0.gguf", stops=["<|im_end|>"], system=None, template="{{ .Prompt }}", name="x")
+    custom = quantization.modelfile("model-Q8_0.gguf", stops=["<|im_end|>"], system=None, template="{{ .Prompt }}", name="x")
     assert 'TEMPLATE """{{ .Prompt }}"""' in custom.splitlines() and "SYSTEM" not in custom
     with pytest.raises(TunesmithError, match="three double quotes"):
-        quantize.modelfile("m.gguf", stops=[], system='say """hi"""', template=None, name="x")
+        quantization.modelfile("m.gguf", stops=[], system='say """hi"""', template=None, name="x")
 
 
 @pytest.mark.slow
 def test_k_quant_fallback_is_reported_for_rows_not_multiple_of_256(tmp_path, tiny_llama_dir):
     f16 = tmp_path / "f16.gguf"
-    quantize.convert(tiny_llama_dir, f16)  # hidden 64: no row is a multiple of 256
-    quantize.quantize_file(f16, tmp_path / "q4km.gguf", "Q4_K_M")
-    info = quantize.tensor_types(tmp_path / "q4km.gguf", "Q4_K_M")["k_quant_fallback"]
+    quantization.convert(tiny_llama_dir, f16)  # hidden 64: no row is a multiple of 256
+    quantization.quantize_file(f16, tmp_path / "q4km.gguf", "Q4_K_M")
+    info = quantization.tensor_types(tmp_path / "q4km.gguf", "Q4_K_M")["k_quant_fallback"]
     assert info["count"] > 0 and not any(t["row_multiple_of_256"] for t in info["tensors"])
     assert set(info["types"]) <= {"Q5_0", "Q5_1", "Q8_0", "Q4_0", "Q4_1", "IQ4_NL", "F16"}
 
@@ -120,7 +120,7 @@ def test_llama_cpp_lm_matches_hf_greedy_generation_and_loglikelihood(exported, l
 
 def test_unknown_type_and_missing_converter_fail_clearly(tmp_path, monkeypatch):
     with pytest.raises(TunesmithError, match="unknown llama.cpp type 'Q4_K_Z'.*Q4_K_M"):
-        quantize.ftype_of("Q4_K_Z")
-    monkeypatch.setenv(quantize.ENV_LLAMA_CPP_DIR, str(tmp_path / "nowhere"))
+        quantization.ftype_of("Q4_K_Z")
+    monkeypatch.setenv(llamacpp.ENV_LLAMA_CPP_DIR, str(tmp_path / "nowhere"))
     with pytest.raises(EnvironmentNotSupported, match="tools/setup_env.sh"):
-        quantize.llama_cpp_dir()
+        llamacpp.llama_cpp_dir()

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from tunesmith import quantize
+from tunesmith import quantization
 from tunesmith.errors import TunesmithError
 
 WORDS = ("the a cat dog sat on mat ran fast slow red blue green house tree river sun moon star "
@@ -54,13 +54,13 @@ def pretrained_dir(tmp_path_factory):
 def test_fresh_bpe_is_refused_without_the_fallback(tmp_path, pretrained_dir):
     model_dir, _ = pretrained_dir
     with pytest.raises(TunesmithError, match="BPE pre-tokenizer was not recognized"):
-        quantize.convert(model_dir, tmp_path / "f16.gguf", pre_tokenizer_fallback=None)
+        quantization.convert(model_dir, tmp_path / "f16.gguf", pre_tokenizer_fallback=None)
 
 
 @pytest.mark.slow
 def test_fresh_bpe_converts_with_gpt2_pre_tokenizer_and_loads(tmp_path, pretrained_dir):
     model_dir, corpus = pretrained_dir
-    report = quantize.export(model_dir, tmp_path / "gguf", types=["Q8_0"], smoke_prompt="the cat",
+    report = quantization.export(model_dir, tmp_path / "gguf", types=["Q8_0"], smoke_prompt="the cat",
                              corpus={"source": str(corpus), "text_column": "text"}, n_texts=8, max_tokens=48,
                              pre_tokenizer_fallback="gpt-2")
     assert report["converter"]["pre_tokenizer_fallback"] == "gpt-2"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tunesmith import quantize, serving
+from tunesmith import quantization, serving
 from tunesmith.errors import TunesmithError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def smollm2_gguf(tmp_path_factory, smollm2_dir) -> Path:
     out = tmp_path_factory.mktemp("serve") / "model-f16.gguf"
-    quantize.convert(smollm2_dir, out)
+    quantization.convert(smollm2_dir, out)
     return out
 
 

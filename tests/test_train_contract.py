@@ -14,7 +14,7 @@ from tunesmith.methods import METHODS
 def tokenizer(smollm2_dir):
     from conftest import train_section
 
-    from tunesmith.training import load_tokenizer
+    from tunesmith.contract import load_tokenizer
 
     tok, added = load_tokenizer(smollm2_dir, None, {**train_section()["model"], "max_length": 256})
     assert not added
@@ -90,12 +90,12 @@ def test_gpu_methods_fail_fast_on_cpu(method, tmp_path, sft_data, section_factor
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    from tunesmith.training import SFTPaths, train_sft
+    from tunesmith.training import TrainPaths, train
 
-    paths = SFTPaths(base=str(tmp_path / "no-model-needed"), model=str(tmp_path / "m"),
+    paths = TrainPaths(base=str(tmp_path / "no-model-needed"), model=str(tmp_path / "m"),
                      metrics=str(tmp_path / "t/metrics.json"), loss=str(tmp_path / "t/loss.png"), **sft_data)
     with pytest.raises(EnvironmentNotSupported, match=r"needs a CUDA GPU.*use 'method: lora'"):
-        train_sft(paths, section_factory(method))
+        train(paths, section_factory(method))
     assert not (tmp_path / "t").exists()  # nothing written, nothing loaded
 
 
@@ -130,13 +130,13 @@ def _copy(tokenizer):
 
 def test_multi_gpu_launch_names_everything_itself(tmp_path):
     """No default accelerate config decides the launch; a free port, not 29500; list inputs survive."""
-    from tunesmith import trainkit
-    from tunesmith.stage import StageIO
+    from tunesmith import launch
+    from tunesmith.stageio import StageIO
 
     io = StageIO(input={"train": "t.jsonl", "reports": ["a.json", "b.json"]}, output={"metrics": "m.json"},
                  params={}, wildcards={"recipe": "r", "variant": "v"}, stage="train")
-    port = trainkit.free_port()
-    cmd = trainkit.launch_command("scripts/train.py", 2, io, tmp_path / "p.json", port)
+    port = launch.free_port()
+    cmd = launch.launch_command(2, io, tmp_path / "p.json", port)
     assert cmd[cmd.index("--num_processes") + 1] == "2" and "--multi_gpu" in cmd
     assert cmd[cmd.index("--main_process_port") + 1] == str(port) != "29500"
     assert cmd[cmd.index("--mixed_precision") + 1] == "no"

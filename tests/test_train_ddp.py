@@ -40,7 +40,7 @@ def test_two_processes_match_one_resume_after_kill_and_only_rank_0_writes(tmp_pa
     two["train"]["args"]["save_steps"] = 4
 
     ref_dir = tmp_path / "one"
-    ref = training.train_sft(training.SFTPaths(base=str(tiny_llama_dir), **sft_data, **_outputs(ref_dir)), one)
+    ref = training.train(training.TrainPaths(base=str(tiny_llama_dir), **sft_data, **_outputs(ref_dir)), one)
     reference = {s: v for s, v in ref.histories["train_loss"]}
 
     run_dir = tmp_path / "results/t/main"
@@ -55,7 +55,7 @@ def test_two_processes_match_one_resume_after_kill_and_only_rank_0_writes(tmp_pa
         time.sleep(0.05)
     assert proc.poll() is None, "training finished before it could be killed:\n" + log1.read_text()[-3000:]
     # The script and the accelerate launcher; the ranks (each in a session of its own) die with
-    # their launcher (trainkit.die_with_launcher).
+    # their launcher (ranks.die_with_launcher).
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (run_dir / "train/metrics.json").exists()
@@ -95,39 +95,39 @@ def test_two_processes_match_one_resume_after_kill_and_only_rank_0_writes(tmp_pa
 
 
 def test_more_than_one_node_needs_slurm(monkeypatch, tmp_path, section_factory):
-    from tunesmith import trainkit
+    from tunesmith import launch
     from tunesmith.errors import EnvironmentNotSupported
-    from tunesmith.stage import StageIO
+    from tunesmith.stageio import StageIO
 
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     train = section_factory("lora")["train"]
     train["nodes"] = 2
     io = StageIO(input={}, output={"metrics": str(tmp_path / "m.json")}, params={}, stage="train")
-    assert trainkit.needs_relaunch(train)
+    assert launch.needs_relaunch(train)
     with pytest.raises(EnvironmentNotSupported, match="srun inside a SLURM job"):
-        trainkit.relaunch("scripts/train.py", train, io)
+        launch.relaunch(train, io)
 
 
 def test_fsdp_is_refused_where_it_cannot_shard_and_launches_fsdp2_where_it_can(monkeypatch, tmp_path, section_factory):
     """accelerate runs CPU ranks as DDP whatever --use_fsdp says (tried: 2 gloo ranks came out
     wrapped in DistributedDataParallel), so train.fsdp is refused on CPU rather than silently
     being DDP; adapters are refused when the recipe loads. On CUDA the launcher gets FSDP2."""
-    from tunesmith import trainkit
+    from tunesmith import launch
     from tunesmith.errors import EnvironmentNotSupported, RecipeError
     from tunesmith.recipe import load_recipe
-    from tunesmith.stage import StageIO
+    from tunesmith.stageio import StageIO
 
     train = section_factory("full")["train"]
     train["fsdp"] = True
-    assert trainkit.needs_relaunch(train)  # even one GPU: accelerate's launcher sets FSDP up
+    assert launch.needs_relaunch(train)  # even one GPU: accelerate's launcher sets FSDP up
     with pytest.raises(EnvironmentNotSupported, match="no FSDP for CPU processes"):
-        trainkit.check_fsdp(train, cuda=False)
-    trainkit.check_fsdp(train, cuda=True)
+        launch.check_fsdp(train, cuda=False)
+    launch.check_fsdp(train, cuda=True)
     io = StageIO(input={}, output={"metrics": str(tmp_path / "m.json")}, params={}, stage="train")
-    cmd = trainkit.launch_command("scripts/train.py", 2, io, tmp_path / "p.json", 29555, fsdp=True)
+    cmd = launch.launch_command(2, io, tmp_path / "p.json", 29555, fsdp=True)
     assert "--use_fsdp" in cmd and "--multi_gpu" not in cmd
     assert cmd[cmd.index("--fsdp_version") + 1] == "2" and cmd[cmd.index("--num_processes") + 1] == "2"
-    assert "--multi_gpu" in trainkit.launch_command("scripts/train.py", 2, io, tmp_path / "p.json", 29555)
+    assert "--multi_gpu" in launch.launch_command(2, io, tmp_path / "p.json", 29555)
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("dataset: {source: data/demo/reverse_words.jsonl}\ntrain: {method: lora, fsdp: true}\n")

@@ -23,7 +23,7 @@ def _corpus(path, n=400, seed=0):
 
 
 def _section(corpus, **args):
-    from tunesmith.recipe import fill_defaults, load_schema
+    from tunesmith.schema import fill_defaults, load_schema
 
     schema = load_schema("recipe")
     pre = fill_defaults({"corpus": {"source": str(corpus)}}, schema["properties"]["pretrain"], schema)
@@ -87,15 +87,15 @@ def test_sft_chain_runs_on_the_pretrained_model(pretrained, section_factory):
     """model.base: pretrained: the tokenizer's own template passes the contract gate (<|end|> closes turns)."""
     from conftest import write_sft_data
 
-    from tunesmith.training import SFTPaths, train_sft
+    from tunesmith.training import TrainPaths, train
 
     tmp, _, _ = pretrained
     template = (tmp / "model" / "chat_template.jinja")
     data = write_sft_data(tmp / "sft", 12, 4, template=template.read_text() if template.is_file() else None)
     section = section_factory("full", max_steps=2, max_length=256)
-    paths = SFTPaths(base=str(tmp / "model"), model=str(tmp / "sft/out/model"), metrics=str(tmp / "sft/out/m.json"),
+    paths = TrainPaths(base=str(tmp / "model"), model=str(tmp / "sft/out/model"), metrics=str(tmp / "sft/out/m.json"),
                      loss=str(tmp / "sft/out/loss.png"), **data)
-    metrics = train_sft(paths, section).metrics
+    metrics = train(paths, section).metrics
     assert metrics["steps"] == 2 and metrics["pad_token"] == "<pad>"
 
 
@@ -116,7 +116,7 @@ def test_continued_pretraining_keeps_the_tokenizer_and_lowers_the_loss(pretraine
     from transformers import AutoTokenizer
 
     from tunesmith.pretraining import pretrain
-    from tunesmith.training import SFTPaths, train_sft
+    from tunesmith.training import TrainPaths, train
 
     tmp, _, _ = pretrained
     out = tmp / "continued"
@@ -133,9 +133,9 @@ def test_continued_pretraining_keeps_the_tokenizer_and_lowers_the_loss(pretraine
 
     template = out / "model" / "chat_template.jinja"
     data = write_sft_data(out / "sft", 12, 4, template=template.read_text() if template.is_file() else None)
-    paths = SFTPaths(base=str(out / "model"), model=str(out / "sft/model"), metrics=str(out / "sft/m.json"),
+    paths = TrainPaths(base=str(out / "model"), model=str(out / "sft/model"), metrics=str(out / "sft/m.json"),
                      loss=str(out / "sft/loss.png"), **data)
-    assert train_sft(paths, section_factory("full", max_steps=2, max_length=256)).metrics["steps"] == 2
+    assert train(paths, section_factory("full", max_steps=2, max_length=256)).metrics["steps"] == 2
 
 
 def test_pretrain_start_must_be_said(tmp_path):

@@ -32,7 +32,7 @@ def _stage(script: str, tmp_path: Path, inputs: dict, outputs: dict, params: dic
     pfile = tmp_path / f"{script}.params.json"
     pfile.write_text(json.dumps(params))
     # -P keeps scripts/ off sys.path, as Snakemake's script runner does.
-    cmd = [sys.executable, "-P", str(REPO / "scripts" / f"{script}.py"), "--params", str(pfile), "--log", str(log),
+    cmd = [sys.executable, "-P", str(REPO / "scripts" / "stage.py"), script, "--params", str(pfile), "--log", str(log),
            "--recipe", "t", "--variant", "main"]
     cmd += [f"--input={k}={v}" for k, v in inputs.items()] + [f"--output={k}={v}" for k, v in outputs.items()]
     return subprocess.Popen(cmd, cwd=tmp_path, env=_env(tmp_path), start_new_session=True, **popen)
@@ -164,14 +164,14 @@ def test_kill_9_mid_training_then_rerun_resumes(tmp_path, tiny_llama_dir, sft_da
 @pytest.mark.slow
 def test_full_finetune_and_packing_on_tiny_model(tmp_path, tiny_llama_dir, sft_data, section_factory):
     from tunesmith.merging import merge
-    from tunesmith.training import SFTPaths, train_sft
+    from tunesmith.training import TrainPaths, train
 
     section = section_factory("full", max_steps=3, packing=True, save_steps=10)
     section["train"]["sample_eval_rows"] = 2
     run = tmp_path / "r"
-    paths = SFTPaths(base=str(tiny_llama_dir), model=str(run / "model/trained"), metrics=str(run / "train/metrics.json"),
+    paths = TrainPaths(base=str(tiny_llama_dir), model=str(run / "model/trained"), metrics=str(run / "train/metrics.json"),
                      loss=str(run / "train/loss.png"), **sft_data)
-    metrics = train_sft(paths, section).metrics
+    metrics = train(paths, section).metrics
     assert metrics["method"] == "full" and metrics["packing"] and metrics["trainable_share"] == 1.0
     assert (run / "model/trained/model.safetensors").is_file()
     merge(trained=paths.model, base=paths.base, template=paths.template, merged=str(run / "model/merged"),
@@ -187,15 +187,15 @@ def test_qlora_trains_and_merges_on_cpu(tmp_path, llama256_dir, sft_data, sectio
     """bitsandbytes 0.50 on CPU: nf4 + double quantisation, paged 8-bit AdamW, LoRA on every linear
     layer; merged into the 16-bit base, with both merge differences reported."""
     from tunesmith.merging import merge
-    from tunesmith.training import SFTPaths, train_sft
+    from tunesmith.training import TrainPaths, train
 
     section = section_factory("qlora", max_steps=4, save_steps=10)
     section["train"]["sample_eval_rows"] = 2
     assert section["train"]["quantization"] == {"quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"}
     run = tmp_path / "r"
-    paths = SFTPaths(base=str(llama256_dir), model=str(run / "model/trained"), metrics=str(run / "train/metrics.json"),
+    paths = TrainPaths(base=str(llama256_dir), model=str(run / "model/trained"), metrics=str(run / "train/metrics.json"),
                      loss=str(run / "train/loss.png"), **sft_data)
-    metrics = train_sft(paths, section).metrics
+    metrics = train(paths, section).metrics
     assert metrics["method"] == "qlora" and metrics["device"] == "cpu"
     assert metrics["train_loss_last"] < metrics["train_loss_first"]
     merge(trained=paths.model, base=paths.base, template=paths.template, merged=str(run / "model/merged"),
@@ -252,7 +252,7 @@ def test_token_metrics_off_trains_on_the_same_loss(tmp_path, tiny_llama_dir, sft
     for flag in (False, True):
         section = section_factory("lora", max_steps=3, save_steps=3, token_metrics=flag)
         out = tmp_path / str(flag)
-        result = training.train_sft(training.SFTPaths(base=str(tiny_llama_dir), **sft_data, **_outputs(out)), section)
+        result = training.train(training.TrainPaths(base=str(tiny_llama_dir), **sft_data, **_outputs(out)), section)
         runs[flag] = (result.histories["train_loss"], result.metrics["eval_loss_final"], result.metrics["eval_loss_initial"])
     (plain, plain_eval, plain_initial), (fused, fused_eval, fused_initial) = runs[False], runs[True]
     assert [s for s, _ in plain] == [s for s, _ in fused] == [1, 2, 3]

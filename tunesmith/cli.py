@@ -41,7 +41,8 @@ def _uri(args: argparse.Namespace) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from tunesmith.recipe import fill_defaults, load_config, load_recipe, load_schema, variants
+    from tunesmith.recipe import load_config, load_recipe, variants
+    from tunesmith.schema import fill_defaults, load_schema
 
     failed = 0
     cfg = None

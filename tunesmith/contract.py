@@ -10,6 +10,7 @@ diverge) lets the gate name the example, and trl trains on exactly the ids the g
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from tunesmith.errors import TunesmithError
@@ -289,3 +290,53 @@ def prompt_gate(rows: list[dict[str, Any]], tokenizer: Any, *, name: str = "trai
             bad.append(f"  row id {row['id']}: starts with a double BOS {tokenizer.bos_token!r}")
     if bad:
         raise ContractError(f"prompt contract failed for {len(bad)} of {len(rows)} {name} rows:\n" + "\n".join(bad[:5]))
+
+
+# Tokens that models ship for padding; used before falling back to unk or adding a new one.
+PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>", "<|padding|>")
+
+
+
+def ensure_distinct_pad(tokenizer: Any, requested: str | None = None) -> bool:
+    """Give the tokenizer a pad token that is not EOS. Returns True when a new token was added
+    (the model's embeddings must then grow). Padding with EOS is how EOS gets masked out of the
+    labels by collators that mask pad positions: the model then never learns to stop."""
+    eos = tokenizer.eos_token
+    vocab = tokenizer.get_vocab()
+    if requested:
+        if requested == eos:
+            raise TunesmithError(f"model.pad_token is the EOS token {eos!r}; pick a distinct one")
+        added = requested not in vocab
+        if added:
+            tokenizer.add_special_tokens({"pad_token": requested})
+        tokenizer.pad_token = requested
+        return added
+    if tokenizer.pad_token is not None and tokenizer.pad_token != eos:
+        return False
+    for cand in PAD_CANDIDATES:
+        if cand in vocab and cand != eos:
+            tokenizer.pad_token = cand
+            return False
+    if tokenizer.unk_token is not None and tokenizer.unk_token != eos:
+        tokenizer.pad_token = tokenizer.unk_token
+        return False
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    return True
+
+
+
+def load_tokenizer(base: str | Path, template_path: str | Path | None, model_cfg: dict[str, Any]) -> tuple[Any, bool]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base), trust_remote_code=bool(model_cfg["trust_remote_code"]))
+    if template_path:
+        text = Path(template_path).read_text(encoding="utf-8")
+        if not text.strip():
+            raise TunesmithError(f"{template_path}: chat template is empty")
+        tokenizer.chat_template = text
+    if not getattr(tokenizer, "chat_template", None):
+        raise TunesmithError(f"{base}: the tokenizer has no chat template and none was given")
+    tokenizer.model_max_length = int(model_cfg["max_length"])
+    added = ensure_distinct_pad(tokenizer, model_cfg["pad_token"])
+    tokenizer.padding_side = "right"
+    return tokenizer, added

@@ -15,24 +15,9 @@ from typing import Any
 import numpy as np
 from lm_eval.api.model import LM
 
-from tunesmith.errors import TunesmithError
-from tunesmith.quantize import log_softmax
+from tunesmith.llamacpp import log_softmax, open_llama
 
 log = logging.getLogger("tunesmith.gguf_lm")
-
-
-def open_llama(path: str | Path, *, n_ctx: int = 2048, threads: int = 2, logits_all: bool = True) -> Any:
-    """Load a GGUF with llama.cpp; a file it rejects becomes a TunesmithError naming the file."""
-    import llama_cpp
-
-    path = Path(path)
-    if not path.is_file():
-        raise TunesmithError(f"GGUF file not found: {path}")
-    try:
-        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_batch=512,
-                               logits_all=logits_all, verbose=False, seed=0)
-    except (ValueError, RuntimeError) as exc:
-        raise TunesmithError(f"llama.cpp could not load {path}: {exc}") from None
 
 
 class LlamaCppLM(LM):

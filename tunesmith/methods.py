@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from tunesmith import trainkit
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import EnvironmentNotSupported, TunesmithError
+from tunesmith.ranks import local_rank
 
 log = logging.getLogger("tunesmith.methods")
 
@@ -162,7 +162,7 @@ def load_4bit(base, section, cuda, tokenizer, grow_vocab):
     compute = compute_dtype_4bit(q["compute_dtype"], cuda)
     return _from_pretrained(
         base, section, cuda, tokenizer, grow_vocab, dtype=compute,
-        device_map={"": trainkit.local_rank() if cuda else "cpu"},
+        device_map={"": local_rank() if cuda else "cpu"},
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q["quant_type"],
                                                bnb_4bit_use_double_quant=q["double_quant"],
                                                bnb_4bit_compute_dtype=compute))
@@ -231,3 +231,24 @@ def get(name: str) -> Method:
         return METHODS[name]
     except KeyError:
         raise TunesmithError(f"train.method '{name}' is unknown; known: {', '.join(METHODS)}") from None
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+
+def require_device(method: str) -> bool:
+    """Return whether CUDA is here; stop at once when the method cannot run without it.
+
+    Decided from torch, never from the scheduler's gpu resource (Snakemake scales that down silently)."""
+    entry = get(method)
+    cuda = cuda_available()
+    if entry.needs_cuda and not cuda:
+        raise EnvironmentNotSupported(
+            f"train.method '{method}' needs a CUDA GPU and torch sees none ({entry.cuda_why}). "
+            f"On this machine use 'method: lora' (same adapter, 16/32-bit base), "
+            f"or run the train rule on a GPU node (--resources gpu=1 / the slurm profile).")
+    return cuda

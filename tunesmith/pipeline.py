@@ -1,8 +1,9 @@
 """The one ordered list of stages. Everything that iterates over stages reads it: the comparison,
-the model card's row accounting, the by-hand runner and the tests (which also check that every
-rule of the workflow is listed here and every entry has its rule and script).
+the model card's row accounting, the runner and the tests (which also check that every rule of the
+workflow is listed here and has its module tunesmith/stages/<rule>.py).
 
-A new stage is: its library function, its entry script, its rule, and one line here.
+A new stage is: its module tunesmith/stages/<rule>.py (run(io) -> Result), its rule (script:
+scripts/stage.py, code=stage_code("<rule>")), and one line here.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from pathlib import Path
 class Stage:
     name: str                  # the Snakemake rule name, also the MLflow child run name
     group: str                 # data | data_shard | pairs | model | train | evaluate | export | compare
-    script: str                # scripts/<script>: the rule's entry
     rows_report: str | None = None  # data stages: results/<recipe>/data/<file> that holds the rows kept
     per_variant: bool = False  # one run per sweep variant (else one per recipe)
     # Inputs that are data the stage learns from or is scored on: (input name, MLflow context).
@@ -26,31 +26,31 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("prepare_model", "model", "prepare_model.py"),
-    Stage("download", "data", "download.py", rows_report="source.json"),
+    Stage("prepare_model", "model"),
+    Stage("download", "data", rows_report="source.json"),
     # The *_shard stages run only with dataset.shards > 1, one job per shard, each gathered by the
     # stage after it; not "data" stages, which every recipe runs.
-    Stage("tokenize_shard", "data_shard", "tokenize_shard.py"),
-    Stage("tokenize_count", "data", "tokenize_count.py"),
-    Stage("filter_shard", "data_shard", "filter_shard.py"),
-    Stage("filter", "data", "filter.py", rows_report="filter_report.json"),
-    Stage("embed_shard", "data_shard", "embed_shard.py"),
-    Stage("dedupe", "data", "dedupe.py", rows_report="dedupe_report.json"),
-    Stage("select", "data", "select_rows.py", rows_report="select_report.json"),
-    Stage("decontaminate", "data", "decontaminate.py", rows_report="decontaminate_report.json"),
-    Stage("format", "data", "format.py", rows_report="format_report.json"),
-    Stage("build_pairs", "pairs", "build_pairs.py"),
-    Stage("curate_pairs", "pairs", "curate_pairs.py"),
-    Stage("train_tokenizer", "train", "train_tokenizer.py"),
-    Stage("pretrain", "train", "pretrain.py"),
-    Stage("train", "train", "train.py", per_variant=True, datasets=(("train", "training"), ("eval", "evaluation"))),
-    Stage("merge", "train", "merge.py", per_variant=True, model_output="merged"),
-    Stage("evaluate_base", "evaluate", "evaluate.py", datasets=(("eval", "evaluation"),)),
-    Stage("quantize", "export", "quantize.py", per_variant=True),
-    Stage("evaluate", "evaluate", "evaluate.py", per_variant=True, datasets=(("eval", "evaluation"),)),
-    Stage("cards", "export", "cards.py", per_variant=True),
-    Stage("publish", "export", "publish.py", per_variant=True),
-    Stage("compare", "compare", "compare.py"),
+    Stage("tokenize_shard", "data_shard"),
+    Stage("tokenize_count", "data"),
+    Stage("filter_shard", "data_shard"),
+    Stage("filter", "data", rows_report="filter_report.json"),
+    Stage("embed_shard", "data_shard"),
+    Stage("dedupe", "data", rows_report="dedupe_report.json"),
+    Stage("select", "data", rows_report="select_report.json"),
+    Stage("decontaminate", "data", rows_report="decontaminate_report.json"),
+    Stage("format", "data", rows_report="format_report.json"),
+    Stage("build_pairs", "pairs"),
+    Stage("curate_pairs", "pairs"),
+    Stage("train_tokenizer", "train"),
+    Stage("pretrain", "train"),
+    Stage("train", "train", per_variant=True, datasets=(("train", "training"), ("eval", "evaluation"))),
+    Stage("merge", "train", per_variant=True, model_output="merged"),
+    Stage("evaluate_base", "evaluate", datasets=(("eval", "evaluation"),)),
+    Stage("quantize", "export", per_variant=True),
+    Stage("evaluate", "evaluate", per_variant=True, datasets=(("eval", "evaluation"),)),
+    Stage("cards", "export", per_variant=True),
+    Stage("publish", "export", per_variant=True),
+    Stage("compare", "compare"),
 )
 
 BY_NAME = {s.name: s for s in STAGES}
@@ -65,14 +65,6 @@ def stage(name: str) -> Stage:
         raise KeyError(f"no stage named {name!r} (known: {', '.join(STAGE_ORDER)})") from None
 
 
-def for_script(script: str) -> Stage:
-    """The stage an entry script runs when started by hand (evaluate.py serves two: the tuned one)."""
-    found = [s for s in STAGES if s.script == script]
-    if not found:
-        raise KeyError(f"no stage runs scripts/{script}")
-    return found[-1]
-
-
 def rows_reports(data_dir: str) -> list[str]:
     """The data stages' row-count files in stage order (declared inputs of merge, read for the card)."""
     return [f"{data_dir}/{s.rows_report}" for s in STAGES if s.rows_report]
@@ -80,7 +72,8 @@ def rows_reports(data_dir: str) -> list[str]:
 
 # Plumbing that moves a stage's files and figures but does not change what the stage computes:
 # editing it reruns nothing.
-PLUMBING = frozenset({"tunesmith", "tunesmith.stage", "tunesmith.tracking", "tunesmith.result", "tunesmith.fileio",
+PLUMBING = frozenset({"tunesmith", "tunesmith.runner", "tunesmith.stageio", "tunesmith.tracking", "tunesmith.result",
+                      "tunesmith.fileio", "tunesmith.provenance",
                       "tunesmith.settings", "tunesmith.errors", "tunesmith.pipeline", "tunesmith.gpus"})
 
 
@@ -104,8 +97,8 @@ def _parsed_imports(path: Path, mtime_ns: int) -> frozenset[str]:
 
 
 def code_files(name: str, root: str | Path | None = None) -> list[Path]:
-    """The library source files a stage runs: everything its entry script imports from tunesmith,
-    followed through the library, less the plumbing."""
+    """The library source files a stage runs: its module tunesmith/stages/<name>.py and everything it
+    imports from tunesmith, followed through the library, less the plumbing."""
     root = Path(root) if root else Path(__file__).resolve().parents[1]
 
     def source(module: str) -> Path | None:
@@ -116,7 +109,8 @@ def code_files(name: str, root: str | Path | None = None) -> list[Path]:
         return None  # a name imported from a module, not a module
 
     seen: set[str] = set()
-    todo = list(_imports(root / "scripts" / stage(name).script))
+    stage(name)  # an unknown name fails here
+    todo = [f"tunesmith.stages.{name}"]
     while todo:
         module = todo.pop()
         if module in seen or module in PLUMBING or source(module) is None:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tunesmith import trainkit
+from tunesmith import checkpoints, histories, methods
 from tunesmith.data.corpus import iter_corpus
 from tunesmith.errors import DataError, TunesmithError
 from tunesmith.result import Result
@@ -154,7 +154,6 @@ def _base_model(base: str | Path, section: dict[str, Any], cuda: bool) -> tuple[
     template still fit), its weights in fp32 for full training. Blocks are full, so nothing pads."""
     from transformers import AutoTokenizer
 
-    from tunesmith import methods
 
     tokenizer = AutoTokenizer.from_pretrained(str(base))
     model = methods.load_full(base, section, cuda, tokenizer, grow_vocab=False)
@@ -168,7 +167,7 @@ def pretrain(*, section: dict[str, Any], model_out: str | Path, metrics_path: st
     import torch
     from transformers import set_seed
 
-    from tunesmith import methods, objectives
+    from tunesmith import objectives
     from tunesmith import trainer as trainer_loop
 
     if (tokenizer_dir is None) == (base is None):
@@ -176,7 +175,7 @@ def pretrain(*, section: dict[str, Any], model_out: str | Path, metrics_path: st
     pre = section["pretrain"]
     args = pre["args"]
     method, objective = methods.get("full"), objectives.get("causal-lm")
-    cuda = trainkit.require_device(method.name)
+    cuda = methods.require_device(method.name)
     set_seed(args["seed"])
     if base is None:
         model, tokenizer, context = _scratch_model(tokenizer_dir, pre, args["seed"])
@@ -186,7 +185,7 @@ def pretrain(*, section: dict[str, Any], model_out: str | Path, metrics_path: st
     all_blocks = blocks(tokenizer, list(iter_corpus(pre["corpus"])), block)
     n_eval = min(max(1, len(all_blocks) // 20), 64) if len(all_blocks) > 1 else 0
     eval_blocks, train_blocks = all_blocks[:n_eval], all_blocks[n_eval:]
-    counts = trainkit.parameter_counts(model)
+    counts = histories.parameter_counts(model)
     log.info("%s: %d parameters, vocab %d, %d train / %d eval blocks of %d tokens",
              f"continuing {base}" if base else "Llama from scratch", counts["total_params"],
              model.config.vocab_size, len(train_blocks), len(eval_blocks), block)
@@ -201,7 +200,7 @@ def pretrain(*, section: dict[str, Any], model_out: str | Path, metrics_path: st
         (tmp / "tunesmith_source.json").write_text(json.dumps(origin))
 
     inputs = {"base": base} if base else {"tokenizer": tokenizer_dir}
-    fingerprint = trainkit.fingerprint(section, {**inputs, "corpus": pre["corpus"]["source"]})
+    fingerprint = checkpoints.fingerprint(section, {**inputs, "corpus": pre["corpus"]["source"]})
     return trainer_loop.fit(trainer_loop.Fit(
         objective=objective, model=model, tokenizer=tokenizer, train_dataset=objective.dataset(train_blocks),
         eval_dataset=objective.dataset(eval_blocks) if eval_blocks else None, args=args, method=method, cuda=cuda,

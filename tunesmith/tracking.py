@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import importlib.metadata
 import json
 import logging
 import os
 import re
-import subprocess
 import sys
 import threading
 import time
@@ -37,14 +35,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from tunesmith.fileio import sha256
+from tunesmith.provenance import git_commit, library_versions
 
 log = logging.getLogger("tunesmith.tracking")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-KEY_LIBRARIES = (
-    "torch", "transformers", "peft", "trl", "datasets", "accelerate", "sentence-transformers",
-    "faiss-cpu", "lm-eval", "llama-cpp-python", "mlflow", "snakemake", "bitsandbytes",
-)
 ENV_URI = "TUNESMITH_TRACKING_URI"
 ENV_ENABLED = "TUNESMITH_TRACKING"
 ENV_TIMEOUT = "TUNESMITH_TRACKING_TIMEOUT"
@@ -107,26 +101,6 @@ def _failure_text(exc: BaseException, uri: str) -> str:
 
 
 # ---------------------------------------------------------------- provenance
-
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return (sha or "unknown") + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def library_versions() -> dict[str, str]:
-    out = {}
-    for name in KEY_LIBRARIES:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, str]:

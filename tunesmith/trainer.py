@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from tunesmith import trainkit
+from tunesmith import checkpoints, histories, ranks
 from tunesmith.errors import TunesmithError
 from tunesmith.result import Result
 
@@ -121,23 +121,23 @@ def fit(job: Fit) -> Result:
     import torch
 
     started = time.time()
-    rank0 = trainkit.world_rank() == 0
+    rank0 = ranks.world_rank() == 0
     gc = bool(job.args["gradient_checkpointing"]) and not job.method.own_gradient_checkpointing
     config = training_arguments(job.objective.config_class(), job.args, optim=job.args["optim"] or job.method.default_optim,
                                 gradient_checkpointing=gc, output_dir=job.checkpoints, cuda=job.cuda,
                                 has_eval=job.eval_dataset is not None,
                                 **job.objective.config_kwargs(job.args, job.settings))
-    history = trainkit.make_history_callback()
+    history = histories.make_history_callback()
     trainer = job.objective.build_trainer(job.model, job.tokenizer, config, job.train_dataset, job.eval_dataset,
                                           [history], **job.trainer_kwargs)
     if job.before_train is not None:
         job.before_train(trainer)
     # Rank 0 discards stale checkpoints and sets corrupt ones aside; the others then take the
     # newest one left, so every rank resumes from the same step.
-    resume = trainkit.prepare_checkpoints(job.checkpoints, job.fingerprint) if rank0 else None
+    resume = checkpoints.prepare_checkpoints(job.checkpoints, job.fingerprint) if rank0 else None
     trainer.accelerator.wait_for_everyone()
     if not rank0:
-        resume = trainkit.last_checkpoint(job.checkpoints, validate=False)
+        resume = checkpoints.last_checkpoint(job.checkpoints, validate=False)
 
     initial_file = job.checkpoints / "initial_eval.json"
     initial_eval = None
@@ -150,7 +150,7 @@ def fit(job: Fit) -> Result:
             # DistributedDataParallel, so the ranks' gradients are never averaged (transformers 5.23,
             # accelerate 1.15; tests/test_train_ddp.py).
             trainer.args.eval_on_start = True
-            first_eval = trainkit.first_eval_callback(
+            first_eval = histories.first_eval_callback(
                 lambda first: initial_file.write_text(json.dumps({"eval_loss": float(first["eval_loss"]),
                                                                   **_eval_figures(first, job.objective)}))
                 if rank0 else None)
@@ -161,14 +161,14 @@ def fit(job: Fit) -> Result:
             initial_figures = saved
             log.info("eval loss before training: %.4f", initial_eval)
 
-    resumed_from = trainkit.checkpoint_step(resume) if resume is not None else 0
+    resumed_from = checkpoints.checkpoint_step(resume) if resume is not None else 0
     if resume is not None:
         log.info("resuming from checkpoint %s (global_step %d)", resume, resumed_from)
     else:
         log.info("no checkpoint in %s: training from step 0", job.checkpoints)
     if job.cuda:
         torch.cuda.reset_peak_memory_stats()
-    tokens_before = trainkit.tokens_seen(resume) if resume is not None else 0
+    tokens_before = checkpoints.tokens_seen(resume) if resume is not None else 0
     train_started = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     train_seconds = time.time() - train_started
@@ -183,21 +183,21 @@ def fit(job: Fit) -> Result:
     step = int(trainer.state.global_step)
     steps_run = step - resumed_from
     tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0) - tokens_before
-    train_hist, eval_hist = trainkit.full_history(trainer)
+    train_hist, eval_hist = histories.full_history(trainer)
     # What the objective logs beside the loss (DPO's rewards/margins, GRPO's reward mean): from the
     # trainer state, like the loss, so a resumed run keeps the steps before the crash.
-    curves = trainkit.objective_histories(trainer.state.log_history, getattr(job.objective, "HISTORIES", ()))
+    curves = histories.objective_histories(trainer.state.log_history, getattr(job.objective, "HISTORIES", ()))
     if final_eval is not None:
         eval_hist = [e for e in eval_hist if e[0] != step] + [(step, final_eval)]
     if initial_eval is not None:
         eval_hist = [(0, initial_eval)] + [e for e in eval_hist if e[0] != 0]
-    counts = trainkit.parameter_counts(job.model)
+    counts = histories.parameter_counts(job.model)
     metrics: dict[str, Any] = {
         "method": job.method.name,
         "objective": job.objective.NAME,
         "device": "cuda" if job.cuda else "cpu",
         "device_name": torch.cuda.get_device_name(0) if job.cuda else "cpu",
-        "world_size": trainkit.world_size(),
+        "world_size": ranks.world_size(),
         "train_rows": len(job.train_dataset),
         "eval_rows": len(job.eval_dataset) if job.eval_dataset is not None else 0,
         "train_loss": float(result.training_loss),  # the run's mean; MLflow's train_loss is the curve
@@ -218,7 +218,7 @@ def fit(job: Fit) -> Result:
         **history.steady_rate(),
         "train_seconds": train_seconds,
         **counts,
-        **trainkit.peak_memory_mb(job.cuda),
+        **histories.peak_memory_mb(job.cuda),
         **job.extra_metrics,
         "loss_history": [{"step": s, "loss": v} for s, v in train_hist],
         "eval_history": [{"step": s, "eval_loss": v} for s, v in eval_hist],
@@ -242,10 +242,10 @@ def fit(job: Fit) -> Result:
 
     replace_dir(tmp, job.model_out)
     metrics["wall_seconds"] = time.time() - started
-    trainkit.plot_loss(train_hist, eval_hist, job.loss_path, f"{job.title}: {step} steps")
+    histories.plot_loss(train_hist, eval_hist, job.loss_path, f"{job.title}: {step} steps")
     artifacts = [str(job.metrics_path), str(job.loss_path)]
     if job.histories_path is not None:
-        trainkit.plot_histories(curves, job.histories_path, f"{job.objective.NAME}, {job.title}: {step} steps")
+        histories.plot_histories(curves, job.histories_path, f"{job.objective.NAME}, {job.title}: {step} steps")
         artifacts.append(str(job.histories_path))
     write_json(job.metrics_path, metrics)
     scalars = {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}

@@ -86,7 +86,7 @@ def build_pairs(model_dir: str | Path, prompts: list[dict[str, Any]], section: d
 
     from tunesmith.contract import end_of_turn_ids
     from tunesmith.methods import resolve_dtype
-    from tunesmith.training import load_tokenizer
+    from tunesmith.contract import load_tokenizer
 
     cfg = section["preference"]["verifier"]
     reward = rewards.resolve([cfg["reward"]], cfg["format_pattern"])[0]

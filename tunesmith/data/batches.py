@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tunesmith import fileio
+from tunesmith.errors import DataError
 
 # Rows per batch and per written row group. Not a recipe setting: it trades a few MB of memory per
 # batch against per-batch overhead, and 64k rows of chat text (~35 MB of strings, a few times that
@@ -66,7 +67,6 @@ def iter_batches(path: str | Path, columns: Sequence[str] | None = None, *,
 def shard_bounds(n_rows: int, shards: int, shard: int) -> tuple[int, int]:
     """Rows [start, stop) of shard (0-based) out of shards contiguous, near-equal slices: the one
     contract of every shard job (tokenize_shard, filter_shard, embed_shard) and of their gathers."""
-    from tunesmith.errors import DataError
 
     if not 0 <= shard < shards:
         raise DataError(f"shard {shard} is outside 0..{shards - 1} (dataset.shards = {shards})")
@@ -185,3 +185,35 @@ def file_metadata(path: str | Path) -> dict[str, str]:
 
 def take_mask(batch: pa.RecordBatch, keep: np.ndarray) -> pa.RecordBatch:
     return batch.filter(pa.array(keep, type=pa.bool_()))
+
+
+# Every shard job works on rows [start, stop) of its input as shard_bounds cuts them, and records
+# those bounds beside its output; the gathering job checks that its shards meet end to end over the
+# input it reads, so a stale or misplaced shard is named, never silently mixed in.
+def shard_metadata(start: int, stop: int, total: int) -> dict[str, str]:
+    return {"shard_start": str(start), "shard_stop": str(stop), "shard_total": str(total)}
+
+
+
+def read_shard_bounds(path: str, meta: dict[str, Any]) -> tuple[int, int, int]:
+    try:
+        return int(meta["shard_start"]), int(meta["shard_stop"]), int(meta["shard_total"])
+    except KeyError:
+        raise DataError(f"{path}: not a shard file (no shard bounds in it): re-run its shard job") from None
+
+
+
+def check_shards(paths: list[str], bounds: list[tuple[int, int, int, int]], *, unit: str, job: str,
+                 total: int | None = None, source: str = "") -> None:
+    """bounds: per shard file (start, stop, rows of the input it was cut from, rows it holds). The
+    shards must hold consecutive slices of one input of `total` rows (when given), start to end."""
+    stop, seen_total = 0, total
+    for shard, (path, (start, end, rows, held)) in enumerate(zip(paths, bounds)):
+        seen_total = rows if seen_total is None else seen_total
+        if start != stop or rows != seen_total or held != end - start:
+            raise DataError(f"{path}: shard {shard + 1} of {len(paths)} holds rows {start}..{end} of {rows} "
+                            f"({held} {unit}), expected rows from {stop} of {seen_total}"
+                            f"{' (' + source + ')' if source else ''}: re-run its {job} job")
+        stop = end
+    if seen_total is not None and paths and stop != seen_total:
+        raise DataError(f"{paths[-1]}: the shards end at row {stop} of {seen_total}: a shard job is missing")

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tunesmith.data import batches, tokens
 from tunesmith.errors import DataError
 
 
@@ -113,3 +114,23 @@ def apply(frame: pd.DataFrame, section: dict[str, Any], examples: int = 5) -> tu
     alive = acc.add(frame, rules(section, frame))
     report = acc.report()
     return frame.loc[alive].reset_index(drop=True), report
+
+
+def filter_batch(batch: Any, counts: Any, section: dict[str, Any], acc: Any, tally: Any) -> Any:
+    """One raw batch with its counts attached, less the rows a rule drops (counted in acc and tally)."""
+    batch = counts.attach(batch)
+    frame = batch.drop_columns(["messages"]).to_pandas() if "messages" in batch.schema.names \
+        else batch.to_pandas()
+    alive = acc.add(frame, rules(section, frame))
+    tally.add(batch, alive)
+    return batches.take_mask(batch, alive)
+
+
+
+def filtered_schema(raw_path: str) -> Any:
+    """The schema filter writes: raw's columns, then the count columns (as CountIndex.attach makes them)."""
+    import pyarrow as pa
+
+    raw = batches.schema(raw_path)
+    return pa.schema([pa.field(f.name, f.type) for f in raw if f.name not in tokens.COUNT_COLUMNS] +
+                     [pa.field(c, pa.int64()) for c in tokens.COUNT_COLUMNS])

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from tunesmith.contract import tokenize_completion
-from tunesmith.data.dedupe import normalise
+from tunesmith.data.duplicates import normalise
 from tunesmith.errors import DataError
 from tunesmith.result import Result
 
@@ -95,7 +95,7 @@ def curate_stage(pairs_in: str, base: str, template: str, section: dict[str, Any
     from tunesmith.data.plots import token_histogram
     from tunesmith.data.preference import load_preference, write_rows
     from tunesmith.fileio import write_json
-    from tunesmith.training import load_tokenizer
+    from tunesmith.contract import load_tokenizer
 
     pref = section["preference"]
     rows, info = load_preference(pairs_in, pref["layout"], on_bad_rows=pref["on_bad_rows"], limit=pref["limit"])

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 NAME = "causal-lm"
+# The pretrain rule reads the corpus itself (kind: pretrain); no train rule runs this objective.
+INPUTS: dict[str, str] = {}
 
 
 def config_class():

@@ -8,9 +8,20 @@ step one.
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
+from tunesmith import contract, methods
+from tunesmith.data import preference
+from tunesmith.errors import TunesmithError
+from tunesmith.objectives import Plan
+
+log = logging.getLogger("tunesmith.train")
+
 NAME = "dpo"
+# Files of the recipe's data folder the train rule reads: the curated pairs.
+INPUTS = {"train": "pairs.jsonl"}
 # What DPOTrainer logs beside the loss; the loop keeps them as step histories and plots them.
 HISTORIES = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
              "logps/chosen", "logps/rejected")
@@ -55,3 +66,51 @@ def drop_reference_adapter(model: Any) -> None:
     config = getattr(model, "peft_config", None)
     if isinstance(config, dict) and "ref" in config:
         model.delete_adapter("ref")
+
+
+def read_rows(path: str, objective: str) -> list[dict[str, Any]]:
+    """Canonical rows for dpo (pairs) or kto (unpaired rows; pairs are split into one of each label)."""
+    rows, info = preference.load_preference(path)
+    if objective == "kto":
+        return preference.unpair(rows)
+    if info["kind"] != "pairs":
+        raise TunesmithError(f"{path}: train.objective dpo needs chosen/rejected pairs, but this file holds "
+                             f"{info['layout']} rows (prompt/completion/label); use objective kto for them")
+    return rows
+
+
+def prepare_preference(s: Any, paths: Any, section: dict[str, Any], name: str, counts: dict[str, int] | None = None,
+                       dataset_fn: Any = None) -> Plan:
+    """dpo or kto: canonical preference rows, the pair contract gate, and the reference model (full
+    fine-tuning: a second frozen copy of the base; adapter methods disable their adapter instead)."""
+    args, tokenizer, settings = s.args, s.tokenizer, section["train"][name]
+    train_rows = read_rows(paths.train, name)
+    eval_rows = read_rows(paths.eval, name) if paths.eval and Path(paths.eval).is_file() else []
+
+    def gate(trainer: Any) -> None:
+        gen = getattr(trainer.model, "generation_config", None)
+        for split, rows, batch in (("train", train_rows, args["per_device_train_batch_size"]),
+                                   ("eval", eval_rows, args["per_device_eval_batch_size"])):
+            if rows:
+                contract.pair_gate(rows, tokenizer, collator=trainer.data_collator, generation_config=gen,
+                                   max_length=args["max_length"], batch_size=batch, name=split)
+        log.info("pair contract passed: %d train and %d eval rows; every prompt renders the same before each "
+                 "completion, and each completion ends with a supervised %r", len(train_rows), len(eval_rows),
+                 tokenizer.eos_token)
+
+    def trainer_kwargs(model: Any) -> dict[str, Any]:
+        ref_model = None
+        if settings["reference"] == "model" and not s.method.adapter:
+            ref_model = methods.load_reference(paths.base, section, s.cuda, tokenizer, s.grow_vocab)
+        return {"ref_model": ref_model}
+
+    make = dataset_fn or dataset
+    return Plan(train=make(train_rows), eval=make(eval_rows) if eval_rows else None, before_train=gate,
+                trainer_kwargs=trainer_kwargs, settings=settings,
+                metrics={"beta": settings["beta"], "loss_type": settings["loss_type"],
+                         "reference": settings["reference"],
+                         **(counts(train_rows) if counts else {"train_pairs": len(train_rows)})})
+
+
+def prepare(s: Any, paths: Any, section: dict[str, Any]) -> Plan:
+    return prepare_preference(s, paths, section, NAME)

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from tunesmith.objectives.dpo import drop_reference_adapter
+from tunesmith.objectives import Plan
+from tunesmith.objectives.dpo import drop_reference_adapter, prepare_preference
 
 NAME = "kto"
+# Files of the recipe's data folder the train rule reads: the curated pairs, split into labelled rows.
+INPUTS = {"train": "pairs.jsonl"}
 # KTO is unpaired: no reward accuracy; kl is its batch estimate of KL(policy || reference).
 HISTORIES = ("rewards/chosen", "rewards/rejected", "rewards/margins", "kl", "logps/chosen", "logps/rejected")
 LOSS_IS_NLL = False  # its loss is no token NLL: the loop reports no perplexity
@@ -44,3 +47,12 @@ def build_trainer(model: Any, tokenizer: Any, config: Any, train: Any, evals: An
                          processing_class=tokenizer, callbacks=callbacks)
     drop_reference_adapter(trainer.model)
     return trainer
+
+
+def _label_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
+    desirable = sum(1 for r in rows if r["label"])
+    return {"train_desirable": desirable, "train_undesirable": len(rows) - desirable}
+
+
+def prepare(s: Any, paths: Any, section: dict[str, Any]) -> Plan:
+    return prepare_preference(s, paths, section, NAME, counts=_label_counts, dataset_fn=dataset)

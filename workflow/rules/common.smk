@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, workflow.basedir)
 
-from tunesmith import pipeline, tracking
+from tunesmith import objectives, pipeline, tracking
 from tunesmith.settings import configure_environment
 from tunesmith.errors import TunesmithError
 from tunesmith.recipe import check_config, continues_pretraining, has_dataset, load_recipe, resolve_chains, upstream, variants
@@ -160,7 +160,7 @@ def train_nodes(wildcards):
 
 def train_tasks(wildcards):
     """SLURM tasks = ranks, so that the allocation holds threads x ranks CPUs (--cpus-per-task is
-    per task); srun then starts one accelerate launcher per node over them (tunesmith.trainkit)."""
+    per task); srun then starts one accelerate launcher per node over them (tunesmith.launch)."""
     nodes, per_node = train_ranks(wildcards)
     return nodes * per_node if nodes * per_node > 1 else None
 
@@ -247,7 +247,7 @@ def corpus_input(wildcards):
 
 def task_documents_input(wildcards):
     """The local files holding the documents of the recipe's eval tasks (decontaminate reads them)."""
-    from tunesmith.evaluate import task_documents
+    from tunesmith.tasks import task_documents
 
     return local_paths(*(str(p) for p in task_documents(recipe_of(wildcards)["evaluate"])[0].values()))
 
@@ -259,19 +259,14 @@ def eval_data_input(wildcards):
 
 
 def train_inputs(wildcards):
-    """What train reads, by objective: prompt/completion rows (sft, and grpo's prompts with their
-    reference answers) or curated preference pairs (dpo, kto)."""
+    """What train reads: the template, the base, and the files its objective declares
+    (tunesmith.objectives.<name>.INPUTS: prompt/completion rows, or curated preference pairs)."""
     recipe = variant_of(wildcards)
     data = f"{RESULTS}/{wildcards.recipe}/data"
-    objective = recipe["train"]["objective"]
     inputs = {"template": f"{data}/chat_template.jinja", "base": base_model_dir(recipe),
               "dataset": dataset_input(wildcards)}
-    if objective in ("dpo", "kto"):
-        inputs["train"] = f"{data}/pairs.jsonl"
-    else:
-        inputs["train"] = f"{data}/train.jsonl"
-    if objective == "sft":
-        inputs["eval"] = f"{data}/eval.jsonl"
+    for name, file in objectives.inputs(recipe["train"]["objective"]).items():
+        inputs[name] = f"{data}/{file}"
     return inputs
 
 

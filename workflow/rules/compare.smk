@@ -28,4 +28,4 @@ rule compare:
     conda:
         "../../envs/cpu.yaml"
     script:
-        "../../scripts/compare.py"
+        "../../scripts/stage.py"

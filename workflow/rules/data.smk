@@ -25,7 +25,7 @@ rule prepare_model:
     conda:
         "../../envs/cpu.yaml"
     script:
-        "../../scripts/prepare_model.py"
+        "../../scripts/stage.py"
 
 
 rule download:
@@ -47,7 +47,7 @@ rule download:
     conda:
         "../../envs/cpu.yaml"
     script:
-        "../../scripts/download.py"
+        "../../scripts/stage.py"
 
 
 rule tokenize_shard:
@@ -75,7 +75,7 @@ rule tokenize_shard:
     conda:
         "../../envs/cpu.yaml"
     script:
-        "../../scripts/tokenize_shard.py"
+        "../../scripts/stage.py"
 
 
 rule tokenize_count:
@@ -104,7 +104,7 @@ rule tokenize_count:
     conda:
         "../../envs/cpu.yaml"
     script:
-        "../../scripts/tokenize_count.py"
+        "../../scripts/stage.py"
 
 
 rule filter_shard:
@@ -136,7 +136,7 @@ rule filter_shard:
     conda:
         "../../envs/cpu.yaml"
     script:
-        "../../scripts/filter_shard.py"
+        "../../scripts/stage.py"
 
 
 rule filter:
@@ -163,7 +163,7 @@ rule filter:
     conda:
         "../../envs/cpu.yaml"
     script:
-        "../../scripts/filter.py"
+        "../../scripts/stage.py"
 
 
 rule embed_shard:
@@ -191,7 +191,7 @@ rule embed_shard:
     conda:
         "../../envs/cpu.yaml"
     script:
-        "../../scripts/embed_shard.py"
+        "../../scripts/stage.py"
 
 
 rule dedupe:
@@ -219,7 +219,7 @@ rule dedupe:
     conda:
         "../../envs/cpu.yaml"
     script:
-        "../../scripts/dedupe.py"
+        "../../scripts/stage.py"
 
 
 rule select:
@@ -242,7 +242,7 @@ rule select:
     conda:
         "../../envs/cpu.yaml"
     script:
-        "../../scripts/select_rows.py"
+        "../../scripts/stage.py"
 
 
 rule decontaminate:
@@ -268,7 +268,7 @@ rule decontaminate:
     conda:
         "../../envs/cpu.yaml"
     script:
-        "../../scripts/decontaminate.py"
+        "../../scripts/stage.py"
 
 
 rule format:
@@ -296,4 +296,4 @@ rule format:
     conda:
         "../../envs/cpu.yaml"
     script:
-        "../../scripts/format.py"
+        "../../scripts/stage.py"

@@ -25,7 +25,7 @@ rule evaluate_base:
     conda:
         "../../envs/cpu.yaml"
     script:
-        "../../scripts/evaluate.py"
+        "../../scripts/stage.py"
 
 
 rule evaluate:
@@ -58,4 +58,4 @@ rule evaluate:
     conda:
         "../../envs/cpu.yaml"
     script:
-        "../../scripts/evaluate.py"
+        "../../scripts/stage.py"

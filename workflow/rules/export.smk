@@ -22,7 +22,7 @@ rule quantize:
     conda:
         "../../envs/cpu.yaml"
     script:
-        "../../scripts/quantize.py"
+        "../../scripts/stage.py"
 
 
 rule cards:
@@ -47,7 +47,7 @@ rule cards:
     conda:
         "../../envs/cpu.yaml"
     script:
-        "../../scripts/cards.py"
+        "../../scripts/stage.py"
 
 
 rule publish:
@@ -72,4 +72,4 @@ rule publish:
     conda:
         "../../envs/cpu.yaml"
     script:
-        "../../scripts/publish.py"
+        "../../scripts/stage.py"

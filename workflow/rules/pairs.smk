@@ -26,7 +26,7 @@ rule build_pairs:
     conda:
         "../../envs/cpu.yaml"
     script:
-        "../../scripts/build_pairs.py"
+        "../../scripts/stage.py"
 
 
 rule curate_pairs:
@@ -51,4 +51,4 @@ rule curate_pairs:
     conda:
         "../../envs/cpu.yaml"
     script:
-        "../../scripts/curate_pairs.py"
+        "../../scripts/stage.py"

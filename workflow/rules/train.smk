@@ -31,7 +31,7 @@ rule train:
     conda:
         "../../envs/cpu.yaml"
     script:
-        "../../scripts/train.py"
+        "../../scripts/stage.py"
 
 
 rule merge:
@@ -62,7 +62,7 @@ rule merge:
     conda:
         "../../envs/cpu.yaml"
     script:
-        "../../scripts/merge.py"
+        "../../scripts/stage.py"
 
 
 rule train_tokenizer:
@@ -83,7 +83,7 @@ rule train_tokenizer:
     conda:
         "../../envs/cpu.yaml"
     script:
-        "../../scripts/train_tokenizer.py"
+        "../../scripts/stage.py"
 
 
 rule pretrain:
@@ -110,4 +110,4 @@ rule pretrain:
     conda:
         "../../envs/cpu.yaml"
     script:
-        "../../scripts/pretrain.py"
+        "../../scripts/stage.py"

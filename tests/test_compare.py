@@ -1,16 +1,18 @@
 """`tunesmith compare` on stage runs pushed to a scratch SQLite store with the agreed metric names,
-and provenance tags on a child run pushed by tracking.stage_run. No model, no workflow: ~20 s
+and provenance tags on a child run pushed by tracking_run.stage_run. No model, no workflow: ~20 s
 (mostly MLflow creating its SQLite schema once)."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import time
 import sqlite3
 
 import pytest
 
-from tunesmith import cli, fileio, tracking
+from tunesmith import cli, fileio, tracking, tracking_record, tracking_run, tracking_writer
 from tunesmith.result import Result
 
 DATA = {"download": (0, 48), "tokenize_count": (48, 48), "filter": (48, 45), "dedupe": (45, 40),
@@ -28,7 +30,7 @@ def store(tmp_path_factory):
     results = tmp / "results"
 
     def push(recipe, stage, variant=None, metrics=(), params=None, history=(), figures=None):
-        rec = tracking.StageRecord(recipe=recipe, stage=stage, results_dir=str(results), variant=variant)
+        rec = tracking_record.StageRecord(recipe=recipe, stage=stage, results_dir=str(results), variant=variant)
         rec.log_params(params or {"section": {"stage": stage}})
         for key, value in metrics:
             rec.log_metric(key, value)
@@ -36,7 +38,7 @@ def store(tmp_path_factory):
             rec.take(Result(figures=figures))
         for step, value in history:
             rec.log_metric("train_loss", value, step=step)
-        tracking.finish(rec)
+        tracking_run.finish(rec)
         assert rec.synced, f"push failed for {recipe}/{stage}"
         return rec
 
@@ -117,7 +119,7 @@ def test_child_run_carries_provenance(store):
     (data / "source.json").write_text(json.dumps({"raw_sha256": "feedface" * 8}))
     out = data / "filtered.parquet"
     section = {"filter": {"min_tokens": 4, "max_tokens": 256, "drop_empty": True}}
-    with tracking.stage_run("filter", {"raw": str(raw)}, {"filtered": str(out)},
+    with tracking_run.stage_run("filter", {"raw": str(raw)}, {"filtered": str(out)},
                             recipe="prov", results_dir=str(results), section=section) as rec:
         out.write_bytes(b"filtered rows")
         rec.log_metrics({"rows_in": 10, "rows_out": 8})
@@ -148,9 +150,9 @@ def test_sync_pushes_unsynced_records_in_place(store, tmp_path, monkeypatch):
     job_cwd.mkdir()
     monkeypatch.chdir(job_cwd)
     monkeypatch.setenv(tracking.ENV_ENABLED, "0")
-    rec = tracking.StageRecord(recipe="later", stage="filter", results_dir="results")
+    rec = tracking_record.StageRecord(recipe="later", stage="filter", results_dir="results")
     rec.log_metrics({"rows_in": 5, "rows_out": 4})
-    tracking.finish(rec)
+    tracking_run.finish(rec)
     path = job_cwd / "results" / "later" / "tracking" / "filter.json"
     assert json.loads(path.read_text())["synced"] is False
     monkeypatch.chdir(tmp_path)
@@ -171,11 +173,11 @@ def test_sync_pushes_to_the_records_own_store_and_closes_the_parent(tmp_path, mo
     monkeypatch.setenv(tracking.ENV_INVOCATION, "inv-down")
     monkeypatch.setenv(tracking.ENV_URI, meant)
     monkeypatch.setenv(tracking.ENV_ENABLED, "0")  # the server is down: nothing is pushed
-    rec = tracking.StageRecord(recipe="down", stage="train", results_dir="results")
+    rec = tracking_record.StageRecord(recipe="down", stage="train", results_dir="results")
     rec.log_metric("train_loss", 1.0, step=1)
-    tracking.finish(rec)
+    tracking_run.finish(rec)
     monkeypatch.setenv(tracking.ENV_ENABLED, "1")
-    tracking.close_parents("FAILED", ["down"], "results")  # no stage reached the store: no parent yet
+    tracking_writer.close_parents("FAILED", ["down"], "results")  # no stage reached the store: no parent yet
     state = json.loads((tmp_path / "results/down/tracking/invocations/inv-down.json").read_text())
     assert state["status"] == "FAILED" and state["closed"] is False
 
@@ -198,24 +200,24 @@ def test_the_workflow_writer_pushes_what_jobs_write_once(store, tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv(tracking.ENV_INVOCATION, "inv-writer")
     monkeypatch.setenv(tracking.ENV_WRITER, "")
-    tracking.start_writer(["w"], "results")
+    tracking_writer.start_writer(["w"], "results")
     try:
-        assert tracking.os.environ[tracking.ENV_WRITER] == "inv-writer"  # what jobs inherit
-        rec = tracking.StageRecord(recipe="w", stage="filter", results_dir="results")  # a job's stage
+        assert os.environ[tracking.ENV_WRITER] == "inv-writer"  # what jobs inherit
+        rec = tracking_record.StageRecord(recipe="w", stage="filter", results_dir="results")  # a job's stage
         rec.log_metrics({"rows_in": 5, "rows_out": 4})
-        tracking.finish(rec)
-        other = tracking.StageRecord(recipe="w", stage="select", results_dir="results",
+        tracking_run.finish(rec)
+        other = tracking_record.StageRecord(recipe="w", stage="select", results_dir="results",
                                      target_uri=f"sqlite:///{tmp_path / 'other.db'}")
-        tracking.finish(other)
+        tracking_run.finish(other)
         path = tmp_path / "results/w/tracking/filter.json"
         assert json.loads(path.read_text())["synced"] is False  # the job did not push
-        deadline = tracking.time.time() + 60
-        while not json.loads(path.read_text())["synced"] and tracking.time.time() < deadline:
-            tracking.time.sleep(0.2)
+        deadline = time.time() + 60
+        while not json.loads(path.read_text())["synced"] and time.time() < deadline:
+            time.sleep(0.2)
         assert json.loads(path.read_text())["synced"] is True
-        assert tracking.push_file(path) is None  # already pushed: no second run
+        assert tracking_writer.push_file(path) is None  # already pushed: no second run
     finally:
-        tracking.stop_writer()
+        tracking_writer.stop_writer()
     assert json.loads((tmp_path / "results/w/tracking/select.json").read_text())["synced"] is False
     assert not (tmp_path / "other.db").exists()
     db = sqlite3.connect(uri.removeprefix("sqlite:///"))

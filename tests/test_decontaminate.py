@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from plant_helpers import planted_sample
-from tunesmith import evaluation
+from tunesmith import scorecard
 from tunesmith.data import contamination as decon
 from tunesmith.data import formatting
 from tunesmith.errors import DataError
@@ -73,7 +73,7 @@ def test_each_task_shows_its_contamination_count_beside_its_score():
     report = {"action": "flag", "ngram": 13, "embedding": None, "heldout": {"rows_checked": 90, "rows_matched": 2},
               "tasks": {"gsm8k_local": {"rows_checked": 100, "rows_matched": 7}},
               "not_checked": {"mmlu": "an lm-eval built-in task"}}
-    evaluation.add_contamination(comparison, report)
+    scorecard.add_contamination(comparison, report)
     tasks = comparison["tasks"]
     assert tasks["gsm8k_local"]["contamination"] == {"rows": 7, "rows_checked": 100, "action": "flag",
                                                      "method": "13-gram"}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tunesmith import evaluation
+from tunesmith import evaluation, scorecard
 from tunesmith.errors import TunesmithError
 from tunesmith.schema import fill_defaults, load_schema
 from tunesmith.runner import call_stage, stage_function
@@ -82,7 +82,7 @@ def test_compare_keeps_limits_and_gguf_scores_in_order():
     base = {"model": "b", "tasks": {"heldout": {"metric": "exact_match,none", "score": 0.1, "limit": 50}}}
     tuned = {"model": "t", "tasks": {"heldout": {"metric": "exact_match,none", "score": 0.7, "limit": 50}},
              "gguf": {"Q8_0": {"tasks": {"heldout": {"score": 0.7}}}, "Q4_K_M": {"tasks": {"heldout": {"score": 0.6}}}}}
-    c = evaluation.compare(base, tuned)["tasks"]["heldout"]
+    c = scorecard.compare(base, tuned)["tasks"]["heldout"]
     assert c["delta"] == pytest.approx(0.6) and c["limit"] == 50 and c["base_limit"] == 50
     assert list(c["gguf"]) == ["Q8_0", "Q4_K_M"] and c["gguf_delta_vs_tuned"]["Q4_K_M"] == pytest.approx(-0.1)
     assert c["regressed"] is False
@@ -92,7 +92,7 @@ def test_a_tuned_model_below_its_base_is_marked_with_the_noise_of_the_difference
     """A chained recipe's base is its upstream model: DPO scoring below SFT must say so."""
     base = {"model": "sft", "tasks": {"heldout": {"metric": "exact_match,none", "score": 0.96, "limit": 50}}}
     tuned = {"model": "dpo", "tasks": {"heldout": {"metric": "exact_match,none", "score": 0.94, "limit": 50}}}
-    c = evaluation.compare(base, tuned)["tasks"]["heldout"]
+    c = scorecard.compare(base, tuned)["tasks"]["heldout"]
     assert c["regressed"] is True
     assert c["delta_stderr"] == pytest.approx(((0.96 * 0.04 + 0.94 * 0.06) / 50) ** 0.5)
 
@@ -130,7 +130,7 @@ def test_compare_leads_with_the_headline_metric_and_names_the_metrics_a_task_has
             "metrics": {"exact_match": em, "chrf": chrf, "ref_logprob": lp, "ref_perplexity": math.exp(-lp)}}}}
     tuned = scores(0.0, 41.0, -0.6, "t")
     tuned["gguf"] = {"Q8_0": {"tasks": {"heldout": {"score": 0.0, "metrics": {"exact_match": 0.0, "chrf": 40.0}}}}}
-    c = evaluation.compare(scores(0.0, 30.0, -0.9, "b"), tuned, {"task": "heldout", "metric": "chrf"})
+    c = scorecard.compare(scores(0.0, 30.0, -0.9, "b"), tuned, {"task": "heldout", "metric": "chrf"})
     assert list(c)[0] == "headline"
     assert c["headline"] == {"task": "heldout", "metric": "chrf", "base": 30.0, "tuned": 41.0, "delta": 11.0,
                              "higher_is_better": True, "gguf": {"Q8_0": 40.0}}
@@ -138,7 +138,7 @@ def test_compare_leads_with_the_headline_metric_and_names_the_metrics_a_task_has
     assert m["exact_match"]["delta"] == 0 and m["ref_logprob"]["delta"] == pytest.approx(0.3)
     assert m["ref_perplexity"]["delta"] < 0 and "gguf" not in m["ref_logprob"]  # Q8_0 had no log-likelihood here
     with pytest.raises(TunesmithError, match=r"did you mean 'chrf'\?.*exact_match, chrf"):
-        evaluation.compare(scores(0, 1, -1, "b"), scores(0, 1, -1, "t"), {"task": "heldout", "metric": "chrF"})
+        scorecard.compare(scores(0, 1, -1, "b"), scores(0, 1, -1, "t"), {"task": "heldout", "metric": "chrF"})
 
 
 def test_a_headline_the_recipe_cannot_have_stops_it_before_any_job(tmp_path):

@@ -17,7 +17,8 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "tunesmith"
 
 SHARED = {"errors", "fileio", "result", "stageio", "ranks", "provenance", "schema", "tasks"}
-WORKFLOW = {"pipeline", "settings", "tracking", "leaderboard", "gpus"}
+WORKFLOW = {"pipeline", "settings", "tracking", "tracking_record", "tracking_run", "tracking_writer",
+            "mlflow_store", "leaderboard", "gpus"}
 ENTRY = {"runner", "cli"}
 
 

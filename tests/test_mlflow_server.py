@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tunesmith import cli, tracking
+from tunesmith import cli, tracking, tracking_run, tracking_writer
 from workflow_helpers import REPO, SNAKEMAKE, failure_text, make_workdir, snakemake, write_config
 
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
@@ -174,7 +174,7 @@ def test_stage_records_over_http(server, tmp_path, monkeypatch):
     results = tmp_path / "results"
     report = tmp_path / "report.json"
     report.write_text('{"ok": true}')
-    with tracking.stage_run("train", {"report": str(report)}, {}, recipe="http-check", variant="r-8",
+    with tracking_run.stage_run("train", {"report": str(report)}, {}, recipe="http-check", variant="r-8",
                             results_dir=str(results), section={"train": {"method": "lora", "lora": {"r": 8}}}) as rec:
         for step, loss in enumerate([2.0, 1.4, 0.9], start=1):
             rec.log_metric("train_loss", loss, step=step)
@@ -289,7 +289,7 @@ def test_datasets_logged_model_registry_over_http(server, tmp_path, monkeypatch)
     inputs with digest and row count, the merged model as a logged model of the variant's run
     (naming the train run) and registered under the recipe's name with its eval scores and the `best` alias, and the
     variant's top-level run carrying the loss curve and the scores. Stage records pushed through
-    tracking.stage_run against the live server; a stand-in model folder, no training: seconds."""
+    tracking_run.stage_run against the live server; a stand-in model folder, no training: seconds."""
     from tunesmith.result import Result
 
     VARIANT = "learning_rate-0.001"  # a sweep variant: its dot is no valid MLflow model name as it is
@@ -312,17 +312,17 @@ def test_datasets_logged_model_registry_over_http(server, tmp_path, monkeypatch)
     def one_invocation(invocation: str, score: float) -> None:
         monkeypatch.setenv(tracking.ENV_INVOCATION, invocation)
         train_data = {str(data / "train.jsonl"): "training", str(data / "eval.jsonl"): "evaluation"}
-        with tracking.stage_run("train", {}, {}, recipe=recipe, variant=VARIANT, results_dir=results,
+        with tracking_run.stage_run("train", {}, {}, recipe=recipe, variant=VARIANT, results_dir=results,
                                 section={"train": {"args": {"learning_rate": 0.001}}}, datasets=train_data) as rec:
             rec.take(Result(histories={"train_loss": [(1, 2.0), (2, 1.0)]}))
-        with tracking.stage_run("merge", {}, {"merged": str(merged)}, recipe=recipe, variant=VARIANT,
+        with tracking_run.stage_run("merge", {}, {"merged": str(merged)}, recipe=recipe, variant=VARIANT,
                                 results_dir=results, model_dir=str(merged)):
             pass
-        with tracking.stage_run("evaluate", {}, {}, recipe=recipe, variant=VARIANT, results_dir=results,
+        with tracking_run.stage_run("evaluate", {}, {}, recipe=recipe, variant=VARIANT, results_dir=results,
                                 datasets={str(data / "eval.jsonl"): "evaluation"}) as rec:
             rec.take(Result(figures={"tasks": {"heldout": {"base": 0.0, "tuned": score, "Q8_0": score,
                                                            "limit": 2, "metric": "exact_match,none"}}}))
-        tracking.close_parents("FINISHED", [recipe], results)
+        tracking_writer.close_parents("FINISHED", [recipe], results)
 
     one_invocation("registry-1", 0.5)
     one_invocation("registry-2", 0.25)  # worse: the alias stays on version 1
@@ -381,7 +381,7 @@ def test_a_wrong_password_is_a_clear_error_and_the_record_stays_unsynced(server,
     monkeypatch.setenv(tracking.ENV_PASSWORD, "not-the-password")
     results = tmp_path / "results"
     with caplog.at_level(logging.WARNING, logger="tunesmith.tracking"):
-        with tracking.stage_run("filter", {}, {}, recipe="auth-check", results_dir=str(results),
+        with tracking_run.stage_run("filter", {}, {}, recipe="auth-check", results_dir=str(results),
                                 section={"filter": {"max_tokens": 256}}) as rec:
             rec.log_metric("rows_in", 3)
     assert not rec.synced
@@ -390,7 +390,7 @@ def test_a_wrong_password_is_a_clear_error_and_the_record_stays_unsynced(server,
     for text in (caplog.text, record.read_text()):
         assert "not-the-password" not in text and server.password not in text
     monkeypatch.setenv(tracking.ENV_PASSWORD, server.password)
-    assert tracking.sync(results / "auth-check") == (1, 0)
+    assert tracking_writer.sync(results / "auth-check") == (1, 0)
     [run] = [r for r in server.runs("auth-check") if tags(r).get("tunesmith.stage") == "filter"]
     assert metrics(run)["rows_in"] == 3 and server.password not in json.dumps(run)
     with pytest.raises(Exception, match="tracking.uri carries a password .* set MLFLOW_TRACKING_USERNAME"):

@@ -79,7 +79,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from tunesmith import tracking
+    from tunesmith import tracking, tracking_writer
 
     # Each record remembers the store it was meant for; --tracking-uri sends them elsewhere.
     uri = args.tracking_uri
@@ -91,7 +91,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
             print(f"ERROR {path}: no tracking/ folder here (expected results/<recipe>)", file=sys.stderr)
             total_failed += 1
             continue
-        pushed, failed = tracking.sync(path, uri)
+        pushed, failed = tracking_writer.sync(path, uri)
         print(f"{path}: pushed {pushed} stage record(s) to {uri or 'the store each was meant for'}"
               + (f", {failed} failed" if failed else ""))
         total_failed += failed

@@ -11,7 +11,7 @@ What each stage contributes (missing figures leave empty cells, never an error):
                    the recipe's headline figure               -> headline, headline.<label> (first)
   quantize         the figures tag: gguf -> {<type>: {size_bytes, top1_agreement, ...}}
                                                               -> gguf.<type>.MB / .agreement
-  every stage      stage_seconds (tracking.finish)            -> seconds.<stage>
+  every stage      stage_seconds (tracking_run.finish)            -> seconds.<stage>
 Structured figures are read as JSON (tunesmith.result); no metric name is parsed back.
 
 Per (recipe, variant, stage) the latest run wins: a later invocation that skipped up-to-date

@@ -73,6 +73,7 @@ def rows_reports(data_dir: str) -> list[str]:
 # Plumbing that moves a stage's files and figures but does not change what the stage computes:
 # editing it reruns nothing.
 PLUMBING = frozenset({"tunesmith", "tunesmith.runner", "tunesmith.stageio", "tunesmith.tracking", "tunesmith.result",
+                      "tunesmith.tracking_record", "tunesmith.tracking_run", "tunesmith.tracking_writer", "tunesmith.mlflow_store",
                       "tunesmith.fileio", "tunesmith.provenance",
                       "tunesmith.settings", "tunesmith.errors", "tunesmith.pipeline", "tunesmith.gpus"})
 

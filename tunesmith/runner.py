@@ -21,7 +21,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from tunesmith import gpus, pipeline, ranks, settings, tracking
+from tunesmith import gpus, pipeline, ranks, settings, tracking_run
 from tunesmith.errors import TunesmithError
 from tunesmith.stageio import StageIO, from_argv
 
@@ -92,7 +92,7 @@ def call_stage(stage_fn: Callable[[StageIO], Any], io: StageIO) -> Any:
     # One record per shard job (tokenize_shard-2-of-4): the N jobs of a shard rule run at once and
     # must not write one record file.
     name = f"{io.stage}-{io.wildcards['shard']}-of-{io.wildcards.get('shards')}" if "shard" in io.wildcards else io.stage
-    with tracking.stage_run(name, io.input, io.output, recipe=io.recipe, variant=io.variant,
+    with tracking_run.stage_run(name, io.input, io.output, recipe=io.recipe, variant=io.variant,
                             results_dir=settings.results_dir(), section=io.section, datasets=datasets,
                             model_dir=model_dir) as record:
         result = stage_fn(io)

@@ -72,3 +72,9 @@ def task_documents(section: dict[str, Any]) -> tuple[dict[str, Path], dict[str, 
         else:
             skipped[name] = "an lm-eval built-in task whose documents come from the hub: give it data_files to check it"
     return files, skipped
+
+
+def short_metric(key: str) -> str:
+    """lm-eval's 'exact_match,none' -> 'exact_match'; a real filter stays ('exact_match,strict-match')."""
+    name, _, filt = key.partition(",")
+    return name if filt in ("", "none") else key

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tunesmith import leaderboard, settings, tracking
+from tunesmith import leaderboard, settings, tracking, tracking_writer
 from tunesmith.result import Result
 from tunesmith.stageio import StageIO
 
@@ -14,6 +14,6 @@ def run(io: StageIO) -> Result:
     experiments = io.params["experiments"] or None
     # The workflow's tracking writer may not have pushed the last stages' records yet: push them
     # here (the push lock makes one run per record) so the comparison sees every stage.
-    tracking.push_waiting(experiments or [], settings.results_dir())
+    tracking_writer.push_waiting(experiments or [], settings.results_dir())
     paths = leaderboard.write(tracking.tracking_uri(), Path(io.output["md"]).parent, experiments)
     return Result(summary=", ".join(f"{kind}: {path}" for kind, path in paths.items()))

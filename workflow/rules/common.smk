@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, workflow.basedir)
 
-from tunesmith import objectives, pipeline, tracking
+from tunesmith import objectives, pipeline, tracking, tracking_writer
 from tunesmith.settings import configure_environment
 from tunesmith.errors import TunesmithError
 from tunesmith.recipe import check_config, continues_pretraining, has_dataset, load_recipe, resolve_chains, upstream, variants
@@ -314,7 +314,7 @@ def final_targets():
 
 def start_tracking():
     """One MLflow writer in this main process pushes every job's stage record (tunesmith.tracking)."""
-    tracking.start_writer(list(RECIPES), RESULTS)
+    tracking_writer.start_writer(list(RECIPES), RESULTS)
 
 
 def publish_gguf_input(wildcards):
@@ -329,8 +329,8 @@ def dataset_source_param(wildcards):
 
 
 def close_tracking(status):
-    tracking.stop_writer()
-    tracking.close_parents(status, list(RECIPES), RESULTS)
+    tracking_writer.stop_writer()
+    tracking_writer.close_parents(status, list(RECIPES), RESULTS)
 
 
 def compare_targets():

@@ -9,7 +9,7 @@ GPUS ?= 1
 # other worker fills that time. TEST_WORKERS=0 runs the suite in one process.
 TEST_WORKERS ?= 2
 
-.PHONY: setup run test test-fast report dag clean
+.PHONY: setup run test test-fast report dag docs clean
 
 # CUDA=1: the CUDA environment of requirements-cuda.txt (unsloth, liger-kernel, CUDA torch).
 REQUIREMENTS := $(if $(CUDA),requirements-cuda.txt,requirements.txt)
@@ -32,8 +32,12 @@ test-fast: $(STAMP)
 report: $(STAMP)
 	$(VENV)/bin/snakemake --report report.html
 
+# The docs site into site/ (`$(VENV)/bin/mkdocs serve` serves it while you edit).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
 dag: $(STAMP)
 	$(VENV)/bin/snakemake --rulegraph | dot -Tsvg > docs/rulegraph.svg
 
 clean:
-	rm -rf results logs benchmarks mlflow.db mlflow.db.lock mlartifacts report.html
+	rm -rf results logs benchmarks site mlflow.db mlflow.db.lock mlartifacts report.html

@@ -19,8 +19,8 @@ measures it); decontaminate is skipped (the issue's chain: download -> tokenize_
 -> exact dedupe -> select -> format). Files go under --work (default /tmp/data_scale), never into
 the repository; --clean deletes each size's stage outputs after it is measured.
 
-Where a big size cannot finish in the time there is (the 10M run of 2026-11-23, see README
-"Data at scale"): --gate-log makes each stage wait for a smaller run's same stage to end with
+Where a big size cannot finish in the time there is (the 10M run of 2026-11-23, see
+docs/benchmarks.md "Data at scale"): --gate-log makes each stage wait for a smaller run's same stage to end with
 bounded RSS; --tile-raw N builds the rows by tiling size N's raw.parquet (each copy tagged)
 instead of downloading; --estimate-counts puts characters / 4 in place of SmolLM2 counting:
 
@@ -232,7 +232,7 @@ def measure(stage: str, src: Path, out: Path, rss_limit_mb: float) -> dict:
     return metrics
 
 
-# all-MiniLM-L6-v2 on a lent H100 (README "Near-dedupe at a million rows"): the GPU row of the projection.
+# all-MiniLM-L6-v2 on a lent H100 (docs/benchmarks.md "Near-dedupe at a million rows"): the GPU row of the projection.
 H100_ROWS_PER_S = (2550, 3950)
 
 

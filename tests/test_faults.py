@@ -1,6 +1,6 @@
 """Fault injection through snakemake, as a user meets it: an edited input reruns what reads it, a
 bad dataset prints its one-line cause on the terminal of a plain `snakemake` (no profile named),
-and nothing stale is used. The table of cases is in README.md ("Reliability")."""
+and nothing stale is used. The table of cases is in docs/reliability.md."""
 
 from __future__ import annotations
 

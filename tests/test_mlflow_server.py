@@ -41,7 +41,7 @@ def _free_port() -> int:
 
 
 class Server:
-    """`mlflow server --app-name basic-auth` (as the README tells a cluster to run it) in its own
+    """`mlflow server --app-name basic-auth` (as docs/gpu-and-clusters.md tells a cluster to run it) in its own
     process group; stop() kills that group (by PID), start() again reuses the same SQLite stores
     and artifact folder. The admin user is created on first start; clients log in through
     MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD."""

@@ -165,6 +165,24 @@ def test_bad_config_key_stops_the_workflow(tmp_path):
     assert proc.returncode != 0 and "trackin" in out and "did you mean 'tracking'" in out
 
 
+def test_unknown_recipe_name_suggests_the_closest_recipes(tmp_path):
+    with pytest.raises(RecipeError, match=r"no such recipe file; did you mean 'demo-reverse-lora'"):
+        load_recipe(REPO / "recipes" / "demo-reverse-lorra.yaml")
+    # Nothing close: the recipes that are there are listed instead.
+    (tmp_path / "alpha.yaml").write_text("dataset: {source: x.jsonl}\n")
+    with pytest.raises(RecipeError, match=r"zzz\.yaml: no such recipe file; recipes in .*: alpha$"):
+        load_recipe(tmp_path / "zzz.yaml")
+
+
+def test_unknown_recipe_in_config_stops_the_workflow_with_a_suggestion():
+    # The name given on the command line, as the README tells: no job runs, the closest name is said.
+    proc = _snakemake("-n", "--config", "recipes=[gsm8k-lora]")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "recipes/gsm8k-lora.yaml: no such recipe file; did you mean 'gsm8k-smollm2-lora'?" in out
+    assert "jobid" not in out
+
+
 def test_dry_run_plans_every_recipe():
     names = ",".join(p.stem for p in RECIPES)
     proc = _snakemake("-n", "--cores", "1", "--config", f"recipes=[{names}]")

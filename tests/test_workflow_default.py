@@ -12,8 +12,8 @@ from workflow_helpers import failure_text, make_workdir, mlflow_runs, read_json,
 pytestmark = pytest.mark.slow
 RECIPE = "demo-reverse-lora"
 # The recipe as `make run` has it, a little shorter: 16 steps instead of 30 (held-out exact match
-# is already far above the base model's), and 20 held-out rows scored instead of 50. README.md's
-# figures come from the full recipe.
+# is already far above the base model's), and 20 held-out rows scored instead of 50. The figures in
+# README.md and docs/getting-started.md come from the full recipe.
 SHORTER = {"train": {"args": {"max_steps": 16}, "sample_eval_rows": 5},
            "format": {"eval_max_rows": 20}, "evaluate": {"limit": 20}, "quantize": {"check_texts": 8}}
 FAKE_TOKEN = "hf_tunesmithWORKFLOWfake0123456789abcdef"

@@ -91,6 +91,8 @@ def check_config(data: dict[str, Any], source: str, files: Iterable[str | Path] 
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Read, override, validate and default-fill one recipe. The result has a 'name' key."""
     path = Path(path)
+    if not path.is_file():
+        raise RecipeError(_no_such_recipe(path))
     data = _read_yaml(path)
     validate(data, "recipe", str(path))
     if overrides:
@@ -101,6 +103,20 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> di
     _check_pretrain_start(data, recipe, str(path))
     recipe["name"] = path.stem
     return recipe
+
+
+def _no_such_recipe(path: Path) -> str:
+    """A missing recipe file, with the closest recipe names in its folder (a typo in config.yaml's
+    `recipes:` or `--config recipes=...` is the usual cause)."""
+    if not path.parent.is_dir():
+        return f"{path}: no such recipe file; the folder {path.parent} does not exist"
+    known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+    near = [f"'{n}'" for n in difflib.get_close_matches(path.stem, known, n=3)]
+    if near:
+        hint = "did you mean " + (f"{', '.join(near[:-1])} or {near[-1]}" if len(near) > 1 else near[0]) + "?"
+    else:
+        hint = f"recipes in {path.parent}: {', '.join(known) or 'none'}"
+    return f"{path}: no such recipe file; {hint}"
 
 
 def continues_pretraining(recipe: dict[str, Any]) -> bool:

@@ -213,19 +213,22 @@ def _system_prompt(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
 
 def _diff_vs_4bit_base(method: str, base: Path, trained: Path, section: dict[str, Any], tokenizer: Any,
                        info: dict[str, Any], batch: Any, merged_logits: Any) -> float | None:
-    """qlora: the merged 16-bit model against what the adapter was trained with, the 4-bit base plus
-    adapter. It is the quantisation error the merge brings back (peft#2105), reported, not gated."""
-    if method != "qlora":
+    """A method whose adapter trained against another form of the base (qlora: 4-bit; Method.trained_base):
+    the merged 16-bit model against that base plus the adapter. It is the quantisation error the merge
+    brings back (peft#2105), reported, not gated."""
+    load_trained_base = methods.get(method).trained_base
+    if load_trained_base is None:
         return None
     import torch
     from peft import PeftModel
 
     cuda = torch.cuda.is_available()
-    quantized = methods.load_4bit(base, section, cuda, tokenizer, bool(info.get("vocab_grown")))
+    quantized = load_trained_base(base, section, cuda, tokenizer, bool(info.get("vocab_grown")))
     model = PeftModel.from_pretrained(quantized, str(trained))
     model.eval()
     diff = float((_logits(model, batch).to(merged_logits.device) - merged_logits).abs().max())
-    log.info("qlora: merged vs 4-bit base + adapter: max |logit diff| %.3g (the 4-bit rounding the merge removes)", diff)
+    log.info("%s: merged vs the base it trained on + adapter: max |logit diff| %.3g (the rounding the merge "
+             "removes)", method, diff)
     del model, quantized
     return diff
 

@@ -29,6 +29,11 @@ class Method:
     default_optim: str
     own_gradient_checkpointing: bool  # the library patches its own; the trainer must not add HF's
     load: Callable[..., Any]    # (base, section, cuda, tokenizer, grow_vocab) -> model for the trainer
+    # The base as the adapter saw it when that differs from the 16-bit base merge folds it into (qlora:
+    # 4-bit), same signature as load: merge reports the merged model's distance from it.
+    trained_base: Callable[..., Any] | None = None
+    # A library that must be imported before transformers and trl, because it patches them (unsloth).
+    import_first: str | None = None
 
 
 # ---------------------------------------------------------------- loading
@@ -218,11 +223,11 @@ METHODS: dict[str, Method] = {
     # bitsandbytes 0.50 runs nf4 layers and its 8-bit optimisers on CPU too (slower than LoRA there).
     "qlora": Method("qlora", needs_cuda=False, cuda_why="", default_gpus=1,
                     adapter=True, default_optim="paged_adamw_8bit", own_gradient_checkpointing=False,
-                    load=load_qlora),
+                    load=load_qlora, trained_base=load_4bit),
     "unsloth": Method("unsloth", needs_cuda=True, cuda_why="unsloth cannot even be imported without a CUDA GPU",
                       default_gpus=1,
                       adapter=True, default_optim="adamw_torch", own_gradient_checkpointing=True,
-                      load=load_unsloth),
+                      load=load_unsloth, import_first="unsloth"),
 }
 
 

@@ -13,6 +13,7 @@ rerun resumes from the newest complete one.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import time
@@ -70,8 +71,8 @@ def setup(base: str, template: str | None, section: dict[str, Any]) -> Setup:
     method = methods.get(train_cfg["method"])
     objective = objectives.get(train_cfg["objective"])
     cuda = methods.require_device(method.name)
-    if method.name == "unsloth":
-        import unsloth  # noqa: F401  (must be imported before transformers/trl to patch them)
+    if method.import_first:
+        importlib.import_module(method.import_first)  # before transformers/trl, which it patches
 
     from transformers import set_seed
 

@@ -1,4 +1,4 @@
-"""What a stage returns. The runner (tunesmith.stage) records it; the stage never talks to MLflow.
+"""What a stage returns. The runner (tunesmith.runner) records it; the stage never talks to MLflow.
 
 - metrics: scalar figures under fixed names (rows_out, seconds_per_step, ...): MLflow metrics.
 - histories: step curves, name -> [(step, value)]: MLflow step metrics (train_loss, eval_loss).

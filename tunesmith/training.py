@@ -110,7 +110,7 @@ def saver(s: Setup, base: str) -> Any:
 
 
 def _fingerprint(paths: Any, section: dict[str, Any]) -> str:
-    """What a checkpoint must match to be resumed: the section and the files read (SFTPaths or ObjectivePaths)."""
+    """What a checkpoint must match to be resumed: the section and the files read (TrainPaths)."""
     return checkpoints.fingerprint(section, {"train": paths.train, "eval": paths.eval, "template": paths.template,
                                           "base": paths.base})
 

@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-
 log = logging.getLogger("tunesmith.train")
 
 

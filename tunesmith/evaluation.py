@@ -30,7 +30,9 @@ from typing import Any
 import yaml
 
 from tunesmith import fileio
+from tunesmith.data.formatting import read_split
 from tunesmith.errors import TunesmithError
+from tunesmith.schema import section_defaults
 from tunesmith.tasks import PRIMARY_METRIC, TURN_ENDS, default_gsm8k_file, short_metric, task_specs
 
 log = logging.getLogger("tunesmith.evaluate")
@@ -41,7 +43,6 @@ log = logging.getLogger("tunesmith.evaluate")
 
 def render_heldout(eval_jsonl: str | Path, template_path: str | Path, tokenizer: Any) -> list[dict[str, Any]]:
     """eval.jsonl rows -> {id, prompt_text, answer}, the prompt rendered with the training template."""
-    from tunesmith.data.formatting import read_split
 
     template = Path(template_path).read_text(encoding="utf-8")
     rows = []
@@ -280,8 +281,6 @@ def score_model(model_dir: str | Path, tasks: list[Any], out_dir: str | Path, *,
     `score_model(dir, [{"name": "gsm8k_local"}], out, limit=20)`). settings: evaluate-section keys
     (limit, batch_size, max_gen_toks, log_samples); the rest come from the recipe schema."""
     from transformers import AutoTokenizer
-
-    from tunesmith.schema import section_defaults
 
     section = section_defaults("evaluate", {**settings, "tasks": tasks})
     specs = task_specs(section)

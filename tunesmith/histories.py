@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-
+from tunesmith.fileio import pyplot, save_figure
 from tunesmith.methods import cuda_available
 
 log = logging.getLogger("tunesmith.train")
@@ -146,7 +146,6 @@ def objective_histories(log_history: list[dict[str, Any]], names: tuple[str, ...
 
 def plot_histories(curves: dict[str, list[tuple[int, float]]], path: str | Path, title: str) -> None:
     """One small panel per curve (rewards/chosen, rewards/margins, reward, ...), sharing the step axis."""
-    from tunesmith.fileio import pyplot, save_figure
 
     plt = pyplot()
     names = list(curves) or ["(none)"]
@@ -172,11 +171,8 @@ def plot_histories(curves: dict[str, list[tuple[int, float]]], path: str | Path,
 
 
 def plot_loss(train: list[tuple[int, float]], evals: list[tuple[int, float]], path: str | Path, title: str) -> None:
-    from tunesmith.fileio import pyplot
 
     plt = pyplot()
-
-    from tunesmith.fileio import save_figure
 
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:

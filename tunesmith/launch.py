@@ -14,6 +14,7 @@ from typing import Any
 from tunesmith.errors import EnvironmentNotSupported, TunesmithError
 from tunesmith.methods import cuda_available
 from tunesmith.ranks import under_launcher
+from tunesmith.result import Result
 from tunesmith.stageio import to_argv
 
 log = logging.getLogger("tunesmith.train")
@@ -142,6 +143,5 @@ def relaunch(train_cfg: dict[str, Any], io: Any) -> Any:
     rc = subprocess.run(cmd, check=False, env=env).returncode
     if rc != 0:
         raise TunesmithError(f"accelerate launch on {what} failed (exit {rc}); see the log above")
-    from tunesmith.result import Result
 
     return Result(delegated=True, summary=f"ran under accelerate on {what}")

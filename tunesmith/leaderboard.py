@@ -29,6 +29,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from tunesmith.fileio import pyplot, save_figure, write_text
 from tunesmith.pipeline import DATA_STAGES, STAGE_ORDER
 from tunesmith.tracking import redact_uri
 
@@ -254,13 +255,9 @@ def to_markdown(frame: Any, uri: str) -> str:
 
 def plot(frame: Any, path: str | Path) -> None:
     """Four panels: rows through curation, loss first/last, eval base/tuned, seconds per stage."""
-    from tunesmith.fileio import pyplot
 
     plt = pyplot()
     import numpy as np
-
-    from tunesmith.fileio import save_figure
-
     import pandas as pd
 
     frame = frame.copy()
@@ -323,7 +320,6 @@ def plot(frame: Any, path: str | Path) -> None:
 def write(uri: str, out_dir: str | Path, experiments: list[str] | None = None,
           by_invocation: bool = False) -> dict[str, Path]:
     """Write compare.md, compare.csv and compare.png under out_dir; returns their paths."""
-    from tunesmith.fileio import write_text
 
     frame = table(uri, experiments, by_invocation)
     out = Path(out_dir)

@@ -12,7 +12,6 @@ import numpy as np
 
 from tunesmith.errors import EnvironmentNotSupported, TunesmithError
 
-
 ENV_LLAMA_CPP_DIR = "TUNESMITH_LLAMA_CPP_DIR"
 
 

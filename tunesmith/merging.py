@@ -15,7 +15,10 @@ from typing import Any
 
 from tunesmith import methods
 from tunesmith.contract import end_of_turn_ids
+from tunesmith.data.formatting import read_split
+from tunesmith.data.tokens import switch_off_padding
 from tunesmith.errors import TunesmithError
+from tunesmith.fileio import replace_dir, write_json, write_text
 from tunesmith.result import Result
 
 log = logging.getLogger("tunesmith.merge")
@@ -199,7 +202,6 @@ def model_card(*, recipe: str, base_source: str, method: str, section: dict[str,
 
 
 def _eval_rows(path: str | Path | None, limit: int) -> list[dict[str, Any]]:
-    from tunesmith.data.formatting import read_split
 
     return read_split(path, limit) if path and Path(path).is_file() else []
 
@@ -244,9 +246,6 @@ def merge(*, trained: str | Path, base: str | Path, template: str | Path, merged
           variant: str = "main") -> Result:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tunesmith.data.tokens import switch_off_padding
-    from tunesmith.fileio import replace_dir, write_json, write_text
 
     started = time.time()
     trained, base, merged = Path(trained), Path(base), Path(merged)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import EnvironmentNotSupported, TunesmithError
+from tunesmith.result import Result
 
 log = logging.getLogger("tunesmith.models")
 
@@ -150,7 +151,6 @@ def prepare(source: str, out: str | Path, *, revision: str | None = None, max_le
 
 def prepare_stage(spec: dict[str, Any], out: str | Path, *, offline: bool):
     """The prepare_model stage: spec is one entry of the workflow's model sources."""
-    from tunesmith.result import Result
 
     info = prepare(spec["source"], out, revision=spec["revision"], max_length=spec["max_length"],
                    trust_remote_code=spec["trust_remote_code"], offline=offline)

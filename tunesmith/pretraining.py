@@ -11,9 +11,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tunesmith import checkpoints, histories, methods
+from tunesmith import checkpoints, histories, methods, objectives
+from tunesmith import trainer as trainer_loop
 from tunesmith.data.corpus import iter_corpus
 from tunesmith.errors import DataError, TunesmithError
+from tunesmith.fileio import replace_dir
 from tunesmith.result import Result
 
 log = logging.getLogger("tunesmith.pretrain")
@@ -47,10 +49,15 @@ def chat_template(user: str = USER, bot: str = BOT, end: str = END) -> str:
 # ---------------------------------------------------------------- tokenizer
 
 def train_tokenizer(corpus: dict[str, Any], spec: dict[str, Any], out: str | Path, max_length: int = 512) -> dict[str, Any]:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
-
-    from tunesmith.fileio import replace_dir
 
     started = time.time()
     specials = list(spec["special_tokens"])
@@ -154,7 +161,6 @@ def _base_model(base: str | Path, section: dict[str, Any], cuda: bool) -> tuple[
     template still fit), its weights in fp32 for full training. Blocks are full, so nothing pads."""
     from transformers import AutoTokenizer
 
-
     tokenizer = AutoTokenizer.from_pretrained(str(base))
     model = methods.load_full(base, section, cuda, tokenizer, grow_vocab=False)
     context = getattr(model.config, "max_position_embeddings", None) or section["pretrain"]["args"]["max_length"]
@@ -166,9 +172,6 @@ def pretrain(*, section: dict[str, Any], model_out: str | Path, metrics_path: st
     """From scratch with tokenizer_dir (train_tokenizer's output), or continued from base (a model folder)."""
     import torch
     from transformers import set_seed
-
-    from tunesmith import objectives
-    from tunesmith import trainer as trainer_loop
 
     if (tokenizer_dir is None) == (base is None):
         raise TunesmithError("pretrain needs either a tokenizer (from scratch) or a base model (continued), not both")

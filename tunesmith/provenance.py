@@ -7,7 +7,6 @@ import importlib.metadata
 import subprocess
 from pathlib import Path
 
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

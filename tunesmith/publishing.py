@@ -16,7 +16,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tunesmith import fileio
 from tunesmith.errors import TunesmithError
+from tunesmith.provenance import git_commit
+from tunesmith.result import Result
 
 KINDS = ("adapter", "merged", "gguf")
 # Files of a folder that are not the artifact (bookkeeping of the workflow, the local card).
@@ -156,7 +159,6 @@ def _dirty(t: dict[str, Any]) -> str:
 
 
 def _provenance(recipe: str, variant: str) -> str:
-    from tunesmith.provenance import git_commit
 
     return f"Made by tunesmith recipe `{recipe}` (variant `{variant}`) at git commit `{git_commit()}`.\n\n"
 
@@ -181,8 +183,6 @@ def local_cards(*, recipe: str, variant: str, section: dict[str, Any], folders: 
     """The cards stage: a model card for each artifact the run made (adapter, merged model, GGUF
     files), with the body publish pushes and how to run the files on disk; written whether or not
     anything is published, so every artifact states its lineage, scores and contamination."""
-    from tunesmith import fileio
-    from tunesmith.result import Result
 
     merged = Path(folders["merged"])
     flat, body = flat_scores(compare), _merge_card_body(merged)

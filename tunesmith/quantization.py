@@ -21,8 +21,12 @@ from typing import Any
 
 import numpy as np
 
+from tunesmith import fileio
+from tunesmith.data.corpus import iter_corpus
+from tunesmith.data.formatting import read_split
 from tunesmith.errors import TunesmithError
 from tunesmith.llamacpp import llama_cpp_dir, log_softmax, open_llama
+from tunesmith.result import Result
 
 log = logging.getLogger("tunesmith.quantize")
 
@@ -94,7 +98,9 @@ def tensor_types(path: str | Path, qtype: str) -> dict[str, Any]:
 
     llama.cpp quantizes a K-quant tensor in super-blocks of 256 values per row; a row of another
     length (SmolLM2's hidden size 576) gets a legacy type instead (q5_0, q5_1 or q8_0)."""
-    from gguf import GGUFReader  # reading only: PyPI's gguf reads what the new converter writes
+    from gguf import (
+        GGUFReader,  # reading only: PyPI's gguf reads what the new converter writes
+    )
 
     reader = GGUFReader(str(path))
     counts: Counter[str] = Counter()
@@ -123,7 +129,6 @@ def tensor_types(path: str | Path, qtype: str) -> dict[str, Any]:
 
 def eval_texts(eval_jsonl: str | Path, tokenizer: Any, n: int) -> list[str]:
     """Full training-format conversations (prompt + completion) from the held-out split."""
-    from tunesmith.data.formatting import read_split
 
     texts = []
     for row in read_split(eval_jsonl, limit=n):
@@ -139,8 +144,6 @@ def corpus_texts(corpus: dict[str, Any] | None, n: int) -> list[str]:
     """Pretrain-only recipes have no eval split: the first documents of the corpus stand in.
     corpus: the resolved pretrain.corpus section, read as pretraining reads it."""
     import itertools
-
-    from tunesmith.data.corpus import iter_corpus
 
     if not corpus or not corpus["source"]:
         raise TunesmithError("pretrain.corpus.source is empty: no texts to compare the GGUF files on")
@@ -279,8 +282,6 @@ def export(model_dir: str | Path, out_dir: str | Path, *, types: list[str], smok
     system (format.system_prompt) as SYSTEM, ollama_template (quantize.ollama_template) as TEMPLATE."""
     from transformers import AutoTokenizer
 
-    from tunesmith import fileio
-
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     qtypes = [t for t in dict.fromkeys(types) if t.upper() != "F16"]
     for t in qtypes:
@@ -342,7 +343,6 @@ def export(model_dir: str | Path, out_dir: str | Path, *, types: list[str], smok
 def stage(model_dir: str | Path, out_dir: str | Path, section: dict[str, Any], *, eval_jsonl: str | None,
           threads: int = 2, log_file: str | None = None, name: str = "model"):
     """The quantize stage: export() with the recipe's quantize and pretrain sections; figures per GGUF type."""
-    from tunesmith.result import Result
 
     q, pre = section["quantize"], section["pretrain"]
     report = export(model_dir, out_dir, types=q["types"], smoke_prompt=q["smoke_prompt"], eval_jsonl=eval_jsonl,

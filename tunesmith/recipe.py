@@ -13,7 +13,9 @@ from typing import Any
 
 import yaml
 
+from tunesmith.data.load import source_sections
 from tunesmith.errors import RecipeError
+from tunesmith.methods import get as get_method
 from tunesmith.schema import deep_merge, fill_defaults, load_schema, validate
 from tunesmith.tasks import TASK_METRICS
 
@@ -150,7 +152,6 @@ def _check_semantics(recipe: dict[str, Any], source: str) -> None:
         if recipe["dataset"]["source"]:
             raise RecipeError(f"{source}: dataset.source and dataset.sources are both set: a mixture names its "
                               f"files under dataset.sources only")
-        from tunesmith.data.load import source_sections
 
         names = [s["name"] for s in source_sections(recipe["dataset"])]
         twice = sorted({n for n in names if names.count(n) > 1})
@@ -174,7 +175,6 @@ def _check_semantics(recipe: dict[str, Any], source: str) -> None:
             f"{source}: model.trust_remote_code is on; say why in model.trust_remote_code_reason"
         )
     if recipe["train"]["fsdp"]:
-        from tunesmith.methods import get as get_method
 
         if get_method(recipe["train"]["method"]).adapter:
             raise RecipeError(f"{source}: train.fsdp shards full weights; method '{recipe['train']['method']}' trains "

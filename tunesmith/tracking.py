@@ -27,6 +27,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from tunesmith.errors import TunesmithError
 
 log = logging.getLogger("tunesmith.tracking")
 
@@ -87,8 +88,6 @@ def redact_uri(uri: str) -> str:
 def check_uri(uri: str | None) -> None:
     """The URI is written into every stage record and the parent run's tags: no password in it."""
     from urllib.parse import urlsplit
-
-    from tunesmith.errors import TunesmithError
 
     if uri and urlsplit(uri).password:
         raise TunesmithError(f"tracking.uri carries a password ({urlsplit(uri).hostname}): it would be written to every "

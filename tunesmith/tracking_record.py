@@ -15,6 +15,7 @@ from typing import Any
 
 from tunesmith.fileio import sha256
 from tunesmith.provenance import git_commit, library_versions
+from tunesmith.result import flatten_figures
 from tunesmith.tracking import invocation_id, tracking_uri
 
 log = logging.getLogger("tunesmith.tracking")
@@ -81,7 +82,6 @@ class StageRecord:
 
     def take(self, result: Any) -> None:
         """Record a stage's Result (tunesmith.result): the one way figures reach MLflow."""
-        from tunesmith.result import flatten_figures
 
         for name, points in result.histories.items():
             for step, value in points:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from tunesmith.mlflow_store import failure_text, open_client, push, store_lock
+from tunesmith.pipeline import STAGE_ORDER
 from tunesmith.tracking import ENV_WRITER, enabled, invocation_id, redact_uri, tracking_uri
 from tunesmith.tracking_record import StageRecord
 
@@ -26,7 +27,6 @@ def sync(recipe_results: str | Path, uri: str | None = None) -> tuple[int, int]:
     for (uri: another one), then close the parent runs of finished invocations with the status
     the workflow ended with. Returns (pushed, failed)."""
     pushed = failed = 0
-    from tunesmith.pipeline import STAGE_ORDER
 
     folder = Path(recipe_results, "tracking")
     # In stage order: evaluate attaches its scores to the model version that merge registers.

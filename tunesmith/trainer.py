@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from tunesmith import checkpoints, histories, ranks
 from tunesmith.errors import TunesmithError
+from tunesmith.fileio import replace_dir, write_json
 from tunesmith.result import Result
 
 log = logging.getLogger("tunesmith.train")
@@ -238,7 +239,6 @@ def fit(job: Fit) -> Result:
     job.save(trainer, tmp)  # every rank calls it (sharded setups gather); only rank 0 writes
     if not trainer.is_world_process_zero():
         return Result(metrics=metrics)
-    from tunesmith.fileio import replace_dir, write_json
 
     replace_dir(tmp, job.model_out)
     metrics["wall_seconds"] = time.time() - started

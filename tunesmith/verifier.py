@@ -16,6 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith import rewards
+from tunesmith.contract import end_of_turn_ids, load_tokenizer
+from tunesmith.data.preference import load_prompts, write_rows
+from tunesmith.errors import DataError
+from tunesmith.fileio import write_json
+from tunesmith.methods import resolve_dtype
 from tunesmith.result import Result
 
 log = logging.getLogger("tunesmith.verifier")
@@ -84,10 +89,6 @@ def build_pairs(model_dir: str | Path, prompts: list[dict[str, Any]], section: d
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.contract import end_of_turn_ids
-    from tunesmith.methods import resolve_dtype
-    from tunesmith.contract import load_tokenizer
-
     cfg = section["preference"]["verifier"]
     reward = rewards.resolve([cfg["reward"]], cfg["format_pattern"])[0]
     if cfg["limit"] is not None:
@@ -121,9 +122,6 @@ def build_pairs(model_dir: str | Path, prompts: list[dict[str, Any]], section: d
 def build_stage(model_dir: str, prompts_path: str, template: str, section: dict[str, Any], pairs_out: str,
                 report_path: str) -> Result:
     """Script-shaped: a model folder + prompt rows with references -> pairs JSONL and report.json."""
-    from tunesmith.data.preference import load_prompts, write_rows
-    from tunesmith.errors import DataError
-    from tunesmith.fileio import write_json
 
     prompts = load_prompts(prompts_path)
     pairs, report = build_pairs(model_dir, prompts, section, template or None)

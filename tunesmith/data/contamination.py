@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tunesmith.data import duplicates
+from tunesmith.data.formatting import held_positions
 from tunesmith.errors import DataError
 
 log = logging.getLogger("tunesmith.data.decontaminate")
@@ -162,7 +164,6 @@ def ngram_matches(docs: Documents, texts: list[str]) -> list[Match]:
 
 
 def embedding_matches(doc_vectors: np.ndarray, row_vectors: np.ndarray, threshold: float) -> list[Match]:
-    from tunesmith.data import duplicates
 
     if not len(doc_vectors) or not len(row_vectors):
         return []
@@ -183,7 +184,6 @@ def check(task: str, doc_texts: list[str], row_texts: list[str], section: dict[s
     emb = section["embedding"]
     embed_seconds = None
     if emb["enabled"] and embedder is not None:
-        from tunesmith.data import duplicates
 
         t0 = time.perf_counter()
         vectors = duplicates.embed(embedder, list(doc_texts) + list(row_texts), batch_size=emb["batch_size"])
@@ -234,7 +234,6 @@ def run(frame: pd.DataFrame, tasks: dict[str, list[str]], section: dict[str, Any
     split (taken as the format stage takes it: split = the resolved format section). Returns the
     rows kept (with `split` = train | eval, and `contamination` naming the tasks a flagged row
     matched) and the report."""
-    from tunesmith.data.formatting import held_positions
 
     action = section["action"]
     embedder = _EmbeddingCache(embedder) if embedder is not None else None

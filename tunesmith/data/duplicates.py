@@ -36,6 +36,7 @@ import pandas as pd
 from tunesmith.data import batches
 from tunesmith.data.batches import check_shards, shard_bounds  # the one shard contract of every shard job
 from tunesmith.errors import DataError, EnvironmentNotSupported
+from tunesmith.schema import section_defaults
 
 log = logging.getLogger("tunesmith.data.dedupe")
 
@@ -173,7 +174,6 @@ def _index_settings(settings: dict[str, Any] | None) -> dict[str, Any]:
     keys = ("flat_max_rows", "ivf", "hnsw")
     if settings is not None and all(k in settings for k in keys):
         return settings
-    from tunesmith.schema import section_defaults
 
     return section_defaults("dedupe", {k: v for k, v in (settings or {}).items() if k in keys})
 

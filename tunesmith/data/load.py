@@ -45,6 +45,7 @@ from typing import Any, Iterable, Iterator
 
 import pandas as pd
 
+from tunesmith.data import batches
 from tunesmith.errors import DataError
 from tunesmith.fileio import sha256
 
@@ -542,7 +543,6 @@ def load_to_parquet(section: dict[str, Any], path: str | Path, *, offline: bool,
                     cache_dir: str | Path = "resources/downloads") -> dict[str, Any]:
     """load() of a single source written to `path` batch by batch (never the whole frame in memory);
     returns the source facts. Nothing is left at `path` when a row or the file is bad."""
-    from tunesmith.data import batches
 
     records, info, limit = _open(section, offline=offline, cache_dir=cache_dir)
     facts: dict[str, Any] = {}

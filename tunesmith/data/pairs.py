@@ -12,9 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from tunesmith.contract import tokenize_completion
+from tunesmith.contract import load_tokenizer, tokenize_completion
 from tunesmith.data.duplicates import normalise
+from tunesmith.data.plots import token_histogram
+from tunesmith.data.preference import load_preference, write_rows
 from tunesmith.errors import DataError
+from tunesmith.fileio import write_json
 from tunesmith.result import Result
 
 # In the order they are applied: a repeated prompt keeps its first pair that passed the others.
@@ -92,10 +95,6 @@ def curate_stage(pairs_in: str, base: str, template: str, section: dict[str, Any
                  report_path: str, hist_path: str) -> Result:
     """Script-shaped: pairs (any layout) -> curated canonical pairs, report.json, token histogram.
     section: the recipe's resolved sections, of which preference and model are read."""
-    from tunesmith.data.plots import token_histogram
-    from tunesmith.data.preference import load_preference, write_rows
-    from tunesmith.fileio import write_json
-    from tunesmith.contract import load_tokenizer
 
     pref = section["preference"]
     rows, info = load_preference(pairs_in, pref["layout"], on_bad_rows=pref["on_bad_rows"], limit=pref["limit"])

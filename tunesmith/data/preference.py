@@ -30,9 +30,9 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
-from tunesmith.data.load import (ROLE_MAP, BadRow, Skipped, file_format, message_list, read_hub, read_local,
-                                 source_kind)
+from tunesmith.data.load import ROLE_MAP, BadRow, Skipped, file_format, message_list, read_hub, read_local, source_kind
 from tunesmith.errors import DataError
+from tunesmith.fileio import write_jsonl
 
 LAYOUTS = ("auto", "trl", "hh", "ultrafeedback", "kto")
 PAIRED = ("trl", "hh", "ultrafeedback")
@@ -288,6 +288,5 @@ def unpair(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def write_rows(path: str | Path, rows: list[dict[str, Any]]) -> int:
     """Canonical rows as JSONL, atomically (load_preference reads them back: layout trl or kto)."""
-    from tunesmith.fileio import write_jsonl
 
     return write_jsonl(path, rows)

@@ -6,10 +6,8 @@ import logging
 import time
 from typing import Any
 
-
 from tunesmith import fileio, settings, tasks
-from tunesmith.data import load
-from tunesmith.data import duplicates
+from tunesmith.data import contamination, duplicates, load
 from tunesmith.data.accounting import by_source, source_metrics, stage_result
 from tunesmith.result import Result
 from tunesmith.stageio import StageIO
@@ -20,7 +18,6 @@ log = logging.getLogger("tunesmith.data")
 def decontaminate(in_path: str, section: dict[str, Any], out_path: str, report_path: str, *, offline: bool,
                   embedder: Any = None) -> Result:
     """section: the resolved decontaminate, evaluate and format sections (format fixes the split)."""
-    from tunesmith.data import contamination
 
     t0 = time.perf_counter()
     cfg = section["decontaminate"]

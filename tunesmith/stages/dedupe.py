@@ -9,8 +9,7 @@ from typing import Any
 import numpy as np
 
 from tunesmith import fileio, settings
-from tunesmith.data import batches, load, plots
-from tunesmith.data import duplicates
+from tunesmith.data import batches, duplicates, load, plots
 from tunesmith.data.accounting import SourceTally, by_source, source_metrics, stage_result
 from tunesmith.data.duplicates import gather_digests, gather_embeddings
 from tunesmith.result import Result

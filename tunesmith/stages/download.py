@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 from tunesmith import fileio, settings
 from tunesmith.data import load
 from tunesmith.data.accounting import stage_result

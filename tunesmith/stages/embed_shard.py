@@ -6,10 +6,8 @@ import logging
 import time
 from typing import Any
 
-
 from tunesmith import fileio, settings
-from tunesmith.data import load
-from tunesmith.data import duplicates
+from tunesmith.data import duplicates, load
 from tunesmith.data.accounting import stage_result
 from tunesmith.data.duplicates import gather_digests
 from tunesmith.result import Result

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 from tunesmith import fileio
 from tunesmith.data import batches, filters, tokens
 from tunesmith.data.accounting import SourceTally, source_metrics, stage_result

@@ -9,8 +9,7 @@ from typing import Any
 import numpy as np
 
 from tunesmith import fileio
-from tunesmith.data import batches, filters, tokens
-from tunesmith.data import duplicates
+from tunesmith.data import batches, duplicates, filters, tokens
 from tunesmith.data.accounting import SourceTally, stage_result
 from tunesmith.data.batches import read_shard_bounds, shard_metadata
 from tunesmith.data.filters import filter_batch, filtered_schema

@@ -6,10 +6,10 @@ import logging
 import time
 from typing import Any
 
-
 from tunesmith import fileio
 from tunesmith.data import batches, formatting, load, tokens
 from tunesmith.data.accounting import stage_result
+from tunesmith.errors import DataError
 from tunesmith.result import Result
 from tunesmith.stageio import StageIO
 
@@ -28,7 +28,6 @@ def format_rows(in_path: str, tokenizer_dir: str, section: dict[str, Any], train
     tok = tokenizer if tokenizer is not None else tokens.load_tokenizer(tokenizer_dir)
     t1 = time.perf_counter()
     if _all_raw_text(in_path):
-        from tunesmith.errors import DataError
 
         raise DataError(f"{in_path}: rows are raw text (dataset.schema: text); format makes conversations "
                         f"and needs the instruction or messages schema")

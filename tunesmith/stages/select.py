@@ -9,8 +9,7 @@ from typing import Any
 import numpy as np
 
 from tunesmith import fileio
-from tunesmith.data import batches
-from tunesmith.data import selection
+from tunesmith.data import batches, selection
 from tunesmith.data.accounting import SourceTally, source_metrics, stage_result
 from tunesmith.result import Result
 from tunesmith.stageio import StageIO

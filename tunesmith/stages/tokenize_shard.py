@@ -6,7 +6,6 @@ import logging
 import time
 from typing import Any
 
-
 from tunesmith.data import batches, tokens
 from tunesmith.data.accounting import stage_result
 from tunesmith.data.batches import shard_metadata

@@ -173,7 +173,9 @@ class StageRecord:
 
     # ---- collecting
     def log_params(self, params: dict[str, Any]) -> None:
-        self.params.update(flatten(params))
+        from tunesmith.data.load import redact  # a dataset URL's credentials never become params
+
+        self.params.update(flatten(redact(params)))
 
     def log_metric(self, key: str, value: float, step: int | None = None) -> None:
         self.metrics.append({"key": key, "value": float(value), "step": step, "timestamp": int(time.time() * 1000)})

@@ -4,7 +4,14 @@ template embedded in the GGUF, and stops at the end-of-turn token; Ctrl+C shuts 
 The model is SmolLM2-135M-Instruct as bf16 safetensors (what merge writes), converted to F16 by
 llama.cpp's converter, as quantize does (the first held-out row on which greedy decoding is
 not decided by rounding: see the test). And the refusals: a wide bind without a key, a
-recipe without GGUFs. ~40 s on 2 busy cores."""
+recipe without GGUFs, CONFIG_FILE in the environment.
+
+Bad clients and faults, over real HTTP against the real server on loopback: every malformed,
+mistyped, incomplete or too-long request answered 400 (404, 401) with an OpenAI error object
+naming the field, and a good request answered after them; an unauthenticated 8 GiB body refused
+from its headers, an over-limit body refused without being read; 50 requests from 8 client
+threads, streams among them, all answered whole (the figures are printed); a keyless server
+refusing other Host names and other sites' pages. ~3 min on 2 busy cores."""
 
 from __future__ import annotations
 
@@ -267,8 +274,11 @@ def test_a_clients_mistakes_are_client_errors_naming_the_field_and_it_is_answere
         (chat, {"messages": user, "max_tokens": "lots"}, 400, "max_tokens", "invalid_type"),
         (chat, {"messages": user, "temperature": [1]}, 400, "temperature", "invalid_type"),
         (chat, {"messages": user, "max_tokens": 5000}, 400, "max_tokens", "context_length_exceeded"),
-        # fits alone, not with the prompt: llama-cpp-python would cut max_tokens silently
-        (chat, {"messages": user, "max_tokens": 500}, 400, "messages", "context_length_exceeded"),
+        # fits alone, not with the prompt: llama-cpp-python would cut max_tokens silently, and a
+        # stream would answer 200 and then fail inside the model
+        (chat, {"messages": user, "max_tokens": 500}, 400, "max_tokens", "context_length_exceeded"),
+        (chat, {"messages": user, "max_tokens": 500, "stream": True}, 400, "max_tokens", "context_length_exceeded"),
+        (comp, {"prompt": "word " * 300, "max_tokens": 300}, 400, "max_tokens", "context_length_exceeded"),
         (chat, {"messages": [{"role": "user", "content": "word " * 600}], "max_tokens": 4}, 400, "messages",
          "context_length_exceeded"),
         (comp, {"max_tokens": 4}, 400, "prompt", "missing_required_parameter"),
@@ -282,7 +292,12 @@ def test_a_clients_mistakes_are_client_errors_naming_the_field_and_it_is_answere
         assert (error["param"], error["code"]) == (param, code), (body, error)
         assert error["message"] and error["type"] == "invalid_request_error", error
     _, answer, _ = _post(chat, {"messages": user, "max_tokens": 500})
-    assert "maximum context length is 512 tokens" in answer["error"]["message"], answer
+    prompt = int(answer["error"]["message"].split("prompt's ")[1].split(" tokens")[0])
+    assert f"in this model's context of 512 tokens: ask for at most {512 - prompt}" in answer["error"]["message"]
+    # the count is the model's own: exactly the most that fits is answered
+    got, answer, _ = _post(chat, {"messages": user, "max_tokens": 512 - prompt, "temperature": 0.0,
+                                  "stop": ["\n", "."]})
+    assert got == 200 and answer["usage"]["prompt_tokens"] == prompt, answer
 
     # only the key given on the command line opens it; llama-cpp-python's API_KEY variable does not
     for key in (None, "env-key", KEY + "x"):

@@ -66,24 +66,45 @@ def check_bind(host: str, api_key: str | None) -> None:
                              f"(--api-key, or {ENV_API_KEY} in the environment), or bind 127.0.0.1")
 
 
-def _refuse_overflow(llama: Any) -> None:
-    """Make a completion whose prompt plus max_tokens passes the context an error, not a silent cut.
+def prompt_counter(llama: Any) -> Any:
+    """count(chat, request) -> the prompt's length in tokens, as the model will see it.
 
-    llama-cpp-python shortens max_tokens to what fits and answers finish_reason "length", so a
-    client cannot tell a cut reply from a finished one. Raised with the wording of llama-cpp-python's
-    own prompt-too-long error, which its server answers as HTTP 400 context_length_exceeded with
-    both counts. A chat prompt arrives here as tokens, a text prompt as a string."""
-    original, n_ctx = llama.create_completion, llama.n_ctx()
+    For the gate to refuse a prompt plus max_tokens that passes the context before the request
+    queues: llama-cpp-python would shorten max_tokens silently (finish_reason "length", as if the
+    reply had been finished), and a streamed request that fails inside the model has already
+    answered 200. A chat is formatted by llama-cpp-python's own path (the GGUF's template, the
+    same chat handler) up to the point where it would start generating."""
+    from llama_cpp import Llama
 
-    def create_completion(prompt: Any, *args: Any, max_tokens: int | None = 16, **kwargs: Any) -> Any:
-        if max_tokens is not None and max_tokens > 0:
-            n = (len(prompt) if isinstance(prompt, list)
-                 else len(llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)) if prompt else 1)
-            if n < n_ctx < n + max_tokens:
-                raise ValueError(f"Requested tokens ({n}) exceed context window of {n_ctx}")
-        return original(prompt, *args, max_tokens=max_tokens, **kwargs)
+    class Counted(Exception):
+        pass
 
-    llama.create_completion = create_completion
+    class Probe:
+        """The model, except that completing a prompt reports its length instead."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(llama, name)
+
+        def create_completion(self, prompt: Any, *args: Any, **kwargs: Any) -> Any:
+            raise Counted(len(prompt) if isinstance(prompt, list) else text_tokens(prompt))
+
+    def text_tokens(prompt: str) -> int:
+        # as Llama._create_completion counts a text prompt: BOS (if the model adds one) + the text
+        return len(llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)) if prompt else 1
+
+    def count(chat: bool, request: dict) -> int:
+        if not chat:
+            prompt = request["prompt"]
+            return text_tokens(prompt[0] if isinstance(prompt, list) and prompt else prompt or "")
+        try:
+            Llama.create_chat_completion(Probe(), messages=request["messages"], functions=request.get("functions"),
+                                         function_call=request.get("function_call"), tools=request.get("tools"),
+                                         tool_choice=request.get("tool_choice"))
+        except Counted as got:
+            return got.args[0]
+        raise AssertionError("llama-cpp-python's chat handler never asked for a completion")
+
+    return count
 
 
 def build_app(gguf: Path, *, host: str, port: int, api_key: str | None, n_ctx: int, threads: int | None,
@@ -120,9 +141,9 @@ def build_app(gguf: Path, *, host: str, port: int, api_key: str | None, n_ctx: i
     # llama-cpp-python lets any web page read the answers (CORS *, with credentials); the gate
     # refuses cross-site requests to a keyless server, and a keyed one needs no browser access.
     app.user_middleware = [m for m in app.user_middleware if m.cls is not CORSMiddleware]
-    _refuse_overflow(server_app._llama_proxy())  # the loaded model (llama-cpp-python 0.3.36's module state)
+    model_now = server_app._llama_proxy()  # the loaded model (llama-cpp-python 0.3.36's module state)
     return Gate(app, api_key=api_key, max_request_bytes=max_request_bytes, n_ctx=n_ctx,
-                repeat_penalty=repeat_penalty, bind_host=host)
+                count_prompt=prompt_counter(model_now), repeat_penalty=repeat_penalty, bind_host=host)
 
 
 def serve(gguf: Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,

@@ -11,8 +11,9 @@ In order, for every HTTP request:
 3. A body larger than max_request_bytes is refused as soon as its Content-Length, or its running
    count for a chunked body, says so; it is never buffered whole. 413.
 4. A completion request must be JSON of the shape llama-cpp-python's own request models accept
-   (they do the validation); a missing `messages`/`prompt` and a max_tokens larger than the
-   context are refused. 400, with an OpenAI-style error object naming the field.
+   (they do the validation); a missing `messages`/`prompt`, a prompt longer than the context, and
+   a max_tokens that does not fit beside the prompt are refused before the request queues. 400,
+   with an OpenAI-style error object naming the field.
 5. A completion request that names no repeat_penalty gets the server's (see serving.serve).
 
 Everything else (the model, its queue, the OpenAI responses) is llama-cpp-python's."""
@@ -23,7 +24,7 @@ import hmac
 import ipaddress
 import json
 import urllib.parse
-from typing import Any
+from typing import Any, Callable
 
 CHAT, COMPLETION = "/v1/chat/completions", "/v1/completions"
 COMPLETION_PATHS = (CHAT, COMPLETION, "/v1/engines/copilot-codex/completions")
@@ -117,9 +118,11 @@ class Gate:
     """ASGI middleware: see the module's docstring. n_ctx: the model's context in tokens."""
 
     def __init__(self, app: Any, *, api_key: str | None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-                 n_ctx: int, repeat_penalty: float = 1.0, bind_host: str = "127.0.0.1"):
+                 n_ctx: int, count_prompt: Callable[[bool, dict], int] | None = None, repeat_penalty: float = 1.0,
+                 bind_host: str = "127.0.0.1"):
         self.app, self.api_key, self.max_bytes = app, api_key, max_request_bytes
-        self.n_ctx, self.repeat_penalty, self.bind_host = n_ctx, repeat_penalty, bind_host
+        self.n_ctx, self.count_prompt = n_ctx, count_prompt
+        self.repeat_penalty, self.bind_host = repeat_penalty, bind_host
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -145,6 +148,8 @@ class Gate:
             return
         if path in COMPLETION_PATHS:
             checked = self._check_completion(path, body)
+            if isinstance(checked, bytes) and self.count_prompt:
+                checked = await self._check_length(path, checked)
             if isinstance(checked, tuple):
                 await self._answer(send, 400, *checked)
                 return
@@ -232,6 +237,25 @@ class Gate:
         if "repeat_penalty" not in data:
             data["repeat_penalty"] = self.repeat_penalty
         return json.dumps(data).encode()
+
+    async def _check_length(self, path: str, body: bytes) -> bytes | tuple:
+        """body, or (message, param, code) of a 400 when the prompt with max_tokens passes the context."""
+        import anyio
+
+        data = json.loads(body)
+        # tokenizing reads only the vocabulary: safe beside a generation in progress; off the event
+        # loop so that a long prompt does not hold up the other clients
+        n = await anyio.to_thread.run_sync(self.count_prompt, path == CHAT, data)
+        where = "messages" if path == CHAT else "prompt"
+        if n >= self.n_ctx:
+            return (f"{where}: the prompt is {n} tokens, and this model's context is {self.n_ctx} "
+                    f"(tunesmith serve --n-ctx)", where, "context_length_exceeded")
+        max_tokens = data.get("max_tokens")
+        if isinstance(max_tokens, int) and n + max_tokens > self.n_ctx:
+            return (f"max_tokens {max_tokens} does not fit beside the prompt's {n} tokens in this model's context of "
+                    f"{self.n_ctx} tokens: ask for at most {self.n_ctx - n}, or start the server with a larger "
+                    f"--n-ctx", "max_tokens", "context_length_exceeded")
+        return body
 
     @staticmethod
     async def _answer(send: Any, status: int, message: str, param: str | None, code: str | None,

@@ -8,7 +8,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import http.server
+import datetime
 import json
+import ssl
 import threading
 import time
 
@@ -92,6 +94,50 @@ def server():
     srv.server_close()
 
 
+@pytest.fixture(scope="module")
+def tls_server(server, tmp_path_factory):
+    """An https server on 127.0.0.1 (a self-signed certificate, trusted through REQUESTS_CA_BUNDLE)
+    serving the same files, and /to-http: a redirect to the plain http server's copy."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    import ipaddress
+
+    folder = tmp_path_factory.mktemp("tls")
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+
+    class TLSHandler(Handler):
+        def do_GET(self):
+            if self.path == "/to-http":
+                self.send_response(302)
+                self.send_header("Location", f"{server}/data.jsonl")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            else:
+                super().do_GET()
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(folder / "cert.pem", folder / "key.pem")
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), TLSHandler)
+    srv.socket = context.wrap_socket(srv.socket, server_side=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"https://127.0.0.1:{srv.server_address[1]}", folder / "cert.pem"
+    srv.shutdown()
+    srv.server_close()
+
+
 def _files(folder) -> list[str]:
     return sorted(p.name for p in folder.rglob("*") if p.is_file())
 
@@ -144,6 +190,17 @@ def test_redirects_are_followed_a_few_times_and_recorded(server, tmp_path):
     assert facts["final_url"] == f"{server}/data.jsonl"
     with pytest.raises(DataError, match="could not download dataset.source .*/loop.jsonl: Exceeded 5 redirects"):
         load.fetch_url(f"{server}/loop.jsonl", tmp_path, offline=False)
+
+
+def test_a_redirect_from_https_to_http_is_refused_before_it_is_followed(server, tls_server, tmp_path, monkeypatch):
+    url, cert = tls_server
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))
+    assert load.fetch_url(f"{url}/data.jsonl", tmp_path, offline=False).read_bytes() == BODY  # https itself works
+    Handler.seen.clear()
+    with pytest.raises(DataError, match=rf"/to-http redirects from https to {server}/data.jsonl: refused"):
+        load.fetch_url(f"{url}/to-http", tmp_path, offline=False)
+    assert Handler.seen == []  # the plain http server was never asked
+    assert not list(tmp_path.rglob("*.part"))
 
 
 def test_the_size_cap_refuses_a_large_file_before_or_while_reading_it(server, tmp_path):

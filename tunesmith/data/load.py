@@ -197,14 +197,20 @@ def fetch_url(url: str, cache_dir: str | Path, offline: bool, *, sha256_hex: str
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{name}.", suffix=".part")
     tmp = Path(tmp_name)
     digest, got = hashlib.sha256(), 0
+    def no_downgrade(resp: Any, *args: Any, **kwargs: Any) -> None:
+        # called on each response before requests follows its redirect
+        if resp.is_redirect and resp.url.lower().startswith("https:"):
+            hop = urllib.parse.urljoin(resp.url, resp.headers["Location"])
+            if not hop.lower().startswith("https:"):
+                raise DataError(f"dataset.source {shown} redirects from https to {redact_url(hop)}: refused "
+                                f"(the file would travel unencrypted); give a URL that stays on https")
+
     try:
         with requests.Session() as session, os.fdopen(fd, "wb") as fh:
             session.max_redirects = MAX_REDIRECTS
+            session.hooks["response"].append(no_downgrade)
             with session.get(url, stream=True, timeout=60) as resp:
                 hops = [r.url for r in resp.history] + [resp.url]
-                if url.lower().startswith("https:") and any(h.lower().startswith("http:") for h in hops):
-                    raise DataError(f"dataset.source {shown} redirects from https to plain http "
-                                    f"({redact_url(resp.url)}): refused; give the final https URL")
                 if resp.status_code != 200:
                     raise DataError(f"could not download dataset.source {shown}: HTTP {resp.status_code} "
                                     f"{resp.reason}")

@@ -4,13 +4,15 @@ no GPU is needed to see which device a second job would get."""
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 import sys
 
 import pytest
 
 from tunesmith import gpus
-from tunesmith.errors import EnvironmentNotSupported
+from tunesmith.errors import EnvironmentNotSupported, TunesmithError
 
 HOLD = """
 import sys, time
@@ -46,3 +48,45 @@ def test_nothing_is_chosen_where_someone_else_chose(monkeypatch):
     assert gpus.claim_for_job(1) is None
     monkeypatch.delenv("SLURM_JOB_ID")
     assert gpus.claim_for_job(0) is None
+
+
+def test_locks_live_in_a_folder_of_the_users_own_and_follow_no_symlink(tmp_path, monkeypatch):
+    """Another user's symlink at a lock's name is refused (the lock open used to follow it and
+    truncate its target); a lock folder others can write, or that is not a folder, or that cannot be
+    made is a named error, not a PermissionError from deep inside a GPU job."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert gpus.default_lock_dir() == tmp_path / "tunesmith-gpus"
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    assert gpus.default_lock_dir().name == f"tunesmith-gpus-{os.getuid()}"
+
+    locks = tmp_path / "locks"
+    assert gpus.claim(1, 2, locks, wait_s=0) == [0]
+    assert stat.S_IMODE(locks.stat().st_mode) == 0o700  # made for this user only
+    gpus._held.pop().close()
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (locks / "gpu0.lock").unlink()
+    (locks / "gpu0.lock").symlink_to(victim)
+    with pytest.raises(TunesmithError, match=r"GPU lock file .*gpu0.lock cannot be opened .*a symlink is refused"):
+        gpus.claim(1, 2, locks, wait_s=0)
+    assert victim.read_text() == "precious"
+
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o1777)  # like /tmp itself
+    with pytest.raises(TunesmithError, match=r"shared can be written by other users \(mode drwxrwxrwt\)"):
+        gpus.claim(1, 2, shared, wait_s=0)
+    link = tmp_path / "link"
+    link.symlink_to(locks)
+    with pytest.raises(TunesmithError, match="link is not a folder"):
+        gpus.claim(1, 2, link, wait_s=0)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(TunesmithError, match=r"afile/locks cannot be created .*XDG_RUNTIME_DIR"):
+        gpus.claim(1, 2, tmp_path / "afile" / "locks", wait_s=0)
+    if os.getuid() == 0:  # root can hand a folder to another user, as another user's folder would be
+        theirs = tmp_path / "theirs"
+        theirs.mkdir(mode=0o700)
+        os.chown(theirs, 65534, 65534)
+        with pytest.raises(TunesmithError, match="theirs belongs to uid 65534, not to you"):
+            gpus.claim(1, 2, theirs, wait_s=0)

@@ -166,9 +166,14 @@ def _config(work: Path, uri: str, **extra) -> Path:
 
 # ------------------------------------------------------------------ tests
 
-def test_stage_records_over_http(server, tmp_path, monkeypatch):
+def test_stage_records_over_http(server, tmp_path, monkeypatch, caplog):
     """tracking.stage_run against the server: a parent and a child run, params, a step history,
-    an artifact, all read back through the REST API. No workflow: seconds."""
+    an artifact, all read back through the REST API; the artifact is stored by the server (under
+    its --artifacts-destination), nothing on the client's side; and the password the client logs
+    in with (in the environment now) is in no record, log, run or artifact. No workflow: seconds."""
+    monkeypatch.chdir(tmp_path)  # where a client-side artifact store (./mlruns) would appear
+    caplog.set_level(logging.DEBUG)
+    assert os.environ[tracking.ENV_PASSWORD] == server.password
     monkeypatch.setenv(tracking.ENV_URI, server.uri)
     monkeypatch.setenv(tracking.ENV_INVOCATION, "rest-check-1")
     results = tmp_path / "results"
@@ -194,7 +199,18 @@ def test_stage_records_over_http(server, tmp_path, monkeypatch):
     assert [(m["step"], m["value"]) for m in sorted(history, key=lambda m: m["step"])] == [(1, 2.0), (2, 1.4), (3, 0.9)]
     files = server.get("artifacts/list", run_id=child["info"]["run_id"]).get("files", [])
     assert [f["path"] for f in files] == ["report.json"]
-    assert (server.root / "artifacts").is_dir()  # stored by the server, not by the client
+    # Stored by the server, not by the client: the run's artifacts go through the server's proxy
+    # into its --artifacts-destination, and the client wrote no store of its own.
+    run_id = child["info"]["run_id"]
+    assert child["info"]["artifact_uri"].startswith("mlflow-artifacts:/"), child["info"]["artifact_uri"]
+    [stored] = (server.root / "artifacts").rglob(f"{run_id}/artifacts/report.json")
+    assert stored.read_text() == '{"ok": true}'
+    assert not (tmp_path / "mlruns").exists() and not list(tmp_path.rglob(f"*{run_id}*"))
+    # The password is in the environment of this client, and nowhere it wrote or the server keeps.
+    assert server.password.encode() not in b"".join(p.read_bytes() for p in results.rglob("*") if p.is_file())
+    assert server.password not in caplog.text and server.password not in json.dumps(runs)
+    assert all(server.password.encode() not in p.read_bytes() for p in (server.root / "artifacts").rglob("*")
+               if p.is_file())
 
 
 @pytest.mark.slow
@@ -388,10 +404,15 @@ def test_a_wrong_password_is_a_clear_error_and_the_record_stays_unsynced(server,
     assert f"refused the credentials (HTTP 401) of user '{server.USER}': check MLFLOW_TRACKING_PASSWORD" in caplog.text
     record = results / "auth-check" / "tracking" / "filter.json"
     for text in (caplog.text, record.read_text()):
-        assert "not-the-password" not in text and server.password not in text
+        assert "not-the-password" not in text
+    # Checked while the environment held the wrong password, which is the one that could leak then.
     monkeypatch.setenv(tracking.ENV_PASSWORD, server.password)
-    assert tracking_writer.sync(results / "auth-check") == (1, 0)
+    with caplog.at_level(logging.DEBUG):
+        assert tracking_writer.sync(results / "auth-check") == (1, 0)
     [run] = [r for r in server.runs("auth-check") if tags(r).get("tunesmith.stage") == "filter"]
-    assert metrics(run)["rows_in"] == 3 and server.password not in json.dumps(run)
+    assert metrics(run)["rows_in"] == 3 and json.loads(record.read_text())["synced"]
+    # and with the right one in the environment, the synced record, the log and the run are clean of it
+    for text in (caplog.text, record.read_text(), json.dumps(run)):
+        assert server.password not in text
     with pytest.raises(Exception, match="tracking.uri carries a password .* set MLFLOW_TRACKING_USERNAME"):
         tracking.check_uri(f"http://admin:{server.password}@127.0.0.1:5000")

@@ -6,6 +6,8 @@ repository it did not push. No network, no model: seconds."""
 from __future__ import annotations
 
 import json
+import logging
+import os
 
 import pytest
 
@@ -102,17 +104,30 @@ def test_offline_or_tokenless_publishing_pushes_nothing_and_names_what_was_not_p
         _plan(artifacts, {**SECTION, "repos": {}})
 
 
-def test_the_stage_writes_the_plan_before_refusing_offline(artifacts, tmp_path):
+def test_the_stage_writes_the_plan_before_refusing_offline(artifacts, tmp_path, monkeypatch, caplog):
+    # A token is set, as on a machine that publishes: its value must reach no file the stage
+    # writes, no card, no message. (Looking for the name HF_TOKEN with no token set proved nothing.)
+    token = "hf_sentinel" + os.urandom(12).hex()
+    monkeypatch.setenv("HF_TOKEN", token)
+    monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", token)
     out = tmp_path / "publish" / "plan.json"
     io = StageIO(input={**{k: artifacts[k] for k in publishing.KINDS}, "compare": artifacts["compare"]},
                  output={"plan": str(out)}, params={"section": {"publish": SECTION}, "dataset_source": None},
                  wildcards={"recipe": "demo", "variant": "main"}, stage="publish")
-    with pytest.raises(TunesmithError, match="Not pushed"):
+    with caplog.at_level(logging.DEBUG), pytest.raises(TunesmithError, match="Not pushed") as err:
         publish_stage.run(io)  # offline: TUNESMITH_OFFLINE unset means offline
     assert not out.exists()  # the rule's output means "pushed"
     pending = json.loads(out.with_suffix(".pending.json").read_text())
     assert [r["repo_id"] for r in pending["repos"]] == ["me/demo-lora", "me/demo", "me/demo-GGUF"]
-    assert "HF_TOKEN" not in json.dumps(pending)
+    assert all(r["card"] for r in pending["repos"])  # the cards were written, and are searched below
+    publishing.local_cards(recipe="demo", variant="main", section={"license": None, "tags": []},
+                           folders={k: artifacts[k] for k in publishing.KINDS}, compare=artifacts["compare"],
+                           dataset_source=None, out_dir=tmp_path / "cards")
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert out.with_suffix(".pending.json") in written and len(list((tmp_path / "cards").iterdir())) == 3
+    for path in written:
+        assert token.encode() not in path.read_bytes(), path
+    assert token not in str(err.value) and token not in caplog.text
 
 
 def test_local_cards_state_lineage_scores_contamination_and_how_to_run_each_artifact(artifacts, tmp_path):

@@ -4,7 +4,7 @@
     tunesmith sync-mlflow results/<recipe>     push stage records MLflow missed (server was down)
     tunesmith compare [--experiments A B] [--out results/compare]
                                                markdown + CSV + PNG across recipes and sweep variants
-    tunesmith serve <file.gguf | recipe[/variant]> [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+    tunesmith serve <file.gguf | recipe[/variant]> [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-request-bytes N]
                                                OpenAI-compatible server (llama-cpp-python) on the GGUF
     tunesmith chat <file.gguf | recipe[/variant]>  a conversation with it in the terminal
 
@@ -113,7 +113,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     gguf = serving.find_gguf(args.target, args.results, args.type)
     serving.serve(gguf, host=args.host, port=args.port, api_key=args.api_key or os.environ.get(serving.ENV_API_KEY),
-                  n_ctx=args.n_ctx, threads=args.threads, alias=args.alias, repeat_penalty=args.repeat_penalty)
+                  n_ctx=args.n_ctx, threads=args.threads, alias=args.alias, repeat_penalty=args.repeat_penalty,
+                  max_request_bytes=args.max_request_bytes)
     return 0
 
 
@@ -173,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alias", default=None, help="model name clients send (default: the GGUF's file name)")
     p.add_argument("--repeat-penalty", type=float, default=1.0, help="for requests that set none (default 1.0: "
                    "off, so that a greedy request gets the reply the model was evaluated on; llama-cpp-python's own is 1.1)")
+    p.add_argument("--max-request-bytes", type=int, default=None,
+                   help="largest request body accepted; a larger one is refused (HTTP 413) before it is read "
+                        "(default 1048576: 1 MiB)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("chat", help="talk to a GGUF in the terminal")

@@ -66,68 +66,113 @@ def check_bind(host: str, api_key: str | None) -> None:
                              f"(--api-key, or {ENV_API_KEY} in the environment), or bind 127.0.0.1")
 
 
-class DefaultRepeatPenalty:
-    """ASGI middleware: a completion request that names no repeat_penalty gets this one.
+def prompt_counter(llama: Any) -> Any:
+    """count(chat, request) -> the prompt's length in tokens, as the model will see it.
 
-    llama-cpp-python's server applies 1.1 unless the request says otherwise, and OpenAI clients
-    have no such field: their greedy reply would not be the reply the model was evaluated on
-    (a word-reversal model has to repeat the prompt's words). 1.0 turns the penalty off."""
+    For the gate to refuse a prompt plus max_tokens that passes the context before the request
+    queues: llama-cpp-python would shorten max_tokens silently (finish_reason "length", as if the
+    reply had been finished), and a streamed request that fails inside the model has already
+    answered 200. A chat is formatted by llama-cpp-python's own path (the GGUF's template, the
+    same chat handler) up to the point where it would start generating."""
+    from llama_cpp import Llama
 
-    PATHS = ("/v1/chat/completions", "/v1/completions")
+    class Counted(Exception):
+        pass
 
-    def __init__(self, app: Any, value: float = 1.0):
-        self.app, self.value = app, value
+    class Probe:
+        """The model, except that completing a prompt reports its length instead."""
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope.get("path") not in self.PATHS:
-            await self.app(scope, receive, send)
-            return
-        body, more = b"", True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
+        def __getattr__(self, name: str) -> Any:
+            return getattr(llama, name)
+
+        def create_completion(self, prompt: Any, *args: Any, **kwargs: Any) -> Any:
+            raise Counted(len(prompt) if isinstance(prompt, list) else text_tokens(prompt))
+
+    def text_tokens(prompt: str) -> int:
+        # as Llama._create_completion counts a text prompt: BOS (if the model adds one) + the text
+        return len(llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)) if prompt else 1
+
+    def count(chat: bool, request: dict) -> int:
+        if not chat:
+            prompt = request["prompt"]
+            return text_tokens(prompt[0] if isinstance(prompt, list) and prompt else prompt or "")
         try:
-            data = json.loads(body or b"null")
-        except ValueError:
-            data = None  # the server answers malformed JSON itself
-        if isinstance(data, dict) and "repeat_penalty" not in data:
-            body = json.dumps({**data, "repeat_penalty": self.value}).encode()
-        headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
-        scope = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
-        replayed = False
+            Llama.create_chat_completion(Probe(), messages=request["messages"], functions=request.get("functions"),
+                                         function_call=request.get("function_call"), tools=request.get("tools"),
+                                         tool_choice=request.get("tool_choice"))
+        except Counted as got:
+            return got.args[0]
+        raise AssertionError("llama-cpp-python's chat handler never asked for a completion")
 
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+    return count
 
 
-def serve(gguf: Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          n_ctx: int = 2048, threads: int | None = None, alias: str | None = None, repeat_penalty: float = 1.0,
-          out: TextIO = sys.stdout) -> None:
-    """Run llama-cpp-python's server on one GGUF until interrupted (Ctrl+C or SIGTERM)."""
-    check_bind(host, api_key)
+def build_app(gguf: Path, *, host: str, port: int, api_key: str | None, n_ctx: int, threads: int | None,
+              alias: str, repeat_penalty: float, max_request_bytes: int) -> Any:
+    """llama-cpp-python's server app on one GGUF (the model loaded), behind serving_gate.Gate."""
+    if os.environ.get("CONFIG_FILE"):
+        # llama-cpp-python's create_app would take the API key, the bind and the model from that
+        # file instead of these options, undoing the key check of a wide --host.
+        raise TunesmithError(f"CONFIG_FILE is set in the environment ({os.environ['CONFIG_FILE']}): llama-cpp-python "
+                             f"would take the API key and the model from it instead of tunesmith serve's options. "
+                             f"Unset it (env -u CONFIG_FILE tunesmith serve ...)")
     try:
-        import uvicorn
-        from llama_cpp.server.app import create_app
+        from fastapi.middleware.cors import CORSMiddleware
+        from llama_cpp.server import app as server_app
         from llama_cpp.server.settings import ModelSettings, ServerSettings
     except ImportError as exc:
         raise TunesmithError(f"llama-cpp-python's server extra is missing ({exc.name}): "
                              f"pip install -r requirements.txt") from None
-    alias = alias or gguf.stem
+    from tunesmith.serving_gate import Gate
+
+    def args_only(cls: type) -> type:
+        # pydantic-settings would fill every option left out here from environment variables of
+        # the same name (LORA_PATH, HF_MODEL_REPO_ID, ...): the server runs what the command line says.
+        return type(cls.__name__, (cls,), {"settings_customise_sources": classmethod(
+            lambda c, settings_cls, init_settings, **other_sources: (init_settings,))})
+
     # chat_format None: llama-cpp-python formats chats with the template stored in the GGUF.
-    model = ModelSettings(model=str(gguf), model_alias=alias, n_ctx=n_ctx, chat_format=None, verbose=False,
-                          n_threads=threads or max(1, os.cpu_count() or 1))
-    app = create_app(server_settings=ServerSettings(host=host, port=port, api_key=api_key), model_settings=[model])
+    model = args_only(ModelSettings)(model=str(gguf), model_alias=alias, n_ctx=n_ctx, chat_format=None, verbose=False,
+                                     n_threads=threads or max(1, os.cpu_count() or 1))
+    # interrupt_requests False: a request waiting for the model queues; with it on, a waiting
+    # request would cut a streaming reply short. One model, one request at a time (its lock).
+    server = args_only(ServerSettings)(host=host, port=port, api_key=api_key, interrupt_requests=False)
+    app = server_app.create_app(server_settings=server, model_settings=[model])
+    # llama-cpp-python lets any web page read the answers (CORS *, with credentials); the gate
+    # refuses cross-site requests to a keyless server, and a keyed one needs no browser access.
+    app.user_middleware = [m for m in app.user_middleware if m.cls is not CORSMiddleware]
+    model_now = server_app._llama_proxy()  # the loaded model (llama-cpp-python 0.3.36's module state)
+    return Gate(app, api_key=api_key, max_request_bytes=max_request_bytes, n_ctx=n_ctx,
+                count_prompt=prompt_counter(model_now), repeat_penalty=repeat_penalty, bind_host=host)
+
+
+def serve(gguf: Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          n_ctx: int = 2048, threads: int | None = None, alias: str | None = None, repeat_penalty: float = 1.0,
+          max_request_bytes: int | None = None, out: TextIO = sys.stdout) -> None:
+    """Run llama-cpp-python's server on one GGUF until interrupted (Ctrl+C or SIGTERM).
+
+    Requests that name no repeat_penalty get `repeat_penalty`: llama-cpp-python applies 1.1 unless
+    told otherwise and OpenAI clients have no such field, so their greedy reply would not be the
+    reply the model was evaluated on (a word-reversal model has to repeat the prompt's words)."""
+    from tunesmith.serving_gate import DEFAULT_MAX_REQUEST_BYTES
+
+    check_bind(host, api_key)
+    try:
+        import uvicorn
+    except ImportError as exc:
+        raise TunesmithError(f"llama-cpp-python's server extra is missing ({exc.name}): "
+                             f"pip install -r requirements.txt") from None
+    alias = alias or gguf.stem
+    limit = max_request_bytes or DEFAULT_MAX_REQUEST_BYTES
+    app = build_app(gguf, host=host, port=port, api_key=api_key, n_ctx=n_ctx, threads=threads, alias=alias,
+                    repeat_penalty=repeat_penalty, max_request_bytes=limit)
+    who = ("API key required" if api_key else
+           "no API key: any program or user on this machine can use it (--api-key to restrict)")
     print(f"tunesmith serve: {gguf} as model {alias!r}\n"
-          f"  OpenAI-compatible API at http://{host}:{port}/v1 (chat: POST /v1/chat/completions)"
-          + (", API key required" if api_key else "") + "\n  stop with Ctrl+C", file=out, flush=True)
-    uvicorn.run(DefaultRepeatPenalty(app, repeat_penalty), host=host, port=port, log_level="warning")
+          f"  OpenAI-compatible API at http://{host}:{port}/v1 (chat: POST /v1/chat/completions)\n"
+          f"  {who}; request bodies up to {limit} bytes; one request at a time, others queue\n"
+          f"  stop with Ctrl+C", file=out, flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
     print("tunesmith serve: stopped", file=out, flush=True)
 
 

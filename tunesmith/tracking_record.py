@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.fileio import sha256
+from tunesmith.data.load import redact
 from tunesmith.provenance import git_commit, library_versions
 from tunesmith.result import flatten_figures
 from tunesmith.tracking import invocation_id, tracking_uri
@@ -64,7 +65,7 @@ class StageRecord:
 
     # ---- collecting
     def log_params(self, params: dict[str, Any]) -> None:
-        self.params.update(flatten(params))
+        self.params.update(flatten(redact(params)))  # a dataset URL's credentials never become params
 
     def log_metric(self, key: str, value: float, step: int | None = None) -> None:
         self.metrics.append({"key": key, "value": float(value), "step": step, "timestamp": int(time.time() * 1000)})

@@ -36,7 +36,9 @@ import hashlib
 import io
 import json
 import logging
+import os
 import re
+import tempfile
 import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field
@@ -128,27 +130,128 @@ def file_format(path: Path, fmt: str = "auto") -> str:
     return found
 
 
-def fetch_url(url: str, cache_dir: str | Path, offline: bool) -> Path:
-    """Download a URL once into cache_dir (keyed by the URL) and return the local file."""
+# Query parameters that carry a secret in common dataset URLs (tokens, presigned S3/GCS/Azure links).
+_SECRET_QUERY = re.compile(r"([?&](?:[a-z0-9_.-]*token|api[_-]?key|key|sig|signature|password|secret|"
+                           r"x-amz-signature|x-amz-credential|x-amz-security-token|x-goog-signature|"
+                           r"x-goog-credential)=)[^&#\s\"']*", re.IGNORECASE)
+_USERINFO = re.compile(r"\b([a-z][a-z0-9+.-]*://)[^/@\s\"']+@", re.IGNORECASE)
+REDACTED = "***"
+DOWNLOAD_CHUNK = 1 << 20
+MAX_REDIRECTS = 5
+
+
+def redact_url(text: str) -> str:
+    """text with every URL's credentials replaced by ***: the user:password@ part and secret query
+    values (token=, sig=, X-Amz-Signature=, ...). Whatever reaches logs, reports, MLflow params or
+    model cards passes through here (load.redact for nested params)."""
+    return _SECRET_QUERY.sub(rf"\1{REDACTED}", _USERINFO.sub(rf"\1{REDACTED}@", text))
+
+
+def redact(value: Any) -> Any:
+    """redact_url over every string of nested dicts/lists (a recipe section before it becomes params)."""
+    if isinstance(value, str):
+        return redact_url(value) if "://" in value else value
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(v) for v in value)
+    return value
+
+
+def _cached(target: Path, expected_sha256: str | None) -> bool:
+    """A finished download: its sidecar (written only after the file was complete and checked)
+    names its size and hash, and the file still has them."""
+    meta = target.with_name(target.name + ".download.json")
+    if not (target.is_file() and meta.is_file()):
+        return False
+    try:
+        facts = json.loads(meta.read_text())
+    except ValueError:
+        return False
+    if target.stat().st_size != facts.get("bytes"):
+        return False
+    return expected_sha256 is None or facts.get("sha256") == expected_sha256.lower()
+
+
+def fetch_url(url: str, cache_dir: str | Path, offline: bool, *, sha256_hex: str | None = None,
+              max_bytes: int | None = None) -> Path:
+    """Download a URL once into cache_dir (keyed by the URL) and return the local file.
+
+    Each download goes to a temporary file of its own in the cache folder (two jobs fetching one
+    URL never write the same file) and is moved into place only when complete: as many bytes as
+    the server's Content-Length said, no more than max_bytes, and the sha256 the recipe gives, if
+    it gives one; anything else raises and leaves nothing a later run would take as done.
+    Redirects: at most MAX_REDIRECTS, never from https to http; credentials in the URL are sent as
+    HTTP basic auth and dropped on a redirect to another host (requests' rule)."""
+    shown = redact_url(url)
     if offline:
-        raise DataError(f"dataset.source is the URL {url}, and this run is offline (config.yaml "
+        raise DataError(f"dataset.source is the URL {shown}, and this run is offline (config.yaml "
                         f"offline: true). Download the file elsewhere, put it in the working directory "
                         f"and set dataset.source to its path, or set offline: false.")
-    import urllib.request
+    import requests
 
     name = Path(urllib.parse.urlparse(url).path).name or "download"
     target = Path(cache_dir) / hashlib.sha256(url.encode()).hexdigest()[:16] / name
-    if target.is_file():
+    if _cached(target, sha256_hex):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{name}.part")
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{name}.", suffix=".part")
+    tmp = Path(tmp_name)
+    digest, got = hashlib.sha256(), 0
+    def no_downgrade(resp: Any, *args: Any, **kwargs: Any) -> None:
+        # called on each response before requests follows its redirect
+        if resp.is_redirect and resp.url.lower().startswith("https:"):
+            hop = urllib.parse.urljoin(resp.url, resp.headers["Location"])
+            if not hop.lower().startswith("https:"):
+                raise DataError(f"dataset.source {shown} redirects from https to {redact_url(hop)}: refused "
+                                f"(the file would travel unencrypted); give a URL that stays on https")
+
     try:
-        with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, "wb") as fh:  # noqa: S310
-            while chunk := resp.read(1 << 20):
-                fh.write(chunk)
-    except OSError as exc:
-        raise DataError(f"could not download dataset.source {url}: {exc}") from None
-    tmp.replace(target)
+        with requests.Session() as session, os.fdopen(fd, "wb") as fh:
+            session.max_redirects = MAX_REDIRECTS
+            session.hooks["response"].append(no_downgrade)
+            with session.get(url, stream=True, timeout=60) as resp:
+                hops = [r.url for r in resp.history] + [resp.url]
+                if resp.status_code != 200:
+                    raise DataError(f"could not download dataset.source {shown}: HTTP {resp.status_code} "
+                                    f"{resp.reason}")
+                length = resp.headers.get("Content-Length")
+                expected = int(length) if length and length.isdigit() and "Content-Encoding" not in resp.headers else None
+                if max_bytes is not None and expected is not None and expected > max_bytes:
+                    raise DataError(f"dataset.source {shown} is {expected} bytes, more than dataset.max_download_bytes "
+                                    f"({max_bytes}): raise that cap if the file is meant to be this large")
+                try:
+                    for chunk in resp.iter_content(DOWNLOAD_CHUNK):
+                        got += len(chunk)
+                        if max_bytes is not None and got > max_bytes:
+                            raise DataError(f"dataset.source {shown} sent more than dataset.max_download_bytes "
+                                            f"({max_bytes}) bytes: stopped; raise that cap if the file is meant "
+                                            f"to be this large")
+                        digest.update(chunk)
+                        fh.write(chunk)
+                except requests.exceptions.ChunkedEncodingError:
+                    # urllib3 saw the connection close before Content-Length: said as the cut it is
+                    got = -1
+        if got < 0 or (expected is not None and got != expected):
+            said = (f"the server announced {expected} bytes, {'fewer' if got < 0 else f'only {got}'} arrived"
+                    if expected is not None else "the connection closed mid-transfer")
+            raise DataError(f"dataset.source {shown}: the download was cut off ({said}): nothing kept; run again")
+        if sha256_hex and digest.hexdigest() != sha256_hex.lower():
+            raise DataError(f"dataset.source {shown}: sha256 {digest.hexdigest()} is not dataset.sha256 "
+                            f"{sha256_hex.lower()}: the file changed or was corrupted; nothing kept")
+        tmp.replace(target)
+    except requests.RequestException as exc:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"could not download dataset.source {shown}: {redact_url(str(exc))}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    # The sidecar says "complete"; written through a temporary file of its own as well (fileio's
+    # temporary names are per process, and two downloads may share one).
+    fd, meta_tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{name}.", suffix=".json.part")
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"url": shown, "final_url": redact_url(hops[-1]), "bytes": got, "sha256": digest.hexdigest()}, fh)
+    os.replace(meta_tmp, target.with_name(target.name + ".download.json"))
     return target
 
 
@@ -473,6 +576,9 @@ def source_sections(section: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for item in section["sources"]:
         sub = {k: item.get(k, section[k]) for k in SOURCE_KEYS}
+        # A checksum names one file: a source of a mixture never takes the dataset section's.
+        sub["sha256"] = item.get("sha256")
+        sub["max_download_bytes"] = item.get("max_download_bytes", section.get("max_download_bytes"))
         out.append({**sub, "sources": None, "name": item.get("name") or source_name(item["source"]),
                     "weight": item.get("weight"), "max_rows": item.get("max_rows")})
     return out
@@ -564,14 +670,15 @@ def _open(section: dict[str, Any], *, offline: bool, cache_dir: str | Path) -> t
     kind = source_kind(source, fmt)
     on_bad = section["on_bad_rows"]
     columns = dict(section["columns"])
-    info: dict[str, Any] = {"origin": source, "kind": kind, "schema": section["schema"],
+    info: dict[str, Any] = {"origin": redact_url(source), "kind": kind, "schema": section["schema"],
                             "columns_mapping": columns, "on_bad_rows": on_bad}
     if kind == "hub":
         records = read_hub(source, section["split"], section["revision"], offline)
         label = f"hub dataset {source}"
         info.update(split=section["split"], revision=section["revision"], sha256=None)
     else:
-        path = fetch_url(source, cache_dir, offline) if kind == "url" else Path(source).expanduser()
+        path = (fetch_url(source, cache_dir, offline, sha256_hex=section.get("sha256"),
+                          max_bytes=section.get("max_download_bytes")) if kind == "url" else Path(source).expanduser())
         fmt = file_format(path, fmt)
         records = read_local(path, fmt, on_bad)
         label = str(path)

@@ -27,6 +27,8 @@ from tunesmith.errors import DataError
 from tunesmith.result import Result
 from tunesmith.data import batches
 from tunesmith.data import dedupe as dedupe_mod
+from tunesmith.data import minhash as minhash_mod
+from tunesmith.data import minhash_stages
 from tunesmith.data import filters, formatting, load, plots, tokens
 from tunesmith.data import select as select_mod
 
@@ -404,21 +406,39 @@ def gather_filtered(raw_path: str, counts_path: str, parts: list[str], reports: 
 def embed_shard(in_path: str, section: dict[str, Any], shard: int, shards: int, out_path: str, *,
                 offline: bool, model: Any = None, digests: list[str] | None = None) -> Result:
     """One of dataset.shards embedding jobs of near-dedupe (shard is 0-based); dedupe gathers them.
+    Its slice is of the rows after exact dedupe (kept positions from the digests: the filter shard
+    jobs', or hashed here batch by batch), and only the row groups holding it are read.
     digests: the filter_shard jobs' row digests (exact dedupe then hashes nothing here)."""
     started = time.perf_counter()
-    frame = load.read_rows(in_path)
-    vectors, report = dedupe_mod.embed_shard(frame, section, shard, shards, offline=offline, model=model,
-                                             progress=len(frame) > 2000 * shards,
-                                             digests=gather_digests(digests, in_path) if digests else None)
+    keep, _ = minhash_stages.exact_keep(in_path, section, gather_digests(digests, in_path) if digests else None)
+    kept = np.flatnonzero(keep)
+    start, stop = batches.shard_bounds(len(kept), shards, shard)
+    parts = []
+    if stop > start:
+        lo, hi = int(kept[start]), int(kept[stop - 1]) + 1
+        for batch in batches.iter_rows(in_path, ["id", "instruction", "input", "output"], start=lo, stop=hi):
+            parts.append(batches.take_mask(batch, keep[lo:lo + batch.num_rows]).to_pandas())
+            lo += batch.num_rows
+    import pandas as pd
+
+    frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["instruction", "input", "output"])
+    texts = dedupe_mod.field_texts(frame, section["field"])
+    t_load = time.perf_counter()
+    if model is None:
+        model = dedupe_mod.load_embedder(section["model"], offline=offline, device=section["device"])
+    load_seconds = time.perf_counter() - t_load
+    t_embed = time.perf_counter()
+    vectors = dedupe_mod.embed(model, texts, section["batch_size"], len(texts) > 2000) if texts else \
+        np.zeros((0, model.get_sentence_embedding_dimension()), dtype=np.float32)
+    embed_seconds = time.perf_counter() - t_embed
+    rate = round(len(texts) / embed_seconds, 1) if texts and embed_seconds else None
     # the slice's place travels with it, so the gather can tell a stale or misplaced shard
-    fileio.write_npz(out_path, vectors=vectors, start=report["start"], stop=report["stop"], total=report["rows_total"])
-    log.info("embed_shard %d/%d: rows %d..%d of %d at %s rows/s", shard + 1, shards, report["start"], report["stop"],
-             report["rows_total"], report["embed_rows_per_s"])
-    load_seconds = report["model_load_seconds"]
-    return _result({"rows": report["rows"], "rows_total": report["rows_total"], "shard": shard, "shards": shards,
-                    "embed_seconds": report["embed_seconds"], "embed_rows_per_s": report["embed_rows_per_s"] or 0.0,
+    fileio.write_npz(out_path, vectors=vectors, start=start, stop=stop, total=len(kept))
+    log.info("embed_shard %d/%d: rows %d..%d of %d at %s rows/s", shard + 1, shards, start, stop, len(kept), rate)
+    return _result({"rows": len(texts), "rows_total": len(kept), "shard": shard, "shards": shards,
+                    "embed_seconds": round(embed_seconds, 3), "embed_rows_per_s": rate or 0.0,
                     "load_seconds": load_seconds, "work_seconds": time.perf_counter() - started - load_seconds},
-                   summary=f"shard {shard + 1}/{shards}: {report['rows']} rows embedded")
+                   summary=f"shard {shard + 1}/{shards}: {len(texts)} rows embedded")
 
 
 def gather_embeddings(paths: list[str]) -> Any:
@@ -455,18 +475,34 @@ def gather_digests(paths: list[str], in_path: str) -> Any:
 
 def dedupe(in_path: str, section: dict[str, Any], out_path: str, report_path: str, hist_path: str, *,
            offline: bool, model: Any = None, recipe: str = "", embeddings: list[str] | None = None,
-           digests: list[str] | None = None) -> Result:
+           digests: list[str] | None = None, clusters: str | None = None) -> Result:
     """embeddings: the embed_shard outputs in shard order (dataset.shards > 1); none: embed here.
-    digests: the filter_shard jobs' row digests in shard order (dataset.shards > 1); none: hash here."""
+    digests: the filter_shard jobs' row digests in shard order (dataset.shards > 1); none: hash here.
+    clusters: minhash_cluster's output (dataset.shards > 1, method minhash or auto); none: MinHash
+    runs here when the method is (or auto picks) minhash."""
     started = time.perf_counter()
     row_digests = gather_digests(digests, in_path) if digests else None
-    if section["near"]:  # the embeddings need every row at once
+    method, why = None, ""
+    if section["near"]:
+        rows = None
+        if section["method"] == "auto":  # the rows near-dedupe would compare: after exact dedupe
+            rows = int(minhash_stages.exact_keep(in_path, section, row_digests)[0].sum())
+        method, why = minhash_mod.choose_method(section, rows or 0)
+    nn_title = "nearest-neighbour similarity"
+    if method == "minhash":
+        tally = SourceTally()
+        report, tokens_out, nn_sim = minhash_stages.apply(in_path, section, out_path, why=why, tally=tally,
+                                                           clusters_path=clusters, digests=row_digests)
+        report["rows_by_source"] = tally.result()
+        nn_title = "MinHash Jaccard estimate of the clustered pairs"
+    elif method == "embedding":  # the embeddings need every row at once
         frame = load.read_rows(in_path)
         vectors = gather_embeddings(embeddings) if embeddings else None
         kept, report, nn_sim = dedupe_mod.run(frame, section, offline=offline, model=model,
                                               progress=len(frame) > 2000, vectors=vectors, digests=row_digests)
         if embeddings:
             report["embedding_shards"] = len(embeddings)
+        report.update({"method": "embedding", "method_reason": why})
         report["rows_by_source"] = by_source(frame, kept)
         fileio.write_parquet(out_path, kept)
         tokens_out = int(kept["n_tokens"].sum())
@@ -477,7 +513,7 @@ def dedupe(in_path: str, section: dict[str, Any], out_path: str, report_path: st
         report["digest_shards"] = len(digests)
     fileio.write_json(report_path, {**report, "settings": section})
     plots.similarity_histogram(nn_sim, report["threshold"] if section["near"] else None, hist_path,
-                               title=f"{recipe} {report['field']} nearest-neighbour similarity".strip())
+                               title=f"{recipe} {report['field']} {nn_title}".strip())
     load_seconds = report.get("model_load_seconds", 0.0)
     log.info("dedupe: %d -> %d rows (exact %d, near %d at %.2f)", report["rows_in"], report["rows_out"],
              report["exact_removed"], report["near_removed"], report["threshold"])

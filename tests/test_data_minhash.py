@@ -147,7 +147,8 @@ def test_report_fields(tmp_path):
     assert report["clusters"] > 0 and sum(report["cluster_sizes"].values()) == report["clusters"]
     assert report["near_removed"] >= report["clusters"]
     ex = report["examples"]
-    assert len(ex) == 5 and all(e["jaccard_estimate"] >= 0.75 and e["kept_id"] < e["removed_id"] for e in ex)
+    assert len(ex) == 5 and all(e["kept_id"] < e["removed_id"] for e in ex)
+    assert all(abs(e["jaccard_estimate"] - e["jaccard"]) < 0.15 and e["jaccard"] > 0.5 for e in ex), ex
     assert ex == sorted(ex, key=lambda e: e["jaccard_estimate"])
     assert sum(report["near_removed_by_source"].values()) == report["near_removed"]
     assert set(report["rows_by_source"]) == {"gsm8k", "other"}

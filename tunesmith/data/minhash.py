@@ -111,35 +111,47 @@ def field_texts(batch: Any, fld: str) -> list[str]:
 
 
 def shard_signatures(path: str, section: dict[str, Any], shard: int, shards: int) -> tuple[np.ndarray, dict[str, int]]:
-    """Signatures of rows [start, stop) of a parquet file, read batch by batch (only its slice)."""
+    """Signatures of rows [start, stop) of a parquet file, read batch by batch (only its slice),
+    filled into one array (4 x permutations bytes a row)."""
     from tunesmith.data.batches import num_rows
 
     mh = settings(section)
     total = num_rows(path)
     start, stop = shard_bounds(total, shards, shard)
     proto = _prototype(mh)
-    parts = [signatures(field_texts(b, section["field"]), mh, proto)
-             for b in iter_rows(path, ["instruction", "input", "output"], start=start, stop=stop)]
-    sigs = np.concatenate(parts) if parts else np.zeros((0, mh["permutations"]), np.uint32)
+    sigs = np.empty((stop - start, mh["permutations"]), np.uint32)
+    at = 0
+    for b in iter_rows(path, ["instruction", "input", "output"], start=start, stop=stop):
+        sigs[at:at + b.num_rows] = signatures(field_texts(b, section["field"]), mh, proto)
+        at += b.num_rows
     return sigs, {"start": start, "stop": stop, "total": total}
 
 
-def band_arrays(sigs: np.ndarray, mh: dict[str, Any]) -> dict[str, np.ndarray]:
-    """A shard file's members: one (rows x rows_per_band) array per band, so a bucket job reads only
-    its bands, and the permutations beyond the bands (they sharpen the Jaccard estimate)."""
+def members(mh: dict[str, Any]) -> list[str]:
+    """The arrays of a signature file: one per LSH band, then the permutations beyond the bands."""
+    return [f"band_{j:03d}" for j in range(mh["bands"])] + ["rest"]
+
+
+def member_columns(mh: dict[str, Any], name: str) -> slice:
     r, b = mh["rows_per_band"], mh["bands"]
-    out = {f"band_{j:03d}": np.ascontiguousarray(sigs[:, j * r:(j + 1) * r]) for j in range(b)}
-    out["rest"] = np.ascontiguousarray(sigs[:, b * r:])
-    return out
+    return slice(b * r, mh["permutations"]) if name == "rest" else slice(int(name[5:]) * r, (int(name[5:]) + 1) * r)
 
 
-def read_signatures(path: str, mh: dict[str, Any], rows: np.ndarray | None = None) -> np.ndarray:
-    """Whole signatures of a shard file (only `rows` of it, local positions, when given)."""
-    with np.load(path) as f:
-        parts = [f[f"band_{j:03d}"] for j in range(mh["bands"])] + [f["rest"]]
-    if rows is not None:
-        parts = [p[rows] for p in parts]
-    return np.concatenate(parts, axis=1)
+def write_signatures(path: str, sigs: np.ndarray, mh: dict[str, Any], **meta: int) -> None:
+    """A signature file: an uncompressed npz with one (rows x rows_per_band) member per band, so a
+    bucket job reads only its bands; written one member at a time (np.savez would first copy
+    every band at once: the whole signature twice over)."""
+    import zipfile
+
+    from tunesmith import fileio
+
+    with fileio.atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
+        for name in members(mh):
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
+                np.lib.format.write_array(fh, np.ascontiguousarray(sigs[:, member_columns(mh, name)]))
+        for name, value in meta.items():
+            with zf.open(f"{name}.npy", "w") as fh:
+                np.lib.format.write_array(fh, np.asarray(value))
 
 
 # ---------------------------------------------------------------- 2. buckets
@@ -204,15 +216,68 @@ def group_buckets(shard_paths: Sequence[str], mh: dict[str, Any], bands: Sequenc
 
 # ---------------------------------------------------------------- 3. clusters
 
-def gather_rows(shard_paths: Sequence[str], bounds: Sequence[tuple[int, int]], mh: dict[str, Any],
-                rows: np.ndarray) -> np.ndarray:
-    """Whole signatures of some rows (sorted global positions), read shard by shard."""
-    out = np.empty((len(rows), mh["permutations"]), np.uint32)
-    for path, (start, stop) in zip(shard_paths, bounds):
-        lo, hi = np.searchsorted(rows, [start, stop])
+def pair_agreement(shard_paths: Sequence[str], bounds: Sequence[tuple[int, int]], mh: dict[str, Any],
+                   pairs: np.ndarray) -> np.ndarray:
+    """estimated_jaccard of row pairs (global positions) over the signature shard files, one
+    member (band) at a time: memory is a band of the rows in the pairs, not their whole signatures."""
+    if not len(pairs):
+        return np.zeros(0)
+    needed = np.unique(pairs)
+    at = np.searchsorted(needed, pairs)
+    equal = np.zeros(len(pairs), dtype=np.int64)
+    for name in members(mh):
+        cols = member_columns(mh, name)
+        values = np.empty((len(needed), cols.stop - cols.start), np.uint32)
+        for path, (start, stop) in zip(shard_paths, bounds):
+            lo, hi = np.searchsorted(needed, [start, stop])
+            if hi > lo:
+                with np.load(path) as f:
+                    values[lo:hi] = f[name][needed[lo:hi] - start]
+        for lo in range(0, len(pairs), 1 << 20):
+            chunk = at[lo:lo + (1 << 20)]
+            equal[lo:lo + (1 << 20)] += (values[chunk[:, 0]] == values[chunk[:, 1]]).sum(axis=1)
+    return equal / mh["permutations"]
+
+
+def texts_at(path: str, rows: np.ndarray, fld: str) -> list[str]:
+    """The dedupe field of some rows (sorted positions) of a parquet file, in one streamed pass."""
+    from tunesmith.data.batches import iter_batches
+
+    out: list[str] = []
+    offset = 0
+    for batch in iter_batches(path, ["instruction", "input", "output"]):
+        lo, hi = np.searchsorted(rows, [offset, offset + batch.num_rows])
         if hi > lo:
-            out[lo:hi] = read_signatures(path, mh, rows[lo:hi] - start)
+            out.extend(field_texts(batch.take(rows[lo:hi] - offset), fld))
+        offset += batch.num_rows
     return out
+
+
+def true_jaccard(texts_a: Sequence[str], texts_b: Sequence[str], n: int) -> np.ndarray:
+    """The exact Jaccard similarity of the shingle sets of text pairs."""
+    out = np.empty(len(texts_a))
+    for i, (a, b) in enumerate(zip(texts_a, texts_b)):
+        sa, sb = set(shingles(a, n)), set(shingles(b, n))
+        out[i] = len(sa & sb) / len(sa | sb) if sa or sb else 1.0
+    return out
+
+
+def check_borderline(path: str, fld: str, mh: dict[str, Any], pairs: np.ndarray,
+                     jaccard: np.ndarray) -> tuple[np.ndarray, int]:
+    """Estimates within verify_margin of the threshold replaced by the pairs' exact Jaccard, read
+    from the text of those rows only: the estimate errs both ways near the threshold (its standard
+    deviation is sqrt(J(1-J)/permutations), 0.027 at 0.75 and 256), the exact value does not.
+    Returns the Jaccard values and how many pairs were checked."""
+    margin = mh["verify_margin"]
+    near = np.flatnonzero(np.abs(jaccard - mh["threshold"]) < margin) if margin > 0 else np.zeros(0, np.int64)
+    if not len(near):
+        return jaccard, 0
+    rows = np.unique(pairs[near])
+    texts = texts_at(path, rows, fld)
+    at = np.searchsorted(rows, pairs[near])
+    out = jaccard.copy()
+    out[near] = true_jaccard([texts[i] for i in at[:, 0]], [texts[i] for i in at[:, 1]], mh["ngram"])
+    return out, len(near)
 
 
 def estimated_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> np.ndarray:

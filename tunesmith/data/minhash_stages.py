@@ -50,8 +50,7 @@ def minhash_shard(in_path: str, section: dict[str, Any], shard: int, shards: int
     started = time.perf_counter()
     mh = minhash.settings(section)
     sigs, bounds = minhash.shard_signatures(in_path, section, shard, shards)
-    fileio.write_npz(out_path, **minhash.band_arrays(sigs, mh), start=bounds["start"], stop=bounds["stop"],
-                     total=bounds["total"])
+    minhash.write_signatures(out_path, sigs, mh, start=bounds["start"], stop=bounds["stop"], total=bounds["total"])
     seconds = time.perf_counter() - started
     rows = len(sigs)
     return _result({"rows": rows, "rows_total": bounds["total"], "shard": shard, "shards": shards,
@@ -112,17 +111,14 @@ def cluster_arrays(in_path: str, shard_paths: Sequence[str], bucket_paths: Seque
         raise DataError(f"{bucket_paths[0] if bucket_paths else 'minhash_buckets'}: the bucket files cover bands "
                         f"{sorted(bands_seen)}, not 0..{mh['bands'] - 1}: re-run the minhash_buckets jobs")
     pairs = minhash.unique_pairs(np.concatenate(found)) if found else np.zeros((0, 2), np.int64)
-    needed = np.unique(pairs)
-    sigs = minhash.gather_rows(shard_paths, bounds, mh, needed)
-    at = np.searchsorted(needed, pairs)
-    jaccard = minhash.estimated_jaccard(sigs[at[:, 0]], sigs[at[:, 1]]) if len(pairs) else np.zeros(0)
+    jaccard, checked = minhash.check_borderline(in_path, section["field"], mh, pairs,
+                                                minhash.pair_agreement(shard_paths, bounds, mh, pairs))
     out = minhash.clusters(total, pairs, alive, jaccard, mh["threshold"])
+    # examples: removed rows with the row kept for them (through a chain their estimate may be lower)
     examples = minhash.example_pairs(out["keep"], out["root"], alive, max(200, section["sample_pairs"]))
-    ex_rows = np.unique(examples)
-    ex_sigs = minhash.gather_rows(shard_paths, bounds, mh, ex_rows)
-    ex_at = np.searchsorted(ex_rows, examples)
-    ex_jaccard = minhash.estimated_jaccard(ex_sigs[ex_at[:, 0]], ex_sigs[ex_at[:, 1]]) if len(examples) else np.zeros(0)
+    ex_jaccard = minhash.pair_agreement(shard_paths, bounds, mh, examples)
     return {"keep": out["keep"], "root": out["root"], "alive": alive, "candidate_pairs": len(pairs),
+            "checked_pairs": checked,
             "verified_pairs": len(out["pairs"]), "pair_jaccard": out["pair_jaccard"],
             "examples": examples, "example_jaccard": ex_jaccard}
 
@@ -134,11 +130,12 @@ def minhash_cluster(in_path: str, shard_paths: Sequence[str], bucket_paths: Sequ
     removed = np.flatnonzero(c["alive"] & ~c["keep"])
     fileio.write_npz(out_path, removed=removed, root=c["root"][removed], alive_rows=int(c["alive"].sum()),
                      total=len(c["keep"]), candidate_pairs=c["candidate_pairs"], verified_pairs=c["verified_pairs"],
+                     checked_pairs=c["checked_pairs"],
                      pair_jaccard=c["pair_jaccard"].astype(np.float32), examples=c["examples"],
                      example_jaccard=c["example_jaccard"])
     summary = minhash.cluster_summary(c["keep"], c["root"], c["alive"])
     return _result({"rows": len(c["keep"]), "candidate_pairs": c["candidate_pairs"],
-                    "verified_pairs": c["verified_pairs"], "clusters": summary["clusters"],
+                    "verified_pairs": c["verified_pairs"], "checked_pairs": c["checked_pairs"], "clusters": summary["clusters"],
                     "near_removed": summary["near_removed"], "work_seconds": time.perf_counter() - started},
                    summary=f"{summary['clusters']} clusters, {summary['near_removed']} rows to remove")
 
@@ -175,16 +172,18 @@ def read_clusters(path: str, total: int) -> dict[str, Any]:
     return c
 
 
-def report(c: dict[str, Any], alive: np.ndarray, section: dict[str, Any], texts: dict[int, tuple[int, str]],
+def report(c: dict[str, Any], alive: np.ndarray, section: dict[str, Any], texts: dict[int, tuple[int, str, str]],
            why: str) -> dict[str, Any]:
     """The near part of dedupe_report.json: method and why, the settings' S-curve, clusters and
-    their sizes, examples with their Jaccard estimate (texts: position -> (id, text) of the example rows)."""
+    their sizes, examples (a removed row and the row kept for it, through a chain maybe) with their
+    Jaccard estimate and exact Jaccard (texts: position -> (id, shown text, field text))."""
     mh = section["minhash"]
     summary = minhash.cluster_summary(c["near_keep"], c["root_of"], alive)
     examples = []
     for i in minhash.iter_sample(c["examples"], c["example_jaccard"], section["sample_pairs"]):
         kept, removed = (int(x) for x in c["examples"][i])
-        examples.append({"jaccard_estimate": round(float(c["example_jaccard"][i]), 4),
+        exact = minhash.true_jaccard([texts[kept][2]], [texts[removed][2]], mh["ngram"])[0]
+        examples.append({"jaccard_estimate": round(float(c["example_jaccard"][i]), 4), "jaccard": round(float(exact), 4),
                          "kept_id": texts[kept][0], "kept_text": dedupe_mod._clip(texts[kept][1]),
                          "removed_id": texts[removed][0], "removed_text": dedupe_mod._clip(texts[removed][1])})
     pj = c["pair_jaccard"]
@@ -192,6 +191,7 @@ def report(c: dict[str, Any], alive: np.ndarray, section: dict[str, Any], texts:
             "minhash": {**mh, "detection_probability_at_threshold": round(float(minhash.detection_probability(
                 mh["threshold"], mh["bands"], mh["rows_per_band"])), 4)},
             "candidate_pairs": int(c["candidate_pairs"]), "verified_pairs": int(c["verified_pairs"]),
+            "pairs_checked_on_text": int(c["checked_pairs"]),
             "pair_jaccard": {"min": round(float(pj.min()), 4), "median": round(float(np.median(pj)), 4)} if len(pj)
             else None,
             "examples": examples}
@@ -221,15 +221,17 @@ def apply(in_path: str, section: dict[str, Any], out_path: str, *, why: str, tal
                     dedupe_mod.exact_pair_picks(len(exact_removed), min(10, section["sample_pairs"]))]
     wanted = example_positions(c, section) | {p for pair in exact_sample for p in pair}
     near_removed = alive & ~c["near_keep"]
-    texts: dict[int, tuple[int, str]] = {}
+    texts: dict[int, tuple[int, str, str]] = {}
     by_source: dict[str, int] = {}
     tokens_out = offset = 0
     with batches.ParquetSink(out_path, batches.schema(in_path)) as sink:
         for batch in batches.iter_batches(in_path):
             n = batch.num_rows
             for pos in (p for p in wanted if offset <= p < offset + n):
-                row = batch.slice(pos - offset, 1).to_pylist()[0]
-                texts[pos] = (int(row["id"]), f"{row['instruction']} || {row['output']}")
+                one = batch.slice(pos - offset, 1)
+                row = one.to_pylist()[0]
+                texts[pos] = (int(row["id"]), f"{row['instruction']} || {row['output']}",
+                              minhash.field_texts(one, section["field"])[0])
             mask = keep[offset:offset + n]
             tally.add(batch, mask)
             if "source" in batch.schema.names:

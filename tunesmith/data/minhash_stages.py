@@ -30,7 +30,8 @@ def _result(metrics: dict[str, Any], *artifacts: str, summary: str = "") -> Resu
     return Result(metrics=metrics, artifacts=[str(a) for a in artifacts], summary=summary)
 
 
-def exact_keep(in_path: str, section: dict[str, Any], digests: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def exact_keep(in_path: str, section: dict[str, Any],
+               digests: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(keep, first) of exact dedupe over in_path's rows (dedupe.first_occurrences); digests: those
     the filter shard jobs hashed, else hashed here batch by batch (16 bytes a row kept)."""
     if digests is None:
@@ -135,7 +136,8 @@ def minhash_cluster(in_path: str, shard_paths: Sequence[str], bucket_paths: Sequ
                      example_jaccard=c["example_jaccard"])
     summary = minhash.cluster_summary(c["keep"], c["root"], c["alive"])
     return _result({"rows": len(c["keep"]), "candidate_pairs": c["candidate_pairs"],
-                    "verified_pairs": c["verified_pairs"], "checked_pairs": c["checked_pairs"], "clusters": summary["clusters"],
+                    "verified_pairs": c["verified_pairs"], "checked_pairs": c["checked_pairs"],
+                    "clusters": summary["clusters"],
                     "near_removed": summary["near_removed"], "work_seconds": time.perf_counter() - started},
                    summary=f"{summary['clusters']} clusters, {summary['near_removed']} rows to remove")
 
@@ -183,7 +185,8 @@ def report(c: dict[str, Any], alive: np.ndarray, section: dict[str, Any], texts:
     for i in minhash.iter_sample(c["examples"], c["example_jaccard"], section["sample_pairs"]):
         kept, removed = (int(x) for x in c["examples"][i])
         exact = minhash.true_jaccard([texts[kept][2]], [texts[removed][2]], mh["ngram"])[0]
-        examples.append({"jaccard_estimate": round(float(c["example_jaccard"][i]), 4), "jaccard": round(float(exact), 4),
+        examples.append({"jaccard_estimate": round(float(c["example_jaccard"][i]), 4),
+                         "jaccard": round(float(exact), 4),
                          "kept_id": texts[kept][0], "kept_text": dedupe_mod._clip(texts[kept][1]),
                          "removed_id": texts[removed][0], "removed_text": dedupe_mod._clip(texts[removed][1])})
     pj = c["pair_jaccard"]
@@ -203,7 +206,8 @@ def example_positions(c: dict[str, Any], section: dict[str, Any]) -> set[int]:
 
 
 def apply(in_path: str, section: dict[str, Any], out_path: str, *, why: str, tally: Any,
-          clusters_path: str | None = None, digests: np.ndarray | None = None) -> tuple[dict[str, Any], int, np.ndarray]:
+          clusters_path: str | None = None,
+          digests: np.ndarray | None = None) -> tuple[dict[str, Any], int, np.ndarray]:
     """The dedupe job on the MinHash path: exact keep mask, the clusters (from minhash_cluster, or
     computed here with dataset.shards = 1), then one streamed pass that writes the kept rows and
     collects the report's example texts. tally: the stage's SourceTally. Returns the report, the

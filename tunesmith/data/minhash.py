@@ -299,6 +299,8 @@ def clusters(n_rows: int, pairs: np.ndarray, alive: np.ndarray, jaccard: np.ndar
 
     ok = jaccard >= threshold
     edges = pairs[ok]
+    if n_rows == 0:
+        return {"keep": np.ones(0, bool), "root": np.zeros(0, np.int64), "pairs": edges, "pair_jaccard": jaccard[ok]}
     graph = coo_matrix((np.ones(len(edges), np.int8), (edges[:, 0], edges[:, 1])), shape=(n_rows, n_rows))
     _, labels = connected_components(graph, directed=False)
     first = np.full(labels.max() + 1 if n_rows else 0, n_rows, dtype=np.int64)

@@ -3,6 +3,8 @@
     nice -n 10 .venv/bin/python bench/data_scale.py --sizes 100000 1000000 [--work /tmp/data_scale]
         [--embed-share 5000 --embed-jobs 2]   # + near-dedupe's embedding measured on shards, projected
     .venv/bin/python bench/data_scale.py --make-only --sizes 10000000   # only write the synthetic JSONL
+    nice -n 10 .venv/bin/python bench/data_scale.py --near minhash --sizes 1000000 10000000 --toolformer
+        # MinHash near-dedupe with planted near duplicates: bench/minhash_scale.py
 
 Synthetic rows are built from the shared datasets (../shared/data: GSM8K train + the three
 GPTeacher sets, 21,604 real rows) with perturbations, so the sizes past the real data stay
@@ -12,7 +14,7 @@ realistic text and hold both kinds of duplicate:
 - one row in 50 repeats the row 7 before it with its case folded and spaces doubled, so exact
   dedupe (which normalises case and white space) has real work.
 
-Each stage runs as its own process (the stage function from tunesmith.data.stages, as the
+Each stage runs as its own process (the stage function from tunesmith.stages.<rule>, as the
 Snakemake rule's script would call it), so its peak RSS (ru_maxrss of that process, reported in
 the stage's metrics as peak_rss_mb) is its own. Near-dedupe is off (bench/dedupe_scale.py
 measures it); decontaminate is skipped (the issue's chain: download -> tokenize_count -> filter
@@ -362,7 +364,16 @@ def main() -> None:
               f"{r['work_s']:>8.1f} | {rate:>13} | {r['peak_rss_mb']:>11,.0f}")
 
 
-if __name__ == "__main__" and "--stage" in sys.argv:
+if __name__ == "__main__" and "--near" in sys.argv:  # --near minhash: bench/minhash_scale.py, same flags
+    at = sys.argv.index("--near")
+    if sys.argv[at + 1:at + 2] != ["minhash"]:
+        raise SystemExit("--near takes one value: minhash (the embedding path: --embed-share, bench/dedupe_scale.py)")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import minhash_scale
+
+    sys.argv = [minhash_scale.__file__, *sys.argv[1:at], *sys.argv[at + 2:]]
+    minhash_scale.main()
+elif __name__ == "__main__" and "--stage" in sys.argv:
     ap = argparse.ArgumentParser()
     ap.add_argument("--stage", required=True, help=f"one of {STAGES}, estimate_counts, tile_raw:<small raw.parquet>")
     ap.add_argument("--src", required=True)

@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from plant_helpers import planted_sample  # noqa: E402
 
 from tunesmith.data import decontaminate as decon  # noqa: E402
-from tunesmith.data import dedupe  # noqa: E402
+from tunesmith.data import duplicates as dedupe  # noqa: E402  (the embedding near-dedupe)
 from tunesmith.recipe import section_defaults  # noqa: E402
 
 

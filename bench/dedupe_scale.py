@@ -4,7 +4,7 @@ of index build + search + greedy keep at 10k, 100k and 1M vectors. Prints ONE ta
     PYTHONPATH=. HF_HUB_OFFLINE=1 .venv/bin/python bench/dedupe_scale.py \
         [--shared ../shared/data] [--real-rows 6000] [--sizes 10000,100000,1000000] [--cache /tmp/x.npy]
 
-Vectors: the first --real-rows are REAL all-MiniLM-L6-v2 embeddings (tunesmith.data.dedupe.embed,
+Vectors: the first --real-rows are REAL all-MiniLM-L6-v2 embeddings (tunesmith.data.duplicates.embed,
 the stage's own call) of the GPTeacher toolformer responses, then codegen responses; they are
 cached (--cache) because embedding runs at about 95-150 rows/s on 2 CPU cores. Every further row
 is synthesised from them, in order:
@@ -40,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tunesmith.data import dedupe  # noqa: E402
+from tunesmith.data import duplicates as dedupe  # noqa: E402  (the embedding near-dedupe)
 from tunesmith.recipe import section_defaults  # noqa: E402
 
 

@@ -3,7 +3,7 @@
     python bench/gpu_embed.py MODEL_DIR GSM8K_JSONL [--rows 100000] [--device cuda] [--out f.json]
 
 Texts: GSM8K questions, repeated with small perturbations (a word dropped, a number changed,
-a suffix) until --rows rows. Embeds with tunesmith.data.dedupe.embed (the stage's own call:
+a suffix) until --rows rows. Embeds with tunesmith.data.duplicates.embed (the stage's own call:
 sentence-transformers encode, normalised, float32 out) at the stage's default batch size 64 and at
 larger ones, fp32 and fp16. Then exact inner-product top-k (k=11: self + 10) of all rows against all
 rows with torch matmul + topk on the GPU, in query chunks: NOT faiss, for reference only.

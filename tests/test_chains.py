@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from tunesmith.errors import RecipeError
-from tunesmith.evaluation import chain
+from tunesmith.scorecard import chain
 from tunesmith.recipe import load_recipe, resolve_chains, upstream
 from workflow_helpers import REPO, failure_text, make_workdir, mlflow_runs, read_json, snakemake, write_config
 

@@ -165,7 +165,7 @@ TEXTS = [
 
 @pytest.mark.parametrize("threshold", [0.9, 0.8])
 def test_stage_at_two_thresholds_reports_pairs(tmp_path, embedder, threshold):
-    from tunesmith.data.stages import dedupe as stage
+    from tunesmith.stages.dedupe import dedupe as stage
 
     frame = canon(TEXTS + [TEXTS[0]], [f"q{i}" for i in range(len(TEXTS))] + ["q0"])
     src = tmp_path / "f.parquet"
@@ -203,8 +203,7 @@ def test_exact_dedupe_folds_unicode_variants():
     assert normalise("Café au lait, please!") != normalise(base)  # real differences stay
 
 
-SHARED_TOOLFORMER = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "gpteacher" / \
-    "toolformer-dedupe-only.json"
+SHARED_TOOLFORMER = __import__("conftest").shared_data_dir() / "gpteacher" / "toolformer-dedupe-only.json"
 
 
 def test_four_shards_keep_the_unsharded_counts_drops_and_rows(tmp_path, embedder, smollm2_dir, data_tokenizer,
@@ -312,7 +311,7 @@ def test_four_shards_keep_the_unsharded_counts_drops_and_rows(tmp_path, embedder
     assert not (tmp_path / "f.parquet").exists() and not (tmp_path / "c.parquet").exists()
 
 
-def _dry_run_jobs(tmp_path, shards, near=True):
+def _dry_run_jobs(tmp_path, shards, near=True, method="embedding"):
     import re
 
     from workflow_helpers import REPO, make_workdir, snakemake, write_config
@@ -322,7 +321,7 @@ def _dry_run_jobs(tmp_path, shards, near=True):
         "recipes": ["tiny-sweep"], "recipes_dir": str(REPO / "tests" / "recipes"),
         "overrides": {"tiny-sweep": {"dataset": {"source": str(REPO / "tests" / "data" / "tiny_reverse.jsonl"),
                                                  "shards": shards},
-                                     "dedupe": {"near": near}}},
+                                     "dedupe": {"near": near, "method": method}}},
     })
     proc = snakemake(work, config, "-n", "results/tiny-sweep/data/deduped.parquet", timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

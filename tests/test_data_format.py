@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tunesmith.data import formatting, load
-from tunesmith.data.stages import format_rows
+from tunesmith.stages.format import format_rows
 from tunesmith.errors import DataError
 from tunesmith.schema import section_defaults
 

@@ -9,7 +9,7 @@ import pytest
 
 from tunesmith import fileio
 from tunesmith.data import load
-from tunesmith.data.stages import download
+from tunesmith.stages.download import download
 from tunesmith.errors import DataError
 from tunesmith.schema import section_defaults
 

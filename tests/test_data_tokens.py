@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from tunesmith.data import load, tokens
-from tunesmith.data.stages import tokenize_count
+from tunesmith.stages.tokenize_count import tokenize_count
 from tunesmith.schema import section_defaults
 from workflow_helpers import SHARED
 

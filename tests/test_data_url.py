@@ -18,7 +18,7 @@ import pytest
 
 from tunesmith.data import load
 from tunesmith.errors import DataError
-from tunesmith.recipe import section_defaults
+from tunesmith.schema import section_defaults
 
 ROWS = [{"instruction": f"Reverse: a{i} b{i}", "output": f"b{i} a{i}"} for i in range(50)]
 BODY = "".join(json.dumps(r) + "\n" for r in ROWS).encode()

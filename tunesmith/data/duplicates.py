@@ -10,8 +10,8 @@ row whose k neighbours are all above the threshold is searched again by range, s
 neighbours cannot hide a kept one (HNSW has no range search).
 
 Index: exact flat up to dedupe.flat_max_rows, IVF beyond (recall and times measured by
-bench/dedupe_scale.py). Sharded (dataset.shards > 1): embed_shard embeds one contiguous slice of
-the rows after exact dedupe per job, and run() takes the gathered vectors; the filter shard jobs
+bench/dedupe_scale.py). Sharded (dataset.shards > 1): the embed_shard jobs (tunesmith.stages.embed_shard)
+embed one contiguous slice of the rows after exact dedupe each, and run() takes the gathered vectors; the filter shard jobs
 hash their kept rows (row_digests), and run() takes the gathered digests.
 
 Stable for other callers: build_index(vectors, kind, settings=None) -> (index, device, rescan
@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from tunesmith.data import batches
-from tunesmith.data.batches import check_shards, shard_bounds  # the one shard contract of every shard job
+from tunesmith.data.batches import check_shards  # the one shard contract of every shard job
 from tunesmith.errors import DataError, EnvironmentNotSupported
 from tunesmith.schema import section_defaults
 
@@ -371,29 +371,6 @@ def exact_pass(frame: pd.DataFrame, section: dict[str, Any], sample: bool = True
         report["exact_pairs_sample"] = _pair_sample(frame, None, [(a, b, 1.0) for a, b in exact_pairs],
                                                     min(10, section["sample_pairs"]))
     return frame.loc[keep].reset_index(drop=True), report
-
-
-def embed_shard(frame: pd.DataFrame, section: dict[str, Any], shard: int, shards: int, *, offline: bool,
-                model: Any = None, progress: bool = False,
-                digests: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-    """Embeddings of one shard's slice of the rows near-dedupe compares (run gathers them in order)."""
-    rows, _ = exact_pass(frame, section, sample=False, digests=digests)
-    start, stop = shard_bounds(len(rows), shards, shard)
-    texts = field_texts(rows.iloc[start:stop], section["field"])
-    load_started = time.perf_counter()
-    if model is None:
-        model = load_embedder(section["model"], offline=offline, device=section["device"])
-    load_seconds = time.perf_counter() - load_started
-    started = time.perf_counter()
-    if texts:
-        vectors = embed(model, texts, section["batch_size"], progress)
-    else:
-        vectors = np.zeros((0, model.get_sentence_embedding_dimension()), dtype=np.float32)
-    seconds = time.perf_counter() - started
-    return vectors, {"shard": shard, "shards": shards, "rows": len(texts), "start": start, "stop": stop,
-                     "rows_total": len(rows), "model_load_seconds": round(load_seconds, 3),
-                     "embed_seconds": round(seconds, 3), "embed_device": str(getattr(model, "device", "cpu")),
-                     "embed_rows_per_s": round(len(texts) / seconds, 1) if texts and seconds else None}
 
 
 def run(frame: pd.DataFrame, section: dict[str, Any], *, offline: bool, model: Any = None,

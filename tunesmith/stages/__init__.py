@@ -14,7 +14,8 @@ resident memory when the stage ended (its own under Snakemake, one job per proce
 
 The per-row stages read and write parquet one batch at a time (tunesmith.data.batches), so their
 memory does not grow with the rows: what they keep whole is a few numbers per row (token counts,
-a 16-byte digest for exact dedupe, the positions select keeps). Two paths still hold every row:
-near-dedupe (the embeddings need them) and a weighted mixture (download reads each source whole
-to cap and tag it; format resamples the train rows in memory).
+a 16-byte digest for exact dedupe, the positions select keeps; MinHash near-dedupe keeps a
+signature a row, in its shard jobs' files). Two paths still hold every row: near-dedupe by
+embedding (the embeddings need them) and a weighted mixture (download reads each source whole to
+cap and tag it; format resamples the train rows in memory).
 """

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from tunesmith import fileio, settings
-from tunesmith.data import batches, duplicates, load, plots
+from tunesmith.data import batches, duplicates, load, minhash, minhash_jobs, plots
 from tunesmith.data.accounting import SourceTally, by_source, source_metrics, stage_result
 from tunesmith.data.duplicates import gather_digests, gather_embeddings
 from tunesmith.result import Result
@@ -20,18 +20,34 @@ log = logging.getLogger("tunesmith.data")
 
 def dedupe(in_path: str, section: dict[str, Any], out_path: str, report_path: str, hist_path: str, *,
            offline: bool, model: Any = None, recipe: str = "", embeddings: list[str] | None = None,
-           digests: list[str] | None = None) -> Result:
+           digests: list[str] | None = None, clusters: str | None = None) -> Result:
     """embeddings: the embed_shard outputs in shard order (dataset.shards > 1); none: embed here.
-    digests: the filter_shard jobs' row digests in shard order (dataset.shards > 1); none: hash here."""
+    digests: the filter_shard jobs' row digests in shard order (dataset.shards > 1); none: hash here.
+    clusters: minhash_cluster's output (dataset.shards > 1, method minhash or auto); none: MinHash
+    runs here when the method is (or auto picks) minhash."""
     started = time.perf_counter()
     row_digests = gather_digests(digests, in_path) if digests else None
-    if section["near"]:  # the embeddings need every row at once
+    method, why = None, ""
+    if section["near"]:
+        rows = None
+        if section["method"] == "auto":  # the rows near-dedupe would compare: after exact dedupe
+            rows = int(minhash_jobs.exact_keep(in_path, section, row_digests)[0].sum())
+        method, why = minhash.choose_method(section, rows or 0)
+    nn_title = "nearest-neighbour similarity"
+    if method == "minhash":
+        tally = SourceTally()
+        report, tokens_out, nn_sim = minhash_jobs.apply(in_path, section, out_path, why=why, tally=tally,
+                                                         clusters_path=clusters, digests=row_digests)
+        report["rows_by_source"] = tally.result()
+        nn_title = "MinHash Jaccard estimate of the clustered pairs"
+    elif method == "embedding":  # the embeddings need every row at once
         frame = load.read_rows(in_path)
         vectors = gather_embeddings(embeddings) if embeddings else None
         kept, report, nn_sim = duplicates.run(frame, section, offline=offline, model=model,
                                               progress=len(frame) > 2000, vectors=vectors, digests=row_digests)
         if embeddings:
             report["embedding_shards"] = len(embeddings)
+        report.update({"method": "embedding", "method_reason": why})
         report["rows_by_source"] = by_source(frame, kept)
         fileio.write_parquet(out_path, kept)
         tokens_out = int(kept["n_tokens"].sum())
@@ -42,7 +58,7 @@ def dedupe(in_path: str, section: dict[str, Any], out_path: str, report_path: st
         report["digest_shards"] = len(digests)
     fileio.write_json(report_path, {**report, "settings": section})
     plots.similarity_histogram(nn_sim, report["threshold"] if section["near"] else None, hist_path,
-                               title=f"{recipe} {report['field']} nearest-neighbour similarity".strip())
+                               title=f"{recipe} {report['field']} {nn_title}".strip())
     load_seconds = report.get("model_load_seconds", 0.0)
     log.info("dedupe: %d -> %d rows (exact %d, near %d at %.2f)", report["rows_in"], report["rows_out"],
              report["exact_removed"], report["near_removed"], report["threshold"])
@@ -109,4 +125,4 @@ def _exact_dedupe_stream(in_path: str, section: dict[str, Any], out_path: str,
 def run(io: StageIO) -> Result:
     return dedupe(io.input["filtered"], io.section["dedupe"], io.output["deduped"], io.output["report"],
                   io.output["hist"], offline=settings.offline(), recipe=io.recipe,
-                  embeddings=io.many("embeddings"), digests=io.many("digests"))
+                  embeddings=io.many("embeddings"), digests=io.many("digests"), clusters=io.one("clusters"))

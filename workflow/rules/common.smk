@@ -376,8 +376,42 @@ def dedupe_digests(wildcards):
 
 
 def dedupe_embeddings(wildcards):
-    """dataset.shards > 1 with near-dedupe on: the shard embeddings in order (gathered by dedupe);
-    else none, and dedupe embeds in its own job."""
-    if not recipe_of(wildcards)["dedupe"]["near"]:
+    """dataset.shards > 1 with near-dedupe by embedding: the shard embeddings in order (gathered
+    by dedupe); else none, and dedupe embeds in its own job (method auto picking embedding too)."""
+    dedupe = recipe_of(wildcards)["dedupe"]
+    if not dedupe["near"] or dedupe["method"] != "embedding":
         return []
     return shard_files(wildcards, "embeddings", ".npz")
+
+
+def minhash_on(wildcards):
+    dedupe = recipe_of(wildcards)["dedupe"]
+    return dedupe["near"] and dedupe["method"] in ("minhash", "auto")
+
+
+def minhash_params(wildcards):
+    """The dedupe settings the MinHash jobs read."""
+    dedupe = recipe_of(wildcards)["dedupe"]
+    return {"dedupe": {k: dedupe[k] for k in ("exact", "field", "minhash", "sample_pairs")}}
+
+
+def minhash_signatures(wildcards):
+    """dataset.shards > 1, method minhash or auto: the minhash_shard signature files in order."""
+    return shard_files(wildcards, "minhash/signatures", ".npz") if minhash_on(wildcards) else []
+
+
+def minhash_buckets(wildcards):
+    """The minhash_buckets jobs' candidate pairs: one job per band group, as many as shards (at most
+    one per band)."""
+    if not minhash_on(wildcards) or recipe_of(wildcards)["dataset"]["shards"] <= 1:
+        return []
+    groups = min(recipe_of(wildcards)["dataset"]["shards"], recipe_of(wildcards)["dedupe"]["minhash"]["bands"])
+    return [f"{RESULTS}/{wildcards.recipe}/data/minhash/buckets/{g}-of-{groups}.npz" for g in range(1, groups + 1)]
+
+
+def dedupe_clusters(wildcards):
+    """dataset.shards > 1, method minhash or auto: minhash_cluster's clusters (dedupe applies them;
+    auto may embed instead). Else none: dedupe runs MinHash in its own job when it picks it."""
+    if not minhash_signatures(wildcards):
+        return []
+    return f"{RESULTS}/{wildcards.recipe}/data/minhash/clusters.npz"

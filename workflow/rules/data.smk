@@ -2,7 +2,9 @@
 # All CPU rules; outputs under results/{recipe}/data/. With dataset.shards N > 1 the per-row work
 # scatters into N jobs of each *_shard rule (rows [a, b) of shard i: tunesmith.data.batches.shard_bounds),
 # gathered by the next stage: tokenize_shard -> tokenize_count, filter_shard -> filter (rows, drops)
-# and dedupe (row digests), embed_shard -> dedupe. N = 1: no shard job, the DAG of an unsharded run.
+# and dedupe (row digests), embed_shard -> dedupe; with dedupe.method minhash or auto,
+# minhash_shard (signatures) -> minhash_buckets (one job per band group) -> minhash_cluster -> dedupe.
+# N = 1: no shard job, the DAG of an unsharded run.
 
 
 rule prepare_model:
@@ -194,11 +196,96 @@ rule embed_shard:
         "../../scripts/stage.py"
 
 
+rule minhash_shard:
+    """MinHash signatures of shard {shard} of {shards} contiguous slices of filtered.parquet (dedupe.method minhash or auto)."""
+    input:
+        filtered=rules.filter.output.filtered,
+        dataset=dataset_input,  # see dataset_input: a failed stage must not hide an edit
+    output:
+        signatures=f"{RESULTS}/{{recipe}}/data/minhash/signatures/{{shard}}-of-{{shards}}.npz",
+    wildcard_constraints:
+        shard=r"\d+",
+        shards=r"\d+",
+    params:
+        code=stage_code("minhash_shard"),
+        section=minhash_params,
+    log:
+        "logs/{recipe}/minhash_shard/{shard}-of-{shards}.log",
+    benchmark:
+        "benchmarks/{recipe}/minhash_shard/{shard}-of-{shards}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=120,
+    conda:
+        "../../envs/cpu.yaml"
+    script:
+        "../../scripts/stage.py"
+
+
+rule minhash_buckets:
+    """LSH buckets of band group {shard} of {shards} over every shard's signatures: candidate near-duplicate pairs
+    (the wildcards name the band group: as many groups as dataset.shards, at most one per band)."""
+    input:
+        filtered=rules.filter.output.filtered,
+        signatures=minhash_signatures,
+        digests=dedupe_digests,  # exact duplicates stay out of the buckets
+        dataset=dataset_input,  # see dataset_input: a failed stage must not hide an edit
+    output:
+        pairs=f"{RESULTS}/{{recipe}}/data/minhash/buckets/{{shard}}-of-{{shards}}.npz",
+    wildcard_constraints:
+        shard=r"\d+",
+        shards=r"\d+",
+    params:
+        code=stage_code("minhash_buckets"),
+        section=minhash_params,
+    log:
+        "logs/{recipe}/minhash_buckets/{shard}-of-{shards}.log",
+    benchmark:
+        "benchmarks/{recipe}/minhash_buckets/{shard}-of-{shards}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        "../../envs/cpu.yaml"
+    script:
+        "../../scripts/stage.py"
+
+
+rule minhash_cluster:
+    """Check the candidate pairs on whole signatures, join them into clusters (union-find), keep each cluster's first row."""
+    input:
+        filtered=rules.filter.output.filtered,
+        signatures=minhash_signatures,
+        buckets=minhash_buckets,
+        digests=dedupe_digests,
+        dataset=dataset_input,  # see dataset_input: a failed stage must not hide an edit
+    output:
+        clusters=f"{RESULTS}/{{recipe}}/data/minhash/clusters.npz",
+    params:
+        code=stage_code("minhash_cluster"),
+        section=minhash_params,
+    log:
+        "logs/{recipe}/minhash_cluster.log",
+    benchmark:
+        "benchmarks/{recipe}/minhash_cluster.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        "../../envs/cpu.yaml"
+    script:
+        "../../scripts/stage.py"
+
+
 rule dedupe:
-    """Exact then near-duplicate removal (sentence-transformers embeddings + faiss inner product)."""
+    """Exact then near-duplicate removal: sentence-transformers embeddings + faiss inner product, or the MinHash clusters (dedupe.method)."""
     input:
         filtered=rules.filter.output.filtered,
         embeddings=dedupe_embeddings,
+        clusters=dedupe_clusters,
         digests=dedupe_digests,
         dataset=dataset_input,  # see dataset_input: a failed stage must not hide an edit
     output:

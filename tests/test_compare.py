@@ -164,6 +164,30 @@ def test_sync_pushes_unsynced_records_in_place(store, tmp_path, monkeypatch):
     assert cli.main(["sync-mlflow", "--tracking-uri", uri, str(job_cwd / "results" / "later")]) == 0
 
 
+def test_a_waiting_record_survives_the_next_attempt(store, tmp_path, monkeypatch):
+    """Before: the stage's next attempt (here a failed one) overwrote train.json while it still
+    waited for sync-mlflow, and the first attempt's figures were lost. Now it is moved aside and
+    sync pushes both finished attempts' records."""
+    uri, _ = store
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(tracking.ENV_ENABLED, "0")  # the server is down: the record waits in its file
+    first = tracking_record.StageRecord(recipe="again", stage="train", results_dir="results")
+    first.log_metric("train_loss", 0.123, step=4)
+    tracking_run.finish(first)
+    with pytest.raises(RuntimeError):
+        with tracking_run.stage_run("train", {}, {}, recipe="again", results_dir="results"):
+            raise RuntimeError("the next attempt dies")
+    folder = tmp_path / "results/again/tracking"
+    assert json.loads((folder / "train.json").read_text())["status"] == "FAILED"
+    kept = list(folder.glob("train.waiting-*.json"))
+    assert len(kept) == 1, sorted(p.name for p in folder.iterdir())
+    assert json.loads(kept[0].read_text())["metrics"][0]["value"] == 0.123
+    monkeypatch.setenv(tracking.ENV_ENABLED, "1")
+    assert cli.main(["sync-mlflow", "--tracking-uri", uri, "results/again"]) == 0
+    saved = json.loads(kept[0].read_text())
+    assert saved["synced"] is True and saved["run_id"]
+
+
 def test_sync_pushes_to_the_records_own_store_and_closes_the_parent(tmp_path, monkeypatch):
     """The server is down when the workflow ends: the record keeps its target store, the final
     status waits in a file, and sync (given no --tracking-uri) pushes there and closes the parent

@@ -17,7 +17,7 @@ from pathlib import Path
 from tunesmith.mlflow_store import failure_text, open_client, push, store_lock
 from tunesmith.pipeline import STAGE_ORDER
 from tunesmith.tracking import ENV_WRITER, enabled, invocation_id, redact_uri, tracking_uri
-from tunesmith.tracking_record import StageRecord
+from tunesmith.tracking_record import StageRecord, record_stage
 
 log = logging.getLogger("tunesmith.tracking")
 
@@ -31,7 +31,8 @@ def sync(recipe_results: str | Path, uri: str | None = None) -> tuple[int, int]:
     folder = Path(recipe_results, "tracking")
     # In stage order: evaluate attaches its scores to the model version that merge registers.
     order = {name: i for i, name in enumerate(STAGE_ORDER)}
-    for path in sorted(folder.rglob("*.json"), key=lambda p: (str(p.parent), order.get(p.stem, len(order)), p.name)):
+    for path in sorted(folder.rglob("*.json"),
+                       key=lambda p: (str(p.parent), order.get(record_stage(p), len(order)), p.name)):
         if path.parent.name == INVOCATIONS:
             continue
         try:

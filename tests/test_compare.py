@@ -250,3 +250,34 @@ def test_the_workflow_writer_pushes_what_jobs_write_once(store, tmp_path, monkey
                           "and b.key = 'tunesmith.stage' and b.value = 'filter'").fetchone()[0]
     db.close()
     assert children == 1
+
+
+def test_a_password_in_the_uri_is_refused_from_the_environment_and_the_cli(tmp_path, monkeypatch, capsys):
+    """Before: only config.yaml's tracking.uri was checked; the same URI through
+    TUNESMITH_TRACKING_URI or `sync-mlflow --tracking-uri` went into every record."""
+    secret = "http://me:s3cret@mlflow.example:5000"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results/r/tracking").mkdir(parents=True)
+    assert cli.main(["sync-mlflow", "--tracking-uri", secret, "results/r"]) == 1
+    assert "--tracking-uri carries a password" in capsys.readouterr().err
+    monkeypatch.setenv(tracking.ENV_URI, secret)
+    with pytest.raises(tracking.TunesmithError, match="TUNESMITH_TRACKING_URI carries a password"):
+        tracking_record.StageRecord(recipe="r", stage="filter", results_dir="results")
+    assert cli.main(["sync-mlflow", "results/r"]) == 1
+    assert "TUNESMITH_TRACKING_URI carries a password" in capsys.readouterr().err
+
+
+def test_credentials_in_a_dataset_url_never_reach_params_or_cards():
+    """Before: dataset.source https://user:token@host/... was logged as an MLflow param as written."""
+    from tunesmith import publishing
+
+    url = "https://alice:hf_tok3n@data.example/rows.jsonl"
+    params = tracking_record.flatten({"dataset": {"source": url, "sources": [{"source": url}]}})
+    assert "hf_tok3n" not in json.dumps(params) and "alice" not in json.dumps(params)
+    assert params["dataset.source"] == "https://***@data.example/rows.jsonl"
+    card = publishing.card(kind="merged", repo_id="me/demo", recipe="demo", variant="main", base_model="b",
+                           datasets=[], license="apache-2.0", tags=[], scores={}, body=f"Source: `{url}`\n")
+    assert "hf_tok3n" not in str(card) and "https://***@data.example/rows.jsonl" in str(card)
+    from tunesmith.provenance import redact_credentials
+
+    assert redact_credentials("s3://KEY:SECRET@bucket/x and ftp://u@h/") == "s3://***@bucket/x and ftp://***@h/"

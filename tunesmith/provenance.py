@@ -4,11 +4,22 @@ tracking tags and model cards alike."""
 from __future__ import annotations
 
 import importlib.metadata
+import re
 import subprocess
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+
+
+# scheme://user:password@host (or scheme://token@host): what a dataset URL or a tracking URI may carry.
+_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+
+
+def redact_credentials(text: str) -> str:
+    """Text without the credentials of any URL in it (scheme://***@host): for everything recorded
+    (MLflow params and tags, model cards, lineage), one rule for all of them."""
+    return _CREDENTIALS.sub(r"\1***@", text)
 
 
 KEY_LIBRARIES = (

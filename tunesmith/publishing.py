@@ -19,7 +19,7 @@ from typing import Any
 
 from tunesmith import fileio
 from tunesmith.errors import TunesmithError
-from tunesmith.provenance import git_commit
+from tunesmith.provenance import git_commit, redact_credentials
 from tunesmith.recipe import DEFAULT_VARIANT
 from tunesmith.result import Result
 
@@ -61,7 +61,7 @@ def card(*, kind: str, repo_id: str, recipe: str, variant: str, base_model: str,
                          tags=["tunesmith", kind, *tags], library_name="peft" if kind == "adapter" else
                          (None if kind == "gguf" else "transformers"),
                          model_name=repo_id, eval_results=results or None)
-    text = f"---\n{data.to_yaml()}\n---\n\n{body}"
+    text = f"---\n{data.to_yaml()}\n---\n\n{redact_credentials(body)}"
     parsed = ModelCard(text)
     if parsed.data.to_dict() != data.to_dict():
         raise TunesmithError(f"{repo_id}: the model card's metadata does not parse back as written")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.fileio import sha256, write_json
-from tunesmith.provenance import git_commit, library_versions
+from tunesmith.provenance import git_commit, library_versions, redact_credentials
 from tunesmith.result import flatten_figures
 from tunesmith.tracking import invocation_id, tracking_uri
 
@@ -23,14 +23,15 @@ log = logging.getLogger("tunesmith.tracking")
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, str]:
-    """Nested params -> dotted keys with string values, as MLflow params want them."""
+    """Nested params -> dotted keys with string values, as MLflow params want them; credentials in a
+    URL (a dataset's https://user:token@...) are redacted."""
     out: dict[str, str] = {}
     if isinstance(data, dict):
         for key, value in data.items():
             out.update(flatten(value, f"{prefix}{key}."))
     else:
         text = json.dumps(data) if isinstance(data, (list, tuple)) else str(data)
-        out[prefix.rstrip(".")] = text[:6000]
+        out[prefix.rstrip(".")] = redact_credentials(text)[:6000]
     return out
 
 

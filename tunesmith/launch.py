@@ -3,7 +3,6 @@ through srun inside SLURM), with the job's inputs, outputs and params passed by 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shlex
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import EnvironmentNotSupported, TunesmithError
+from tunesmith.fileio import write_json
 from tunesmith.methods import cuda_available
 from tunesmith.ranks import under_launcher
 from tunesmith.result import Result
@@ -128,7 +128,7 @@ def relaunch(train_cfg: dict[str, Any], io: Any) -> Any:
     ckpt = Path(io.output["metrics"]).parent
     ckpt.mkdir(parents=True, exist_ok=True)
     params_file = ckpt / ".launch_params.json"
-    params_file.write_text(json.dumps(io.params, default=str))
+    write_json(params_file, io.params)
     port = free_port() if not in_slurm else 20000 + int(os.environ["SLURM_JOB_ID"]) % 20000
     if in_slurm:
         launch = launch_command(nodes * per_node, io, params_file, port, nodes=nodes,

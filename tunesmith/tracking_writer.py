@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+from tunesmith.fileio import write_json
 from tunesmith.mlflow_store import failure_text, open_client, push, store_lock
 from tunesmith.pipeline import STAGE_ORDER
 from tunesmith.tracking import ENV_WRITER, enabled, invocation_id, redact_uri, tracking_uri
@@ -47,7 +48,7 @@ def sync(recipe_results: str | Path, uri: str | None = None) -> tuple[int, int]:
         try:
             if _close(uri or state["uri"], state["invocation"], state["status"]):
                 state["closed"] = True
-                path.write_text(json.dumps(state, indent=2))
+                write_json(path, state)
         except Exception as exc:  # noqa: BLE001
             log.warning("could not close the parent run of invocation %s: %s", state["invocation"], exc)
             failed += 1
@@ -216,7 +217,7 @@ def close_parents(status: str = "FINISHED", recipes: list[str] | None = None, re
         path = Path(results_dir) / recipe / "tracking" / INVOCATIONS / f"{invocation}.json"
         with contextlib.suppress(OSError):
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(state, indent=2))
+            write_json(path, state)
             files.append(path)
     try:
         closed = _close(uri, invocation, status)
@@ -226,4 +227,4 @@ def close_parents(status: str = "FINISHED", recipes: list[str] | None = None, re
     if not closed:  # no stage reached the store yet: sync creates the parent, then closes it
         return
     for path in files:
-        path.write_text(json.dumps({**state, "closed": True}, indent=2))
+        write_json(path, {**state, "closed": True})

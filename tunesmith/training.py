@@ -82,11 +82,11 @@ def check_base(base: str | Path) -> None:
 
 def setup(base: str, template: str | None, section: dict[str, Any]) -> Setup:
     """Method, objective, device, seed and tokenizer: before anything heavy (GPU methods stop here on CPU)."""
-    check_base(base)
     train_cfg, model_cfg = section["train"], section["model"]
     method = methods.get(train_cfg["method"])
     objective = objectives.get(train_cfg["objective"])
     cuda = methods.require_device(method.name)
+    check_base(base)
     if method.import_first:
         importlib.import_module(method.import_first)  # before transformers/trl, which it patches
 

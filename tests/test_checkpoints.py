@@ -74,7 +74,8 @@ def test_every_train_key_of_the_schema_is_classified():
     keys = set(schema["properties"]["train"]["properties"])
     assert keys == set(checkpoints.TRAIN_KEYS), "classify each train.* key in checkpoints.TRAIN_KEYS"
     assert set(checkpoints.TRAIN_KEYS.values()) == {"optimisation", "merge", "scheduling"}
-    assert set(checkpoints.ARGS_CADENCE) <= set(schema["$defs"]["training_args"]["properties"])
+    args = set(schema["$defs"]["training_args"]["properties"])
+    assert set(checkpoints.ARGS_CADENCE + checkpoints.ARGS_COMPUTE) <= args
 
 
 def _edited(section, dotted, value):
@@ -92,7 +93,8 @@ def _edited(section, dotted, value):
 KEEPS = [("train.runtime", 600), ("train.mem_mb", 32000), ("train.gpu_model", "h100"),
          ("train.sample_prompts", ["other"]), ("train.merge_tolerance", 0.5), ("train.sample_eval_rows", 3),
          ("train.args.logging_steps", 50), ("train.args.save_steps", 7), ("train.args.eval_steps", 3),
-         ("train.args.save_total_limit", 9)]
+         ("train.args.save_total_limit", 9), ("train.args.gradient_checkpointing", True),
+         ("train.args.per_device_eval_batch_size", 2)]
 CHANGES = [("train.args.learning_rate", 0.5), ("train.lora.r", 4), ("train.method", "full"),
            ("train.args.max_steps", 9), ("model.dtype", "bfloat16"), ("model.revision", "abc")]
 

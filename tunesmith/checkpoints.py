@@ -38,19 +38,22 @@ TRAIN_KEYS: dict[str, str] = {
     "merge_tolerance": "merge",
     "gpu_model": "scheduling", "mem_mb": "scheduling", "runtime": "scheduling",
 }
-# train.args (and pretrain.args) keys that shape only logging, evaluation and saving.
+# train.args (and pretrain.args) keys outside the fingerprint: the cadence of logging, evaluation
+# and saving, and how a step is computed without changing what it computes (memory for time, fused
+# kernels, the eval batch), which one may well change to get a timed-out or out-of-memory run going.
 ARGS_CADENCE = ("logging_steps", "eval_steps", "save_steps", "save_total_limit")
+ARGS_COMPUTE = ("per_device_eval_batch_size", "gradient_checkpointing", "use_liger_kernel", "token_metrics")
 
 STALE_KEPT = 3  # sets of stale checkpoints kept beside checkpoints/ (checkpoints.stale-N)
 
 
 def _without_cadence(args: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in args.items() if k not in ARGS_CADENCE}
+    return {k: v for k, v in args.items() if k not in ARGS_CADENCE + ARGS_COMPUTE}
 
 
 def resume_section(section: dict[str, Any]) -> dict[str, Any]:
     """The part of a stage's section a checkpoint must match: train keys of kind optimisation,
-    without the cadence of train.args / pretrain.args; other sections (model, pretrain) whole."""
+    train.args / pretrain.args without ARGS_CADENCE and ARGS_COMPUTE; other sections (model, pretrain) whole."""
     out = dict(section)
     if "train" in out:
         train = {k: v for k, v in out["train"].items() if TRAIN_KEYS.get(k) == "optimisation"}

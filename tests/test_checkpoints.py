@@ -63,3 +63,83 @@ def test_training_resumes_from_the_previous_good_checkpoint(trained, tmp_path):
     metrics = json.loads((run / "train/metrics.json").read_text())
     assert metrics["resumed_from_step"] == 2 and metrics["steps"] == 4
     assert (run / "train/checkpoints/checkpoint-4.corrupt").is_dir()
+
+
+# ------------------------------------------------ what a checkpoint must match (issue 27)
+
+def test_every_train_key_of_the_schema_is_classified():
+    from tunesmith.schema import load_schema
+
+    schema = load_schema("recipe")
+    keys = set(schema["properties"]["train"]["properties"])
+    assert keys == set(checkpoints.TRAIN_KEYS), "classify each train.* key in checkpoints.TRAIN_KEYS"
+    assert set(checkpoints.TRAIN_KEYS.values()) == {"optimisation", "merge", "scheduling"}
+    args = set(schema["$defs"]["training_args"]["properties"])
+    assert set(checkpoints.ARGS_CADENCE + checkpoints.ARGS_COMPUTE) <= args
+
+
+def _edited(section, dotted, value):
+    import copy
+
+    out = copy.deepcopy(section)
+    *path, last = dotted.split(".")
+    node = out
+    for key in path:
+        node = node[key]
+    node[last] = value
+    return out
+
+
+KEEPS = [("train.runtime", 600), ("train.mem_mb", 32000), ("train.gpu_model", "h100"),
+         ("train.sample_prompts", ["other"]), ("train.merge_tolerance", 0.5), ("train.sample_eval_rows", 3),
+         ("train.args.logging_steps", 50), ("train.args.save_steps", 7), ("train.args.eval_steps", 3),
+         ("train.args.save_total_limit", 9), ("train.args.gradient_checkpointing", True),
+         ("train.args.per_device_eval_batch_size", 2)]
+CHANGES = [("train.args.learning_rate", 0.5), ("train.lora.r", 4), ("train.method", "full"),
+           ("train.args.max_steps", 9), ("model.dtype", "bfloat16"), ("model.revision", "abc")]
+
+
+@pytest.mark.parametrize(("key", "value"), KEEPS)
+def test_a_scheduling_or_cadence_edit_keeps_the_checkpoints(trained, tmp_path, key, value, caplog):
+    """Before: raising train.runtime after a SLURM timeout changed the fingerprint and rmtree'd them."""
+    from tunesmith.training import _fingerprint
+
+    paths, section = trained
+    folder = shutil.copytree(paths.checkpoints, tmp_path / "checkpoints")
+    with caplog.at_level(logging.WARNING, logger="tunesmith.train"):
+        assert checkpoints.prepare_checkpoints(folder, _fingerprint(paths, _edited(section, key, value))) \
+            == folder / "checkpoint-4"
+    assert "step 0" not in caplog.text
+
+
+@pytest.mark.parametrize(("key", "value"), CHANGES)
+def test_an_optimisation_edit_sets_the_checkpoints_aside(trained, tmp_path, key, value):
+    from tunesmith.training import _fingerprint
+
+    paths, section = trained
+    folder = shutil.copytree(paths.checkpoints, tmp_path / "checkpoints")
+    assert checkpoints.prepare_checkpoints(folder, _fingerprint(paths, _edited(section, key, value))) is None
+    # Renamed, not deleted: reverting the edit can bring them back by hand.
+    assert (tmp_path / "checkpoints.stale-1" / "checkpoint-4" / "trainer_state.json").is_file()
+    assert not any(folder.glob("checkpoint-*"))
+
+
+def test_only_the_newest_stale_sets_are_kept(tmp_path):
+    folder = tmp_path / "checkpoints"
+    for n in range(checkpoints.STALE_KEPT + 2):
+        (folder / "checkpoint-2").mkdir(parents=True)
+        checkpoints.prepare_checkpoints(folder, f"fp{n}")
+    stale = sorted(p.name for p in tmp_path.glob("checkpoints.stale-*"))
+    assert stale == [f"checkpoints.stale-{n}" for n in range(3, checkpoints.STALE_KEPT + 3)]
+
+
+def test_train_params_leave_out_merge_and_scheduling_keys():
+    """The train rule's params: a merge-only or scheduling key reruns no training."""
+    from conftest import train_section
+
+    train = train_section()["train"]
+    for_train = checkpoints.stage_train_section(train, "train")
+    for_merge = checkpoints.stage_train_section(train, "merge")
+    assert not {"sample_prompts", "merge_tolerance", "runtime", "mem_mb", "gpu_model"} & set(for_train)
+    assert {"sample_prompts", "merge_tolerance", "method", "lora", "quantization"} <= set(for_merge)
+    assert not {"runtime", "mem_mb", "gpu_model"} & set(for_merge)

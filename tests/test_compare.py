@@ -164,6 +164,30 @@ def test_sync_pushes_unsynced_records_in_place(store, tmp_path, monkeypatch):
     assert cli.main(["sync-mlflow", "--tracking-uri", uri, str(job_cwd / "results" / "later")]) == 0
 
 
+def test_a_waiting_record_survives_the_next_attempt(store, tmp_path, monkeypatch):
+    """Before: the stage's next attempt (here a failed one) overwrote train.json while it still
+    waited for sync-mlflow, and the first attempt's figures were lost. Now it is moved aside and
+    sync pushes both finished attempts' records."""
+    uri, _ = store
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(tracking.ENV_ENABLED, "0")  # the server is down: the record waits in its file
+    first = tracking_record.StageRecord(recipe="again", stage="train", results_dir="results")
+    first.log_metric("train_loss", 0.123, step=4)
+    tracking_run.finish(first)
+    with pytest.raises(RuntimeError):
+        with tracking_run.stage_run("train", {}, {}, recipe="again", results_dir="results"):
+            raise RuntimeError("the next attempt dies")
+    folder = tmp_path / "results/again/tracking"
+    assert json.loads((folder / "train.json").read_text())["status"] == "FAILED"
+    kept = list(folder.glob("train.waiting-*.json"))
+    assert len(kept) == 1, sorted(p.name for p in folder.iterdir())
+    assert json.loads(kept[0].read_text())["metrics"][0]["value"] == 0.123
+    monkeypatch.setenv(tracking.ENV_ENABLED, "1")
+    assert cli.main(["sync-mlflow", "--tracking-uri", uri, "results/again"]) == 0
+    saved = json.loads(kept[0].read_text())
+    assert saved["synced"] is True and saved["run_id"]
+
+
 def test_sync_pushes_to_the_records_own_store_and_closes_the_parent(tmp_path, monkeypatch):
     """The server is down when the workflow ends: the record keeps its target store, the final
     status waits in a file, and sync (given no --tracking-uri) pushes there and closes the parent
@@ -226,3 +250,34 @@ def test_the_workflow_writer_pushes_what_jobs_write_once(store, tmp_path, monkey
                           "and b.key = 'tunesmith.stage' and b.value = 'filter'").fetchone()[0]
     db.close()
     assert children == 1
+
+
+def test_a_password_in_the_uri_is_refused_from_the_environment_and_the_cli(tmp_path, monkeypatch, capsys):
+    """Before: only config.yaml's tracking.uri was checked; the same URI through
+    TUNESMITH_TRACKING_URI or `sync-mlflow --tracking-uri` went into every record."""
+    secret = "http://me:s3cret@mlflow.example:5000"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results/r/tracking").mkdir(parents=True)
+    assert cli.main(["sync-mlflow", "--tracking-uri", secret, "results/r"]) == 1
+    assert "--tracking-uri carries a password" in capsys.readouterr().err
+    monkeypatch.setenv(tracking.ENV_URI, secret)
+    with pytest.raises(tracking.TunesmithError, match="TUNESMITH_TRACKING_URI carries a password"):
+        tracking_record.StageRecord(recipe="r", stage="filter", results_dir="results")
+    assert cli.main(["sync-mlflow", "results/r"]) == 1
+    assert "TUNESMITH_TRACKING_URI carries a password" in capsys.readouterr().err
+
+
+def test_credentials_in_a_dataset_url_never_reach_params_or_cards():
+    """Before: dataset.source https://user:token@host/... was logged as an MLflow param as written."""
+    from tunesmith import publishing
+
+    url = "https://alice:hf_tok3n@data.example/rows.jsonl"
+    params = tracking_record.flatten({"dataset": {"source": url, "sources": [{"source": url}]}})
+    assert "hf_tok3n" not in json.dumps(params) and "alice" not in json.dumps(params)
+    assert params["dataset.source"] == "https://***@data.example/rows.jsonl"
+    card = publishing.card(kind="merged", repo_id="me/demo", recipe="demo", variant="main", base_model="b",
+                           datasets=[], license="apache-2.0", tags=[], scores={}, body=f"Source: `{url}`\n")
+    assert "hf_tok3n" not in str(card) and "https://***@data.example/rows.jsonl" in str(card)
+    from tunesmith.provenance import redact_credentials
+
+    assert redact_credentials("s3://KEY:SECRET@bucket/x and ftp://u@h/") == "s3://***@bucket/x and ftp://***@h/"

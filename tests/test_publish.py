@@ -150,3 +150,60 @@ def test_local_cards_state_lineage_scores_contamination_and_how_to_run_each_arti
     assert f"tunesmith serve {artifacts['gguf']}/model-Q8_0.gguf" in (out / "gguf.md").read_text()
     assert f'AutoPeftModelForCausalLM.from_pretrained("{artifacts["adapter"]}")' in (out / "adapter.md").read_text()
     assert f'pipeline("text-generation", "{artifacts["merged"]}")' in (out / "merged.md").read_text()
+
+
+# ------------------------------------------------ sweeps and visibility (issue 27)
+
+def test_each_sweep_variant_pushes_to_its_own_repositories(artifacts):
+    """Before: every variant of a sweep planned the same three repositories; the last push won."""
+    plans = [publishing.plan(recipe="demo", variant=v, section=SECTION, compare=artifacts["compare"],
+                             folders={k: artifacts[k] for k in publishing.KINDS}, dataset_source=None)
+             for v in ("r-8", "r-16__learning_rate-0.0002", "main")]
+    ids = [[r["repo_id"] for r in p["repos"]] for p in plans]
+    assert ids[0] == ["me/demo-lora-r-8", "me/demo-r-8", "me/demo-GGUF-r-8"]
+    assert ids[1][1] == "me/demo-r-16__learning_rate-0.0002"
+    assert ids[2] == ["me/demo-lora", "me/demo", "me/demo-GGUF"]  # no sweep: the names as written
+    assert "me/demo-r-8" in plans[0]["repos"][1]["card"]
+    with pytest.raises(TunesmithError, match="publish.repos.adapter: the sweep variant .* the Hub refuses"):
+        publishing.plan(recipe="demo", variant="r-" + "8" * 100, section=SECTION, compare=artifacts["compare"],
+                        folders={k: artifacts[k] for k in publishing.KINDS}, dataset_source=None)
+
+
+class FakeHub:
+    """The part of huggingface_hub.HfApi that push calls, with repositories that already exist."""
+
+    def __init__(self, existing: dict[str, bool]):
+        self.existing, self.created, self.commits = existing, [], []
+
+    def repo_info(self, repo_id, repo_type=None):
+        from types import SimpleNamespace
+
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        if repo_id not in self.existing:  # what HfApi raises on a 404 (the response: its headers and request)
+            response = SimpleNamespace(headers={}, request=None, status_code=404)
+            raise RepositoryNotFoundError(f"{repo_id} not found", response=response)
+        return SimpleNamespace(id=repo_id, private=self.existing[repo_id])
+
+    def create_repo(self, repo_id, private=False, exist_ok=False, repo_type=None):
+        self.created.append((repo_id, private))
+
+    def create_commit(self, repo_id, operations, commit_message, repo_type=None):
+        self.commits.append(repo_id)
+
+
+def test_private_is_enforced_on_a_repository_that_already_exists(artifacts, monkeypatch):
+    """Before: create_repo(private=True, exist_ok=True) left an existing public repository public and
+    the push went ahead, while plan.json said private."""
+    monkeypatch.setenv("HF_TOKEN", "hf_sentinel")
+    plan = _plan(artifacts)
+    hub = FakeHub({"me/demo": False})  # the merged model's repository exists, public
+    with pytest.raises(TunesmithError, match=r"me/demo already exists and is public.*publish.private.*nothing pushed"):
+        publishing.push(plan, offline=False, api=hub)
+    assert hub.commits == [] and hub.created == []  # refused before any repository or upload
+    hub = FakeHub({"me/demo": True})
+    assert publishing.push(plan, offline=False, api=hub) == ["me/demo-lora", "me/demo", "me/demo-GGUF"]
+    assert hub.created == [("me/demo-lora", True), ("me/demo", True), ("me/demo-GGUF", True)]
+    public = _plan(artifacts, {**SECTION, "private": False})
+    assert publishing.push(public, offline=False, api=FakeHub({"me/demo": False})) == [
+        "me/demo-lora", "me/demo", "me/demo-GGUF"]

@@ -40,3 +40,39 @@ def test_two_value_sweep_plans_two_trainings_on_one_dataset(tmp_path):
         assert re.search(r"gpu=1\b", block), block
     # both variants read the same formatted data
     assert out.count("results/tiny-sweep/data/train.jsonl") >= 3
+
+
+# ------------------------------------------------ sweep values and variant names (issue 27)
+
+def _validate(tmp_path, sweep: dict) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    import yaml
+
+    from tunesmith import cli
+
+    path = tmp_path / "swept.yaml"
+    path.write_text(yaml.safe_dump({"dataset": {"source": str(REPO / "tests" / "data" / "tiny_reverse.jsonl")},
+                                    "sweep": sweep}))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = cli.main(["validate", "--config", str(tmp_path / "none.yaml"), str(path)])
+    return rc, out.getvalue()
+
+
+def test_a_sweep_value_is_validated_against_the_schema(tmp_path):
+    """Before: batch size 0 in a sweep passed `tunesmith validate` (OK) and failed in the trainer."""
+    rc, out = _validate(tmp_path, {"train.args.per_device_train_batch_size": [4, 0]})
+    assert rc == 1, out
+    assert "train.args.per_device_train_batch_size: 0" in out and "minimum of 1" in out, out
+    rc, out = _validate(tmp_path, {"train.lora.dropout": [0.1, "high"]})
+    assert rc == 1 and "train.lora.dropout: 'high'" in out, out
+    rc, out = _validate(tmp_path, {"train.args.per_device_train_batch_size": [2, 4]})
+    assert rc == 0 and "per_device_train_batch_size-2" in out, out
+
+
+def test_a_variant_name_must_be_a_safe_folder_name(tmp_path):
+    """Before: a value such as '../x' became the variant 'lr_scheduler_type-../x', a path component."""
+    rc, out = _validate(tmp_path, {"train.args.lr_scheduler_type": ["linear", "../../x"]})
+    assert rc == 1 and "lr_scheduler_type-../../x" in out and "letters, digits" in out, out

@@ -133,3 +133,19 @@ def test_fsdp_is_refused_where_it_cannot_shard_and_launches_fsdp2_where_it_can(m
     recipe.write_text("dataset: {source: data/demo/reverse_words.jsonl}\ntrain: {method: lora, fsdp: true}\n")
     with pytest.raises(RecipeError, match="train.fsdp shards full weights; method 'lora'"):
         load_recipe(recipe)
+
+
+def test_srun_expands_only_the_machine_variables(monkeypatch):
+    """Before: any argument starting with $SLURM_ went into the srun line double-quoted, so the
+    shell expanded a user's path or value (and a '"' in it broke out of the quotes)."""
+    import subprocess
+
+    from tunesmith import launch
+
+    launch_args = ["echo", "$SLURM_NODEID", "$SLURM_LAUNCH_NODE_IPADDR", "$SLURM_JOB_ID/out dir",
+                   '$SLURM_X"; echo pwned; "']
+    cmd = launch.srun_command(launch_args, nodes=1, cpus_per_node=2, gpus_per_node=0)
+    assert cmd[-3:-1] == ["bash", "-c"]
+    env = {"PATH": "/usr/bin:/bin", "SLURM_NODEID": "3", "SLURM_LAUNCH_NODE_IPADDR": "10.0.0.7", "SLURM_JOB_ID": "99"}
+    out = subprocess.run(["bash", "-c", cmd[-1]], env=env, capture_output=True, text=True, check=True).stdout
+    assert out == '3 10.0.0.7 $SLURM_JOB_ID/out dir $SLURM_X"; echo pwned; "\n'

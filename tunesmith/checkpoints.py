@@ -1,5 +1,6 @@
 """Checkpoints the trainer resumes from: fingerprinted against what they were trained for, validated
-before resume, and set aside (never deleted) when stale or corrupt."""
+before resume, and set aside when stale or corrupt (renamed, not deleted: a corrupt one for good, the
+newest few stale sets)."""
 
 from __future__ import annotations
 
@@ -10,20 +11,72 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from tunesmith import fileio
+
 log = logging.getLogger("tunesmith.train")
 
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
-
-
 FINGERPRINT = "tunesmith_fingerprint.json"
 
+# Every train.* key of the recipe schema, by what a change to it means. This is the one list:
+# the resume fingerprint, the train and merge rules' params and tests/test_checkpoints.py (which
+# checks every schema key is here) all read it.
+#   optimisation: what a checkpoint was trained for (fingerprinted: a change starts from step 0,
+#                 the old checkpoints set aside). gpus/processes/nodes set the global batch, fsdp
+#                 the checkpoint's format.
+#   train:        the train stage reads it but a checkpoint stays valid (train.args' cadence keys
+#                 are split out below: train reruns and resumes).
+#   merge:        only the merge stage reads it (a change reruns merge, never training).
+#   scheduling:   only the job's request to the scheduler (a change reruns nothing).
+TRAIN_KEYS: dict[str, str] = {
+    "method": "optimisation", "objective": "optimisation", "dpo": "optimisation", "kto": "optimisation",
+    "grpo": "optimisation", "lora": "optimisation", "quantization": "optimisation", "args": "optimisation",
+    "gpus": "optimisation", "processes": "optimisation", "nodes": "optimisation", "fsdp": "optimisation",
+    "sample_prompts": "merge", "sample_max_new_tokens": "merge", "sample_eval_rows": "merge",
+    "merge_tolerance": "merge",
+    "gpu_model": "scheduling", "mem_mb": "scheduling", "runtime": "scheduling",
+}
+# train.args (and pretrain.args) keys outside the fingerprint: the cadence of logging, evaluation
+# and saving, and how a step is computed without changing what it computes (memory for time, fused
+# kernels, the eval batch), which one may well change to get a timed-out or out-of-memory run going.
+ARGS_CADENCE = ("logging_steps", "eval_steps", "save_steps", "save_total_limit")
+ARGS_COMPUTE = ("per_device_eval_batch_size", "gradient_checkpointing", "use_liger_kernel", "token_metrics")
+
+STALE_KEPT = 3  # sets of stale checkpoints kept beside checkpoints/ (checkpoints.stale-N)
+
+
+def _without_cadence(args: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in args.items() if k not in ARGS_CADENCE + ARGS_COMPUTE}
+
+
+def resume_section(section: dict[str, Any]) -> dict[str, Any]:
+    """The part of a stage's section a checkpoint must match: train keys of kind optimisation,
+    train.args / pretrain.args without ARGS_CADENCE and ARGS_COMPUTE; other sections (model, pretrain) whole."""
+    out = dict(section)
+    if "train" in out:
+        train = {k: v for k, v in out["train"].items() if TRAIN_KEYS.get(k) == "optimisation"}
+        if "args" in train:
+            train["args"] = _without_cadence(train["args"])
+        out["train"] = train
+    if isinstance(out.get("pretrain"), dict) and isinstance(out["pretrain"].get("args"), dict):
+        out["pretrain"] = {**out["pretrain"], "args": _without_cadence(out["pretrain"]["args"])}
+    return out
+
+
+def stage_train_section(train: dict[str, Any], stage: str) -> dict[str, Any]:
+    """The train.* keys a rule's params carry: stage train (and pretrain) without merge and
+    scheduling keys; stage merge without scheduling keys (it loads the model as the method does)."""
+    drop = {"train": ("merge", "scheduling"), "merge": ("scheduling",)}[stage]
+    return {k: v for k, v in train.items() if TRAIN_KEYS.get(k) not in drop}
 
 
 def fingerprint(section: dict[str, Any], files: dict[str, str | Path]) -> str:
-    """What a checkpoint was trained from: a resume with other params or data would mix two runs."""
-    digest = hashlib.sha256(json.dumps(section, sort_keys=True, default=str).encode())
+    """What a checkpoint was trained from: a resume with other optimisation params or data would mix
+    two runs. Only resume_section(section) counts: raising train.runtime after a timeout, or changing
+    how often it logs or saves, keeps the checkpoints."""
+    digest = hashlib.sha256(json.dumps(resume_section(section), sort_keys=True, default=str).encode())
     for name in sorted(files):
         path = Path(files[name])
         if path.is_dir():
@@ -106,20 +159,36 @@ def last_checkpoint(folder: str | Path, *, validate: bool = True) -> Path | None
 
 
 
+def _set_aside_stale(folder: Path, why: str) -> None:
+    """Rename a checkpoints folder that no longer matches to checkpoints.stale-N beside it (a change
+    reverted brings them back by hand); only the STALE_KEPT newest such sets are kept."""
+    taken = sorted((int(p.name.rsplit("-", 1)[1]), p) for p in folder.parent.glob(f"{folder.name}.stale-*")
+                   if p.name.rsplit("-", 1)[1].isdigit())
+    n = taken[-1][0] + 1 if taken else 1
+    target = folder.with_name(f"{folder.name}.stale-{n}")
+    folder.rename(target)
+    log.warning("checkpoints in %s %s; starting from step 0, the old ones moved to %s", folder, why, target.name)
+    for _, old in taken[: max(0, len(taken) + 1 - STALE_KEPT)]:
+        log.warning("removing %s: only the %d newest sets of stale checkpoints are kept", old, STALE_KEPT)
+        shutil.rmtree(old)
+
+
 def prepare_checkpoints(folder: str | Path, fp: str) -> Path | None:
-    """Return the checkpoint to resume from, discarding checkpoints of a different recipe/data."""
+    """Return the checkpoint to resume from; checkpoints trained for other optimisation params or
+    data are set aside (checkpoints.stale-N), never mixed into this run."""
     folder = Path(folder)
     stamp = folder / FINGERPRINT
     if folder.is_dir() and stamp.is_file():
-        old = json.loads(stamp.read_text()).get("fingerprint")
+        try:
+            old = json.loads(stamp.read_text()).get("fingerprint")
+        except ValueError:
+            old = None
         if old != fp:
-            log.warning("checkpoints in %s come from other params or data; starting from step 0", folder)
-            shutil.rmtree(folder)
+            _set_aside_stale(folder, "come from other optimisation params or data")
     elif folder.is_dir() and any(folder.glob(f"{CHECKPOINT_PREFIX}*")):
-        log.warning("checkpoints in %s carry no fingerprint; starting from step 0", folder)
-        shutil.rmtree(folder)
+        _set_aside_stale(folder, "carry no fingerprint")
     folder.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps({"fingerprint": fp}))
+    fileio.write_json(stamp, {"fingerprint": fp})
     return last_checkpoint(folder)
 
 

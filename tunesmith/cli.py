@@ -27,9 +27,10 @@ def _uri(args: argparse.Namespace) -> str:
     from tunesmith import tracking
 
     if args.tracking_uri:
+        tracking.check_uri(args.tracking_uri, "--tracking-uri")
         return args.tracking_uri
     if os.environ.get(tracking.ENV_URI):
-        return os.environ[tracking.ENV_URI]
+        return tracking.tracking_uri()
     config = Path(args.config)
     if config.is_file():
         from tunesmith.recipe import load_config
@@ -83,6 +84,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
     # Each record remembers the store it was meant for; --tracking-uri sends them elsewhere.
     uri = args.tracking_uri
+    tracking.check_uri(uri, "--tracking-uri")
+    tracking.tracking_uri()  # the environment's, which records without a target of their own go to
     os.environ.setdefault(tracking.ENV_TIMEOUT, str(args.timeout))
     total_failed = 0
     for folder in args.results:
@@ -99,10 +102,10 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from tunesmith import compare
+    from tunesmith import leaderboard
 
     uri = _uri(args)
-    paths = compare.write(uri, args.out, args.experiments or None, by_invocation=args.by_invocation)
+    paths = leaderboard.write(uri, args.out, args.experiments or None, by_invocation=args.by_invocation)
     for kind, path in paths.items():
         print(f"{kind:3} {path}")
     return 0

@@ -11,10 +11,11 @@ answers and over-long rows.
 
 from __future__ import annotations
 
-import json
 import random
 import sys
 from pathlib import Path
+
+from tunesmith.fileio import write_jsonl
 
 WORDS = (
     "apple river stone cloud tiger lamp garden pencil window rocket violin candle forest "
@@ -60,10 +61,7 @@ def generate(n: int = 600, seed: int = 0) -> list[dict[str, str]]:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     out = Path(argv[0] if argv else "data/demo/reverse_words.jsonl")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", encoding="utf-8") as fh:
-        for row in generate():
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_jsonl(out, generate())
     print(f"wrote {out}")
 
 

@@ -18,8 +18,8 @@ import fcntl
 import logging
 import os
 import shutil
-import subprocess
 import stat
+import subprocess
 import tempfile
 import time
 from pathlib import Path

@@ -3,7 +3,6 @@ through srun inside SLURM), with the job's inputs, outputs and params passed by 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shlex
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import EnvironmentNotSupported, TunesmithError
+from tunesmith.fileio import write_json
 from tunesmith.methods import cuda_available
 from tunesmith.ranks import under_launcher
 from tunesmith.result import Result
@@ -88,6 +88,9 @@ def launch_command(processes: int, io: Any, params_file: Path, port: int, *,
 
 
 
+MACHINE_VARS = ("$SLURM_NODEID", "$SLURM_LAUNCH_NODE_IPADDR")  # (machine rank, main process address)
+
+
 def srun_command(launch: list[str], nodes: int, cpus_per_node: int, gpus_per_node: int) -> list[str]:
     """srun starts one accelerate launcher per node of the job's allocation; each reads its machine
     rank (SLURM_NODEID) and the main process's address (SLURM_LAUNCH_NODE_IPADDR: the node this
@@ -96,8 +99,9 @@ def srun_command(launch: list[str], nodes: int, cpus_per_node: int, gpus_per_nod
            "--kill-on-bad-exit=1", "--export=ALL"]
     if gpus_per_node:
         cmd.append(f"--gpus-per-task={gpus_per_node}")
-    # The launcher's shell on each node expands the $SLURM_ variables; everything else is quoted.
-    line = " ".join(f'"{a}"' if a.startswith("$SLURM_") else shlex.quote(a) for a in launch)
+    # The launcher's shell on each node expands the two machine variables relaunch puts there;
+    # everything else is quoted, a path or value of the user's that starts with $SLURM_ too.
+    line = " ".join(a if a in MACHINE_VARS else shlex.quote(a) for a in launch)
     return cmd + ["bash", "-c", line]
 
 
@@ -124,11 +128,11 @@ def relaunch(train_cfg: dict[str, Any], io: Any) -> Any:
     ckpt = Path(io.output["metrics"]).parent
     ckpt.mkdir(parents=True, exist_ok=True)
     params_file = ckpt / ".launch_params.json"
-    params_file.write_text(json.dumps(io.params, default=str))
+    write_json(params_file, io.params)
     port = free_port() if not in_slurm else 20000 + int(os.environ["SLURM_JOB_ID"]) % 20000
     if in_slurm:
         launch = launch_command(nodes * per_node, io, params_file, port, nodes=nodes,
-                                machine=("$SLURM_NODEID", "$SLURM_LAUNCH_NODE_IPADDR"), fsdp=fsdp)
+                                machine=MACHINE_VARS, fsdp=fsdp)
         cmd = srun_command(launch, nodes, max(1, int(io.threads)) * per_node, per_node if cuda else 0)
     else:
         cmd = launch_command(per_node, io, params_file, port, fsdp=fsdp)

@@ -19,6 +19,7 @@ from tunesmith.data.formatting import read_split
 from tunesmith.data.tokens import switch_off_padding
 from tunesmith.errors import TunesmithError
 from tunesmith.fileio import replace_dir, write_json, write_text
+from tunesmith.provenance import redact_credentials
 from tunesmith.result import Result
 
 log = logging.getLogger("tunesmith.merge")
@@ -140,6 +141,10 @@ def upstream_tags(base: Path, steps: list[dict[str, Any]]) -> dict[str, str]:
     if run_id:
         tags["tunesmith.upstream.merge_run_id"] = run_id
     return tags
+
+
+def _redacted(source: Any) -> Any:
+    return redact_credentials(source) if isinstance(source, str) else source
 
 
 def _model_source(folder: Path) -> str:
@@ -367,7 +372,7 @@ def merge(*, trained: str | Path, base: str | Path, template: str | Path, merged
     train_metrics = json.loads(Path(train_metrics_path).read_text()) if train_metrics_path else {}
     steps = lineage(base, {
         "recipe": recipe, "variant": variant, "objective": train_metrics.get("objective", "sft"), "method": method,
-        "base": str(base), "dataset": (card or {}).get("dataset", {}).get("source"),
+        "base": str(base), "dataset": _redacted((card or {}).get("dataset", {}).get("source")),
         "rows": train_metrics.get("train_pairs", train_metrics.get("train_prompts", train_metrics.get("train_rows"))),
         "train_loss_first": train_metrics.get("train_loss_first"), "train_loss_last": train_metrics.get("train_loss_last"),
         "heldout_exact_match": f"{tuned_em}/{len(held)}" if held else None})
@@ -375,6 +380,7 @@ def merge(*, trained: str | Path, base: str | Path, template: str | Path, merged
     card_text = model_card(recipe=recipe, base_source=source, method=method, section=section, card=card or {},
                            train_metrics=train_metrics, check=check, reports=list(reports or []),
                            samples=list(zip(prompts, answers)), steps=steps)
+    card_text = redact_credentials(card_text)  # a dataset URL's user:token never reaches the card
     (tmp / "README.md").write_text(card_text, encoding="utf-8")
     (tmp / LINEAGE).write_text(json.dumps(steps, indent=1), encoding="utf-8")
     replace_dir(tmp, merged)

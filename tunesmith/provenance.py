@@ -4,11 +4,27 @@ tracking tags and model cards alike."""
 from __future__ import annotations
 
 import importlib.metadata
+import re
 import subprocess
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+
+
+# Query parameters that carry a secret in common dataset URLs (tokens, presigned S3/GCS/Azure links).
+_SECRET_QUERY = re.compile(r"([?&](?:[a-z0-9_.-]*token|api[_-]?key|key|sig|signature|password|secret|"
+                           r"x-amz-signature|x-amz-credential|x-amz-security-token|x-goog-signature|"
+                           r"x-goog-credential)=)[^&#\s\"']*", re.IGNORECASE)
+_USERINFO = re.compile(r"\b([a-z][a-z0-9+.-]*://)[^/@\s\"']+@", re.IGNORECASE)
+REDACTED = "***"
+
+
+def redact_credentials(text: str) -> str:
+    """Text with every URL's credentials replaced by ***: the user:password@ part (a dataset URL, a
+    tracking URI) and secret query values (token=, sig=, X-Amz-Signature=, ...). Everything recorded
+    (logs, source.json, MLflow params and tags, model cards, lineage) passes through this one rule."""
+    return _SECRET_QUERY.sub(rf"\1{REDACTED}", _USERINFO.sub(rf"\1{REDACTED}@", text))
 
 
 KEY_LIBRARIES = (

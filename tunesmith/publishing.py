@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from tunesmith import fileio
 from tunesmith.errors import TunesmithError
-from tunesmith.provenance import git_commit
+from tunesmith.provenance import git_commit, redact_credentials
+from tunesmith.recipe import DEFAULT_VARIANT
 from tunesmith.result import Result
 
 KINDS = ("adapter", "merged", "gguf")
@@ -59,7 +61,7 @@ def card(*, kind: str, repo_id: str, recipe: str, variant: str, base_model: str,
                          tags=["tunesmith", kind, *tags], library_name="peft" if kind == "adapter" else
                          (None if kind == "gguf" else "transformers"),
                          model_name=repo_id, eval_results=results or None)
-    text = f"---\n{data.to_yaml()}\n---\n\n{body}"
+    text = f"---\n{data.to_yaml()}\n---\n\n{redact_credentials(body)}"
     parsed = ModelCard(text)
     if parsed.data.to_dict() != data.to_dict():
         raise TunesmithError(f"{repo_id}: the model card's metadata does not parse back as written")
@@ -82,6 +84,7 @@ def plan(*, recipe: str, variant: str, section: dict[str, Any], folders: dict[st
         repo_id = (pub.get("repos") or {}).get(kind)
         if not repo_id:
             continue
+        repo_id = variant_repo(repo_id, variant, kind)
         folder = Path(folders[kind])
         if not folder.is_dir():
             raise TunesmithError(f"publish.repos.{kind}: {folder} does not exist (nothing to push to {repo_id})")
@@ -100,6 +103,42 @@ def plan(*, recipe: str, variant: str, section: dict[str, Any], folders: dict[st
     if not out["repos"]:
         raise TunesmithError("publish.repos: name at least one repository (adapter, merged or gguf)")
     return out
+
+
+def variant_repo(repo_id: str, variant: str, kind: str) -> str:
+    """A sweep's variants each push to their own repository (<repo>-<variant>): one name for all of
+    them would leave on the Hub whichever variant pushed last. The one variant of a recipe without a
+    sweep (main) keeps the name as written."""
+    if variant == DEFAULT_VARIANT:
+        return repo_id
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    # The Hub refuses '--' and '..' and names over 96 characters; a variant may hold '=' or '__'.
+    suffix = re.sub(r"-{2,}", "-", re.sub(r"[^A-Za-z0-9_.-]+", "-", variant)).replace("..", ".").strip("-.")
+    named = f"{repo_id}-{suffix}"
+    try:
+        validate_repo_id(named)
+    except HFValidationError as exc:
+        raise TunesmithError(f"publish.repos.{kind}: the sweep variant {variant!r} would push to {named!r}, which "
+                             f"the Hub refuses ({exc}); shorten the repository name or the sweep") from None
+    return named
+
+
+def check_visibility(api: Any, repo: dict[str, Any]) -> bool:
+    """Whether repo['repo_id'] exists. One that exists and is public while the plan says private is
+    refused: create_repo(private=True, exist_ok=True) leaves an existing repository as it is, and the
+    push would publish what the recipe keeps private."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        info = api.repo_info(repo["repo_id"], repo_type="model")
+    except RepositoryNotFoundError:
+        return False
+    if repo["private"] and not getattr(info, "private", False):
+        raise TunesmithError(f"publish: {repo['repo_id']} already exists and is public, while publish.private is "
+                             "true; nothing pushed. Make it private on the Hub (Settings, or HfApi()."
+                             "update_repo_settings(repo_id, private=True)), or set publish.private: false")
+    return True
 
 
 def _hub_datasets(dataset_source: str | None) -> list[str]:
@@ -220,9 +259,9 @@ def _how_to_run(kind: str, repo_id: str) -> str:
             f"chat = pipeline(\"text-generation\", \"{repo_id}\")\n```\n")
 
 
-def push(the_plan: dict[str, Any], *, offline: bool) -> list[str]:
+def push(the_plan: dict[str, Any], *, offline: bool, api: Any = None) -> list[str]:
     """Create each repository and commit its files and card in one commit. Every refusal comes
-    before the first upload and names what was not pushed."""
+    before the first upload and names what was not pushed. api: an HfApi (default: one with HF_TOKEN)."""
     names = ", ".join(f"{r['repo_id']} ({r['kind']}, {len(r['files'])} files)" for r in the_plan["repos"])
     if offline:
         raise TunesmithError(f"publish: offline (config offline: true or HF_HUB_OFFLINE=1), nothing pushed. "
@@ -236,7 +275,12 @@ def push(the_plan: dict[str, Any], *, offline: bool) -> list[str]:
             raise TunesmithError(f"publish: {missing[0]} vanished, nothing pushed. Not pushed: {names}")
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    api = HfApi(token=token)
+    api = api if api is not None else HfApi(token=token)
+    try:
+        for repo in the_plan["repos"]:
+            check_visibility(api, repo)
+    except TunesmithError as exc:
+        raise TunesmithError(f"{exc}. Not pushed: {names}") from None
     pushed: list[str] = []
     for repo in the_plan["repos"]:
         try:

@@ -104,6 +104,7 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> di
     _check_semantics(recipe, str(path))
     _check_pretrain_start(data, recipe, str(path))
     recipe["name"] = path.stem
+    _check_sweep(recipe, str(path))
     return recipe
 
 
@@ -284,6 +285,28 @@ def _short(key: str) -> str:
     return key.split(".")[-1]
 
 
+# A variant's name becomes a folder (results/<recipe>/<variant>/) and a Snakemake wildcard value.
+_VARIANT_NAME = re.compile(r"^[A-Za-z0-9._=-]+$")
+
+
+def _check_sweep(recipe: dict[str, Any], source: str) -> None:
+    """Each sweep value against the schema, as if the recipe had set it (the sweep section itself only
+    says 'lists'): a batch size of 0 stops here, naming the key and value, not as a trainer traceback."""
+    sweep = recipe.get("sweep") or {}
+    base = {k: v for k, v in recipe.items() if k not in ("name", "variant")}
+    for key in sorted(sweep):
+        _get_dotted(base, key, source)
+        for value in sweep[key]:
+            tried = copy.deepcopy(base)
+            _set_dotted(tried, key, value)
+            try:
+                validate(tried, "recipe", f"{source} (sweep {key}: {value!r})")
+            except RecipeError as exc:
+                raise RecipeError(f"{source}: sweep value {key}: {value!r} is not valid:\n"
+                                  + str(exc).split("\n", 1)[-1]) from None
+    variants(recipe)  # the names: a clear error here rather than a path or wildcard problem later
+
+
 def variants(recipe: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Map variant name -> recipe with that sweep combination applied ('main' without a sweep)."""
     sweep = recipe.get("sweep") or {}
@@ -293,6 +316,11 @@ def variants(recipe: dict[str, Any]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for combo in itertools.product(*(sweep[k] for k in keys)):
         name = "__".join(f"{_short(k)}-{v}" for k, v in zip(keys, combo))
+        if not _VARIANT_NAME.match(name) or name in out:
+            why = "is taken by another combination" if name in out else "may hold only letters, digits and . _ = -"
+            values = ", ".join(f"{k}: {v!r}" for k, v in zip(keys, combo))
+            raise RecipeError(f"recipe {recipe.get('name', '?')}: the sweep variant {name!r} ({values}) {why}: "
+                              "it names a results folder")
         resolved = copy.deepcopy(recipe)
         for key, value in zip(keys, combo):
             _set_dotted(resolved, key, value)

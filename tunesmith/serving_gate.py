@@ -210,8 +210,8 @@ class Gate:
 
     def _check_completion(self, path: str, body: bytes) -> bytes | tuple:
         """The body to pass on, or (message, param, code) of a 400."""
-        from pydantic import ValidationError
         from llama_cpp.server.types import CreateChatCompletionRequest, CreateCompletionRequest
+        from pydantic import ValidationError
 
         try:
             data = json.loads(body)

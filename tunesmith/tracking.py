@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import TunesmithError
+from tunesmith.provenance import redact_credentials
 
 log = logging.getLogger("tunesmith.tracking")
 
@@ -46,7 +46,9 @@ def default_uri(workdir: str | Path = ".") -> str:
 
 
 def tracking_uri() -> str:
-    return os.environ.get(ENV_URI) or default_uri()
+    uri = os.environ.get(ENV_URI)
+    check_uri(uri, ENV_URI)  # set by hand in the environment, the config's check never saw it
+    return uri or default_uri()
 
 
 def new_invocation_id() -> str:
@@ -82,14 +84,15 @@ def enabled() -> bool:
 
 def redact_uri(uri: str) -> str:
     """A URI without the credentials a user may have put in it."""
-    return re.sub(r"//[^/@]+@", "//***@", uri)
+    return redact_credentials(uri)
 
 
-def check_uri(uri: str | None) -> None:
-    """The URI is written into every stage record and the parent run's tags: no password in it."""
+def check_uri(uri: str | None, where: str = "tracking.uri") -> None:
+    """The URI is written into every stage record and the parent run's tags: no password in it,
+    wherever it comes from (where: config.yaml's tracking.uri, the environment, a CLI option)."""
     from urllib.parse import urlsplit
 
     if uri and urlsplit(uri).password:
-        raise TunesmithError(f"tracking.uri carries a password ({urlsplit(uri).hostname}): it would be written to every "
+        raise TunesmithError(f"{where} carries a password ({urlsplit(uri).hostname}): it would be written to every "
                              f"stage record. Drop it from the URI and set {ENV_USER} and {ENV_PASSWORD} in the "
                              f"environment instead")

@@ -5,6 +5,7 @@ pushed (tunesmith.tracking), so an unreachable server never costs a finished sta
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import time
@@ -13,9 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunesmith.fileio import sha256
-from tunesmith.data.load import redact
-from tunesmith.provenance import git_commit, library_versions
+from tunesmith.fileio import sha256, write_json
+from tunesmith.provenance import git_commit, library_versions, redact_credentials
 from tunesmith.result import flatten_figures
 from tunesmith.tracking import invocation_id, tracking_uri
 
@@ -23,14 +23,15 @@ log = logging.getLogger("tunesmith.tracking")
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, str]:
-    """Nested params -> dotted keys with string values, as MLflow params want them."""
+    """Nested params -> dotted keys with string values, as MLflow params want them; credentials in a
+    URL (a dataset's https://user:token@...) are redacted."""
     out: dict[str, str] = {}
     if isinstance(data, dict):
         for key, value in data.items():
             out.update(flatten(value, f"{prefix}{key}."))
     else:
         text = json.dumps(data) if isinstance(data, (list, tuple)) else str(data)
-        out[prefix.rstrip(".")] = text[:6000]
+        out[prefix.rstrip(".")] = redact_credentials(text)[:6000]
     return out
 
 
@@ -65,7 +66,7 @@ class StageRecord:
 
     # ---- collecting
     def log_params(self, params: dict[str, Any]) -> None:
-        self.params.update(flatten(redact(params)))  # a dataset URL's credentials never become params
+        self.params.update(flatten(params))
 
     def log_metric(self, key: str, value: float, step: int | None = None) -> None:
         self.metrics.append({"key": key, "value": float(value), "step": step, "timestamp": int(time.time() * 1000)})
@@ -127,12 +128,22 @@ class StageRecord:
         return sub / f"{self.stage}.json"
 
     def save(self, path: str | Path | None = None) -> Path:
-        """Write the record to path (default: its record_path under results_dir, relative to the CWD)."""
-        path = Path(path) if path is not None else self.record_path
+        """Write the record to path (default: its record_path under results_dir, relative to the CWD).
+        At the default path a record of another attempt that still waits for MLflow is kept: moved
+        aside (waiting_aside), where sync-mlflow and the writer still find it."""
+        if path is not None:
+            write_json(path, self.__dict__)
+            return Path(path)
+        path = self.record_path
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.__dict__, indent=2, default=str))
-        tmp.replace(path)
+        # The pushers' lock (tracking_writer.push_file): none of them is halfway through the old record.
+        with open(_tracking_root(path) / ".push.lock", "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                waiting_aside(path, self)
+                write_json(path, self.__dict__)
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
         return path
 
     @classmethod
@@ -156,6 +167,41 @@ class StageRecord:
         for name, info in self.outputs.items():
             self.set_tag(f"tunesmith.output.{name}.sha256", info["sha256"])
 
+
+
+def waiting_aside(path: Path, new: StageRecord) -> Path | None:
+    """If `path` holds another attempt's finished record not yet in MLflow, rename it to
+    <stage>.waiting-<its end time>-<invocation>.json and return the new path (a rerun, even a failed
+    one, used to overwrite it and the figures were lost)."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    same = old.get("started") == new.started and old.get("invocation") == new.invocation
+    if same or old.get("synced") or old.get("status") != "FINISHED":
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(old.get("ended") or time.time()))
+    target = path.with_name(f"{path.stem}.waiting-{stamp}-{str(old.get('invocation', ''))[:8]}.json")
+    n = 1
+    while target.exists():
+        n += 1
+        target = target.with_name(f"{path.stem}.waiting-{stamp}-{str(old.get('invocation', ''))[:8]}-{n}.json")
+    path.rename(target)
+    log.warning("MLflow: the earlier %s record still waits for MLflow; kept as %s (tunesmith sync-mlflow "
+                "pushes it)", path.stem, target.name)
+    return target
+
+
+def record_stage(path: Path) -> str:
+    """The stage a record file belongs to: <stage>.json or <stage>.waiting-....json."""
+    return path.name.split(".", 1)[0]
+
+
+def _tracking_root(path: Path) -> Path:
+    for parent in path.parents:
+        if parent.name == "tracking":
+            return parent
+    return path.parent
 
 
 def describe_dataset(path: str | Path, name: str) -> dict[str, str]:

@@ -14,10 +14,11 @@ import threading
 import time
 from pathlib import Path
 
+from tunesmith.fileio import write_json
 from tunesmith.mlflow_store import failure_text, open_client, push, store_lock
 from tunesmith.pipeline import STAGE_ORDER
 from tunesmith.tracking import ENV_WRITER, enabled, invocation_id, redact_uri, tracking_uri
-from tunesmith.tracking_record import StageRecord
+from tunesmith.tracking_record import StageRecord, record_stage
 
 log = logging.getLogger("tunesmith.tracking")
 
@@ -31,7 +32,8 @@ def sync(recipe_results: str | Path, uri: str | None = None) -> tuple[int, int]:
     folder = Path(recipe_results, "tracking")
     # In stage order: evaluate attaches its scores to the model version that merge registers.
     order = {name: i for i, name in enumerate(STAGE_ORDER)}
-    for path in sorted(folder.rglob("*.json"), key=lambda p: (str(p.parent), order.get(p.stem, len(order)), p.name)):
+    for path in sorted(folder.rglob("*.json"),
+                       key=lambda p: (str(p.parent), order.get(record_stage(p), len(order)), p.name)):
         if path.parent.name == INVOCATIONS:
             continue
         try:
@@ -46,7 +48,7 @@ def sync(recipe_results: str | Path, uri: str | None = None) -> tuple[int, int]:
         try:
             if _close(uri or state["uri"], state["invocation"], state["status"]):
                 state["closed"] = True
-                path.write_text(json.dumps(state, indent=2))
+                write_json(path, state)
         except Exception as exc:  # noqa: BLE001
             log.warning("could not close the parent run of invocation %s: %s", state["invocation"], exc)
             failed += 1
@@ -215,7 +217,7 @@ def close_parents(status: str = "FINISHED", recipes: list[str] | None = None, re
         path = Path(results_dir) / recipe / "tracking" / INVOCATIONS / f"{invocation}.json"
         with contextlib.suppress(OSError):
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(state, indent=2))
+            write_json(path, state)
             files.append(path)
     try:
         closed = _close(uri, invocation, status)
@@ -225,4 +227,4 @@ def close_parents(status: str = "FINISHED", recipes: list[str] | None = None, re
     if not closed:  # no stage reached the store yet: sync creates the parent, then closes it
         return
     for path in files:
-        path.write_text(json.dumps({**state, "closed": True}, indent=2))
+        write_json(path, {**state, "closed": True})

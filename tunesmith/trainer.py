@@ -152,8 +152,8 @@ def fit(job: Fit) -> Result:
             # accelerate 1.15; tests/test_train_ddp.py).
             trainer.args.eval_on_start = True
             first_eval = histories.first_eval_callback(
-                lambda first: initial_file.write_text(json.dumps({"eval_loss": float(first["eval_loss"]),
-                                                                  **_eval_figures(first, job.objective)}))
+                lambda first: write_json(initial_file, {"eval_loss": float(first["eval_loss"]),
+                                                         **_eval_figures(first, job.objective)})
                 if rank0 else None)
             trainer.add_callback(first_eval)
         else:

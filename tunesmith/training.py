@@ -24,6 +24,7 @@ from typing import Any
 from tunesmith import checkpoints, contract, histories, methods, objectives
 from tunesmith import trainer as trainer_loop
 from tunesmith.data.tokens import switch_off_padding
+from tunesmith.errors import TunesmithError
 from tunesmith.result import Result
 
 log = logging.getLogger("tunesmith.train")
@@ -65,12 +66,27 @@ class Setup:
     grow_vocab: bool
 
 
+def check_base(base: str | Path) -> None:
+    """The base is always a local folder here (resources/models/<slug>, or the merged model of the
+    recipe this one chains on); missing or emptied, transformers would call it an invalid hub id."""
+    folder = Path(base)
+    chained = "the merged model of the recipe this one chains on (model.base: recipe:...); " \
+        if folder.parts[-2:] == ("model", "merged") else ""
+    if not folder.is_dir():
+        raise TunesmithError(f"{folder}: the base model folder is missing: {chained}rerun the workflow, "
+                             "which rebuilds it, or restore it")
+    if not (folder / "config.json").is_file():
+        raise TunesmithError(f"{folder}: not a model folder (no config.json): {chained}delete it and rerun the "
+                             "workflow to rebuild it")
+
+
 def setup(base: str, template: str | None, section: dict[str, Any]) -> Setup:
     """Method, objective, device, seed and tokenizer: before anything heavy (GPU methods stop here on CPU)."""
     train_cfg, model_cfg = section["train"], section["model"]
     method = methods.get(train_cfg["method"])
     objective = objectives.get(train_cfg["objective"])
     cuda = methods.require_device(method.name)
+    check_base(base)
     if method.import_first:
         importlib.import_module(method.import_first)  # before transformers/trl, which it patches
 

@@ -35,22 +35,45 @@ CANONICAL = pa.schema([("id", pa.int64()), ("instruction", pa.string()), ("input
                        ("text", pa.string())])
 
 
+def parquet_file(path: str | Path, **kwargs: Any) -> pq.ParquetFile:
+    """pq.ParquetFile, with a cut-short or corrupt file named (pyarrow's own message names none)."""
+    try:
+        return pq.ParquetFile(path, **kwargs)
+    except (pa.ArrowException, OSError) as exc:
+        raise unreadable(path, exc) from None
+
+
+def read_table(path: str | Path, **kwargs: Any) -> pa.Table:
+    """pq.read_table, with a cut-short or corrupt file named."""
+    try:
+        return pq.read_table(path, **kwargs)
+    except (pa.ArrowException, OSError) as exc:
+        raise unreadable(path, exc) from None
+
+
+def unreadable(path: str | Path, exc: BaseException) -> DataError:
+    if not Path(path).is_file():
+        return DataError(f"{path}: no such file")
+    return DataError(f"{path}: not a readable parquet file ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                     "cut short by a killed job or a full disk? Delete it and re-run the job that wrote it")
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far (ru_maxrss is KiB on Linux)."""
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
 
 
 def num_rows(path: str | Path) -> int:
-    return pq.ParquetFile(path).metadata.num_rows
+    return parquet_file(path).metadata.num_rows
 
 
 def columns(path: str | Path) -> list[str]:
-    return pq.ParquetFile(path).schema_arrow.names
+    return parquet_file(path).schema_arrow.names
 
 
 def schema(path: str | Path) -> pa.Schema:
     """A parquet file's arrow schema (what a stage that passes rows through writes, even with none left)."""
-    return pq.ParquetFile(path).schema_arrow.remove_metadata()
+    return parquet_file(path).schema_arrow.remove_metadata()
 
 
 def iter_batches(path: str | Path, columns: Sequence[str] | None = None, *,
@@ -59,7 +82,7 @@ def iter_batches(path: str | Path, columns: Sequence[str] | None = None, *,
     # pre_buffer (pyarrow's default) keeps every byte range it read until the reader is closed:
     # memory that grows to the size of the file (measured: 228 MB over a 224 MB file). Streamed
     # reads through a 1 MiB buffer instead stay flat.
-    source = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+    source = parquet_file(path, pre_buffer=False, buffer_size=1 << 20)
     yield from source.iter_batches(batch_size=batch_rows or BATCH_ROWS, columns=list(columns) if columns else None,
                                    row_groups=row_groups)
 
@@ -77,7 +100,7 @@ def iter_rows(path: str | Path, columns: Sequence[str] | None = None, *, start: 
               stop: int | None = None) -> Iterator[pa.RecordBatch]:
     """Record batches of rows [start, stop) of a parquet file, in row order: only the row groups that
     hold them are read, one batch at a time (memory set by the batch, as iter_batches)."""
-    meta = pq.ParquetFile(path).metadata
+    meta = parquet_file(path).metadata
     stop = meta.num_rows if stop is None else min(stop, meta.num_rows)
     groups, pos, first = [], 0, None
     for group in range(meta.num_row_groups):
@@ -100,8 +123,8 @@ def iter_rows(path: str | Path, columns: Sequence[str] | None = None, *, start: 
 
 def read_columns(path: str | Path, columns: Sequence[str]) -> pd.DataFrame:
     """A few (small) columns of every row, strings of a column named `source` or `split` as categories."""
-    present = set(pq.ParquetFile(path).schema_arrow.names)
-    table = pq.read_table(path, columns=[c for c in columns if c in present],
+    present = set(parquet_file(path).schema_arrow.names)
+    table = read_table(path, columns=[c for c in columns if c in present],
                           read_dictionary=[c for c in ("source", "split") if c in columns and c in present])
     return table.to_pandas()
 
@@ -179,7 +202,7 @@ class ParquetSink:
 
 def file_metadata(path: str | Path) -> dict[str, str]:
     """The key/value metadata a ParquetSink wrote into a file (its own keys, not pyarrow's)."""
-    meta = pq.ParquetFile(path).metadata.metadata or {}
+    meta = parquet_file(path).metadata.metadata or {}
     return {k.decode(): v.decode() for k, v in meta.items() if not k.startswith(b"ARROW:") and k != b"pandas"}
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from tunesmith.data import duplicates
+from tunesmith.data.batches import read_table
 from tunesmith.data.formatting import held_positions
 from tunesmith.errors import DataError
 
@@ -124,11 +125,17 @@ def read_documents(path: str | Path, task: str) -> list[str]:
                 except json.JSONDecodeError as exc:
                     raise DataError(f"{path}, line {line_no}: not valid JSON ({exc.msg})") from None
     elif suffix == ".json":
-        records = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            records = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno}); cut short?") from None
     elif suffix == ".parquet":
-        records = pd.read_parquet(path).to_dict("records")
+        records = read_table(path).to_pandas().to_dict("records")
     elif suffix == ".csv":
-        records = pd.read_csv(path).to_dict("records")
+        try:
+            records = pd.read_csv(path).to_dict("records")
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+            raise DataError(f"{path}: not a readable CSV file ({str(exc).splitlines()[0][:200]})") from None
     else:
         raise DataError(f"decontaminate: task '{task}': {path}: unsupported file type '{suffix}' "
                         f"(use .jsonl, .json, .parquet or .csv)")

@@ -50,6 +50,7 @@ import pandas as pd
 from tunesmith.data import batches
 from tunesmith.errors import DataError
 from tunesmith.fileio import sha256
+from tunesmith.provenance import redact_credentials
 
 log = logging.getLogger("tunesmith.data.load")
 
@@ -130,32 +131,8 @@ def file_format(path: Path, fmt: str = "auto") -> str:
     return found
 
 
-# Query parameters that carry a secret in common dataset URLs (tokens, presigned S3/GCS/Azure links).
-_SECRET_QUERY = re.compile(r"([?&](?:[a-z0-9_.-]*token|api[_-]?key|key|sig|signature|password|secret|"
-                           r"x-amz-signature|x-amz-credential|x-amz-security-token|x-goog-signature|"
-                           r"x-goog-credential)=)[^&#\s\"']*", re.IGNORECASE)
-_USERINFO = re.compile(r"\b([a-z][a-z0-9+.-]*://)[^/@\s\"']+@", re.IGNORECASE)
-REDACTED = "***"
 DOWNLOAD_CHUNK = 1 << 20
 MAX_REDIRECTS = 5
-
-
-def redact_url(text: str) -> str:
-    """text with every URL's credentials replaced by ***: the user:password@ part and secret query
-    values (token=, sig=, X-Amz-Signature=, ...). Whatever reaches logs, reports, MLflow params or
-    model cards passes through here (load.redact for nested params)."""
-    return _SECRET_QUERY.sub(rf"\1{REDACTED}", _USERINFO.sub(rf"\1{REDACTED}@", text))
-
-
-def redact(value: Any) -> Any:
-    """redact_url over every string of nested dicts/lists (a recipe section before it becomes params)."""
-    if isinstance(value, str):
-        return redact_url(value) if "://" in value else value
-    if isinstance(value, dict):
-        return {k: redact(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(redact(v) for v in value)
-    return value
 
 
 def _cached(target: Path, expected_sha256: str | None) -> bool:
@@ -183,7 +160,7 @@ def fetch_url(url: str, cache_dir: str | Path, offline: bool, *, sha256_hex: str
     it gives one; anything else raises and leaves nothing a later run would take as done.
     Redirects: at most MAX_REDIRECTS, never from https to http; credentials in the URL are sent as
     HTTP basic auth and dropped on a redirect to another host (requests' rule)."""
-    shown = redact_url(url)
+    shown = redact_credentials(url)
     if offline:
         raise DataError(f"dataset.source is the URL {shown}, and this run is offline (config.yaml "
                         f"offline: true). Download the file elsewhere, put it in the working directory "
@@ -203,7 +180,7 @@ def fetch_url(url: str, cache_dir: str | Path, offline: bool, *, sha256_hex: str
         if resp.is_redirect and resp.url.lower().startswith("https:"):
             hop = urllib.parse.urljoin(resp.url, resp.headers["Location"])
             if not hop.lower().startswith("https:"):
-                raise DataError(f"dataset.source {shown} redirects from https to {redact_url(hop)}: refused "
+                raise DataError(f"dataset.source {shown} redirects from https to {redact_credentials(hop)}: refused "
                                 f"(the file would travel unencrypted); give a URL that stays on https")
 
     try:
@@ -242,7 +219,7 @@ def fetch_url(url: str, cache_dir: str | Path, offline: bool, *, sha256_hex: str
         tmp.replace(target)
     except requests.RequestException as exc:
         tmp.unlink(missing_ok=True)
-        raise DataError(f"could not download dataset.source {shown}: {redact_url(str(exc))}") from None
+        raise DataError(f"could not download dataset.source {shown}: {redact_credentials(str(exc))}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -250,7 +227,7 @@ def fetch_url(url: str, cache_dir: str | Path, offline: bool, *, sha256_hex: str
     # temporary names are per process, and two downloads may share one).
     fd, meta_tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{name}.", suffix=".json.part")
     with os.fdopen(fd, "w") as fh:
-        json.dump({"url": shown, "final_url": redact_url(hops[-1]), "bytes": got, "sha256": digest.hexdigest()}, fh)
+        json.dump({"url": shown, "final_url": redact_credentials(hops[-1]), "bytes": got, "sha256": digest.hexdigest()}, fh)
     os.replace(meta_tmp, target.with_name(target.name + ".download.json"))
     return target
 
@@ -670,7 +647,7 @@ def _open(section: dict[str, Any], *, offline: bool, cache_dir: str | Path) -> t
     kind = source_kind(source, fmt)
     on_bad = section["on_bad_rows"]
     columns = dict(section["columns"])
-    info: dict[str, Any] = {"origin": redact_url(source), "kind": kind, "schema": section["schema"],
+    info: dict[str, Any] = {"origin": redact_credentials(source), "kind": kind, "schema": section["schema"],
                             "columns_mapping": columns, "on_bad_rows": on_bad}
     if kind == "hub":
         records = read_hub(source, section["split"], section["revision"], offline)

@@ -16,9 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from tunesmith import fileio
-from tunesmith.data import batches
-from tunesmith.data import duplicates
-from tunesmith.data import minhash
+from tunesmith.data import batches, duplicates, minhash
 from tunesmith.errors import DataError
 from tunesmith.result import Result
 

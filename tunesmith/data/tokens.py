@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from tunesmith.data.batches import read_table
 from tunesmith.errors import DataError
 
 log = logging.getLogger("tunesmith.data.tokens")
@@ -139,9 +140,7 @@ class CountIndex:
     counts to a batch of rows by id: attach_counts() for a stream of batches."""
 
     def __init__(self, path: str | Path):
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path, columns=["id", *COUNT_COLUMNS])
+        table = read_table(path, columns=["id", *COUNT_COLUMNS])
         self.ids = table.column("id").to_numpy()
         # int32: one row's count fits, and it halves what is held for ten million rows.
         self.cols = {c: table.column(c).to_numpy().astype(np.int32) for c in COUNT_COLUMNS}

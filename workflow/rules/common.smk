@@ -9,6 +9,7 @@ from tunesmith import objectives, pipeline, tracking, tracking_writer
 from tunesmith.settings import configure_environment
 from tunesmith.errors import TunesmithError
 from tunesmith.recipe import check_config, continues_pretraining, has_dataset, load_recipe, resolve_chains, upstream, variants
+from tunesmith.checkpoints import stage_train_section
 from tunesmith.methods import METHODS
 from tunesmith.models import merge_mem_mb, model_slug
 
@@ -116,14 +117,18 @@ def prepare_model_input(wildcards):
     return local_paths(MODEL_SOURCES[wildcards.model]["source"])
 
 
-def stage_params(*sections):
-    """Params for a stage: only its recipe sections, so editing one section reruns only what reads it."""
+def stage_params(*sections, train_keys=None):
+    """Params for a stage: only its recipe sections, so editing one section reruns only what reads it.
+    train_keys ("train" or "merge"): only the train.* keys that stage reads
+    (tunesmith.checkpoints.TRAIN_KEYS), so a merge-only or scheduling key reruns no training."""
 
     def params(wildcards):
         recipe = RECIPES[wildcards.recipe]
         if "variant" in wildcards.keys():
             recipe = VARIANTS[wildcards.recipe][wildcards.variant]
         out = {s: recipe[s] for s in sections}
+        if train_keys is not None:
+            out["train"] = stage_train_section(out["train"], train_keys)
         if "dataset" in out:
             # how many embedding jobs (scheduling) is no input of any stage: changing it reruns none
             out["dataset"] = {k: v for k, v in out["dataset"].items() if k != "shards"}

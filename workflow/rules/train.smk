@@ -13,7 +13,7 @@ rule train:
         loss=report(f"{RESULTS}/{{recipe}}/{{variant}}/train/loss.png", caption="../report/loss.rst", category="Training", subcategory="{recipe} {variant}"),
     params:
         code=stage_code("train"),
-        section=stage_params("model", "train"),
+        section=stage_params("model", "train", train_keys="train"),
     log:
         "logs/{recipe}/{variant}/train.log",
     benchmark:
@@ -49,7 +49,7 @@ rule merge:
         check=f"{RESULTS}/{{recipe}}/{{variant}}/merge/merge_check.json",
     params:
         code=stage_code("merge"),
-        section=stage_params("model", "train"),
+        section=stage_params("model", "train", train_keys="merge"),
         card=stage_params("description", "dataset"),
     log:
         "logs/{recipe}/{variant}/merge.log",
@@ -97,7 +97,7 @@ rule pretrain:
         loss=report(f"{RESULTS}/{{recipe}}/pretrain/loss.png", caption="../report/loss.rst", category="Training", subcategory="{recipe} pretrain"),
     params:
         code=stage_code("pretrain"),
-        section=stage_params("pretrain", "model", "train"),
+        section=stage_params("pretrain", "model", "train", train_keys="train"),
     log:
         "logs/{recipe}/pretrain.log",
     benchmark:

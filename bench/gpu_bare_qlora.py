@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--mode", choices=["qlora", "lora", "full"], default="qlora")
     ap.add_argument("--no-4bit", action="store_true", help="old spelling of --mode lora")
     ap.add_argument("--packed", action="store_true")
+    ap.add_argument("--random-order", action="store_true",
+                    help="padded batches drawn at random (default: length-grouped, as the stage's train.args.group_by_length)")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=256)
@@ -104,11 +106,22 @@ def main() -> None:
     rng = random.Random(42)
     order: list[int] = []
 
+    grouped = not opts.packed and not opts.random_order
+    epoch = 0
+
     def take() -> int:
-        nonlocal order
+        nonlocal order, epoch
         if not order:
-            order = list(range(len(examples)))
-            rng.shuffle(order)
+            if grouped:  # transformers' own sampler, as the stage's group_by_length uses it
+                from transformers.trainer_pt_utils import LengthGroupedSampler
+
+                sampler = LengthGroupedSampler(opts.batch, lengths=[len(e["input_ids"]) for e in examples],
+                                               generator=torch.Generator().manual_seed(42 + epoch))
+                order = list(sampler)[::-1]  # pop() takes from the end
+            else:
+                order = list(range(len(examples)))
+                rng.shuffle(order)
+            epoch += 1
         return order.pop()
 
     def batch():
@@ -152,7 +165,8 @@ def main() -> None:
     w = min(opts.warmup_steps, len(marks) - 1)
     s0, t0, k0 = marks[w - 1] if w else (0, t_start, 0)
     s1, t1, k1 = marks[-1]
-    res = {"config": f"bare transformers+peft {mode}" + (" packed" if opts.packed else " padded"),
+    res = {"config": f"bare transformers+peft {mode}" + (" packed" if opts.packed else " padded")
+           + (", length-grouped" if grouped else ""),
            "mode": mode, "packed": opts.packed, "batch": opts.batch, "attn_implementation": attn.implementation,
            "loss_kernel": loss.kernel, "device": str(dev),
            "tokens_per_second": (k1 - k0) / (t1 - t0), "seconds_per_step": (t1 - t0) / (s1 - s0),

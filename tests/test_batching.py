@@ -119,3 +119,37 @@ def test_the_stage_records_its_speed_choices(tiny_llama_dir, sft_data, tmp_path,
         assert m["group_by_length"] is (not packing)
         if packing:
             assert m["packing_isolation_max_diff"] < 1e-4
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_the_probe_trains_the_longest_rows_as_the_trainer_collates_them(tiny_llama_dir, section_factory, tmp_path,
+                                                                         packing):
+    """batching.probe on a real SFTTrainer (CPU: nothing runs out of memory, so the search takes the
+    whole effective batch): the longest rows go through the trainer's collator, forward and
+    backward, and leave no gradients behind."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunesmith.objectives import sft
+    from tunesmith.trainer import training_arguments
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    rng = random.Random(0)
+    rows = [{"input_ids": [rng.randrange(10, 400) for _ in range(rng.randint(5, 40))]} for _ in range(24)]
+    for r in rows:
+        r["labels"] = list(r["input_ids"])
+    args = section_factory("full", packing=packing, max_length=64)["train"]["args"]
+    config = training_arguments(sft.config_class(), args, optim="adamw_torch", gradient_checkpointing=False,
+                                output_dir=tmp_path, cuda=False, has_eval=False, **sft.config_kwargs(args, {}))
+    trainer = sft.build_trainer(model, tok, config, sft.dataset(rows), None, [])
+    seen = []
+
+    def fits(n):
+        seen.append(n)
+        batching.probe(trainer, optimizer_state_bytes)(n)
+
+    optimizer_state_bytes = batching.optimizer_state_bytes(model, "adamw_torch")
+    assert optimizer_state_bytes == 8 * sum(p.numel() for p in model.parameters())
+    found = batching.find_micro_batch(fits, 8)
+    assert found.micro_batch == 8 and found.gradient_accumulation_steps == 1 and seen == [1, 2, 8]  # galloping: 1, 2, then 8
+    assert all(p.grad is None for p in model.parameters())

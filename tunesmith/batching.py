@@ -98,6 +98,11 @@ def probe(trainer: Any, optimizer_bytes: int = 0) -> Callable[[int], None]:
     lengths = [len(ids) for ids in dataset["input_ids"]]
     longest = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     device = next(p.device for p in model.parameters())
+    # What train() switches on only when it starts, and which changes the memory a step takes:
+    # mixed precision (accelerate's autocast around the forward) and gradient checkpointing.
+    half = torch.bfloat16 if trainer.args.bf16 else torch.float16 if trainer.args.fp16 else None
+    if trainer.args.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs)
 
     def fits(n: int) -> None:
         rows = [dataset[i] for i in longest[:n]]
@@ -108,8 +113,7 @@ def probe(trainer: Any, optimizer_bytes: int = 0) -> Callable[[int], None]:
         batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
         held = torch.empty(optimizer_bytes, dtype=torch.uint8, device=device) if optimizer_bytes and device.type == "cuda" else None
         try:
-            with trainer.autocast_smart_context_manager() if hasattr(trainer, "autocast_smart_context_manager") \
-                    else torch.autocast(device.type, enabled=False):
+            with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
                 loss = model(**batch, use_cache=False).loss
             loss.backward()
         finally:

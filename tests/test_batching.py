@@ -24,10 +24,11 @@ def oom_above(limit: int, calls: list[int]):
     return fits
 
 
+@pytest.mark.parametrize("start", [1, 4, 16])
 @pytest.mark.parametrize("effective,limit,micro", [(64, 24, 16), (48, 24, 24), (16, 100, 16), (12, 1, 1), (96, 40, 32)])
-def test_the_largest_micro_batch_that_fits_keeps_the_effective_batch(effective, limit, micro):
+def test_the_largest_micro_batch_that_fits_keeps_the_effective_batch(effective, limit, micro, start):
     calls: list[int] = []
-    found = batching.find_micro_batch(oom_above(limit, calls), effective)
+    found = batching.find_micro_batch(oom_above(limit, calls), effective, start=start)
     assert found.micro_batch == micro
     assert found.micro_batch * found.gradient_accumulation_steps == effective
     assert len(calls) == len(set(calls))  # no size is probed twice
@@ -35,8 +36,17 @@ def test_the_largest_micro_batch_that_fits_keeps_the_effective_batch(effective, 
 
 
 def test_nothing_fits_is_a_clear_error():
-    with pytest.raises(TunesmithError, match="train.args.auto_batch: even a micro-batch of 1"):
-        batching.find_micro_batch(oom_above(0, []), 16)
+    for start in (1, 8):
+        with pytest.raises(TunesmithError, match="train.args.auto_batch: even a micro-batch of 1"):
+            batching.find_micro_batch(oom_above(0, []), 16, start=start)
+
+
+def test_the_search_starts_at_the_recipes_micro_batch():
+    """Each size probed is a new shape (a compiled kernel compiles again): from the recipe's 16, a
+    card that takes 64 is found in three probes."""
+    calls: list[int] = []
+    assert batching.find_micro_batch(oom_above(64, calls), 64, start=16).micro_batch == 64
+    assert calls == [16, 32, 64]
 
 
 def gsm8k_like(n: int = 2000) -> list[int]:

@@ -12,7 +12,10 @@ no attention mask and no cache are passed, and then
   then cannot use its flash kernel and the mask alone is L^2 (16k tokens: 256 MB a row).
 Models that build their masks themselves ignore the restarts and let documents attend to each
 other: OPT (sdpa and eager) and BLOOM (eager) in transformers 5.23, found by check_isolation
-below; any model whose attention an outside library replaces may too. So the rule is not
+below; any model whose attention an outside library replaces may too. transformers' own guide
+("Padding-free training") adds linear-attention and convolution models (Qwen3-Next, Qwen3.5),
+which need the collator's boundary kwargs (trl's padding-free collator sends cu_seq_lens and
+seq_idx, so they may pass: the check decides). So the rule is not
 trusted from a table: a packed run is checked on its own model before step one.
 
 Measured here (CPU, tiny Llama, tests/test_attention.py): packed == per-document loss to 1e-5 for

@@ -29,12 +29,14 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def find_micro_batch(fits: Callable[[int], None], effective: int, *, ceiling: int | None = None) -> Search:
+def find_micro_batch(fits: Callable[[int], None], effective: int, *, start: int = 1,
+                     ceiling: int | None = None) -> Search:
     """The largest divisor of `effective` (the recipe's per-device batch x accumulation) for which
     fits(n) returns without torch.OutOfMemoryError; accumulation makes up the rest, so the
-    effective batch stays exactly the recipe's. Search: the candidates in rising order, doubling
-    the index until one fails, then bisecting between the last fit and the first failure (a
-    probe that fits is not repeated)."""
+    effective batch stays exactly the recipe's. The search starts at `start` (the recipe's own
+    micro-batch: each new size is a new shape, and a compiled kernel such as flex attention
+    compiles again for it), gallops up while sizes fit, then bisects between the last fit and the
+    first failure; no size is probed twice."""
     import torch
 
     candidates = [d for d in divisors(effective) if ceiling is None or d <= ceiling]
@@ -53,24 +55,26 @@ def find_micro_batch(fits: Callable[[int], None], effective: int, *, ceiling: in
         _release()
         return True
 
-    if not ok(0):
-        raise TunesmithError(f"train.args.auto_batch: even a micro-batch of {candidates[0]} runs out of memory; lower "
-                             f"train.args.max_length, use gradient_checkpointing, or a smaller method (qlora)")
-    good, bad = 0, len(candidates)
-    step = 1
-    while good + step < bad:
-        if ok(good + step):
-            good += step
-            step *= 2
-        else:
-            bad = good + step
-            break
+    first = max(i for i, c in enumerate(candidates) if c <= max(1, start))
+    if ok(first):
+        good, bad, step = first, len(candidates), 1
+        while good + step < bad:
+            if ok(good + step):
+                good += step
+                step *= 2
+            else:
+                bad = good + step
+    else:
+        good, bad = -1, first
     while bad - good > 1:
         mid = (good + bad) // 2
         if ok(mid):
             good = mid
         else:
             bad = mid
+    if good < 0:
+        raise TunesmithError(f"train.args.auto_batch: even a micro-batch of {candidates[0]} runs out of memory; lower "
+                             f"train.args.max_length, use gradient_checkpointing, or a smaller method (qlora)")
     micro = candidates[good]
     return Search(micro, effective // micro, tried)
 

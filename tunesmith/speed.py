@@ -43,7 +43,10 @@ def plan(args: dict[str, Any], model: Any, *, cuda: bool, objective: str, method
     choice = getattr(model, "_tunesmith_attention", None)
     loss = fused_loss.choose(args, cuda=cuda, objective=objective, method=method, vocab=vocab_size(model))
     config = dict(loss.config)
-    config.update(batching.sampler_kwargs(config_cls, bool(args["group_by_length"]) and not packing))
+    # sft rows vary in length; causal-lm blocks do not, and trl's preference/RL trainers keep
+    # their own samplers and columns (no input_ids for LengthGroupedSampler to measure).
+    group = bool(args["group_by_length"]) and not packing and objective == "sft"
+    config.update(batching.sampler_kwargs(config_cls, group))
     if args["torch_compile"]:
         config["torch_compile"] = True
     p = Plan(args, cuda, packing, choice, loss, config, objective)
@@ -52,7 +55,7 @@ def plan(args: dict[str, Any], model: Any, *, cuda: bool, objective: str, method
     p.metrics.update({"attn_implementation": impl,
                       "attn_reason": choice.reason if choice else "chosen by the method's own loader",
                       "loss_kernel": loss.kernel, "loss_kernel_reason": loss.reason,
-                      "group_by_length": bool(args["group_by_length"]) and not packing,
+                      "group_by_length": group,
                       "torch_compile": bool(args["torch_compile"])})
     log.info("attention %s (%s); loss %s (%s)", impl, p.metrics["attn_reason"], loss.kernel, loss.reason)
     return p
@@ -80,7 +83,8 @@ def prepare(p: Plan, trainer: Any, build: Callable[[dict[str, Any]], Any]) -> An
             fused_loss.apply_now(trainer.model, p.loss.config)
             optim = trainer.args.optim.value if hasattr(trainer.args.optim, "value") else str(trainer.args.optim)
             search = batching.find_micro_batch(
-                batching.probe(trainer, batching.optimizer_state_bytes(trainer.model, optim)), micro * accum)
+                batching.probe(trainer, batching.optimizer_state_bytes(trainer.model, optim)), micro * accum,
+                start=micro)
             p.metrics["auto_batch"] = {"tried": [{"micro_batch": n, "fits": ok} for n, ok in search.tried]}
             if search.micro_batch != micro:
                 log.info("auto_batch: micro-batch %d x %d accumulation steps (the recipe's %d x %d)",

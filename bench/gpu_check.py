@@ -274,6 +274,8 @@ def run_suite(opts: argparse.Namespace) -> None:
     results: dict[str, dict] = {}
     out_json = workdir / "suite.json"
     for name, row in SUITE.items():
+        if opts.rows and name not in opts.rows:
+            continue
         left = opts.budget - (time.time() - started)
         method = row.get("method") or row.get("mode")
         if method == "unsloth" and not have_unsloth:
@@ -420,6 +422,8 @@ def main() -> None:
     ap.add_argument("--auto-accumulation", type=int, default=4,
                     help="suite auto rows: gradient_accumulation_steps, so the search may fill batch x this")
     ap.add_argument("--out", default=None, help="suite: also copy the JSON and the table here")
+    ap.add_argument("--rows", nargs="*", choices=list(SUITE), default=None,
+                    help="suite: only these rows (an auto row's bare loop needs its stage row)")
     ap.add_argument("--one", choices=[*CONFIGS, *SUITE], help=argparse.SUPPRESS)
     opts = ap.parse_args()
     opts.base_given = any(a == "--base" or a.startswith("--base=") for a in sys.argv[1:])

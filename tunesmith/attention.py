@@ -120,9 +120,11 @@ def choose(requested: str, *, packing: bool, cuda: bool, method: str = "lora") -
 
 
 def resolve(section: dict[str, Any], cuda: bool) -> Choice:
-    """The Choice for a recipe's model + train sections (resolved: every key present)."""
-    return choose(section["model"].get("attn_implementation", "auto"), packing=bool(section["train"]["args"]["packing"]),
-                  cuda=cuda, method=section["train"]["method"])
+    """The Choice for a recipe's model + train sections (resolved). A continued-pretraining section
+    has no train part: its full blocks are never packed."""
+    train = section.get("train") or {}
+    return choose(section["model"].get("attn_implementation", "auto"),
+                  packing=bool((train.get("args") or {}).get("packing")), cuda=cuda, method=train.get("method", "full"))
 
 
 def check_isolation(model: Any, collator: Any, *, length: int = 12, vocab: int | None = None) -> float:

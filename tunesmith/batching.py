@@ -147,9 +147,10 @@ class PaddingCount:
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.collator(features)
-        self.real += sum(len(f["input_ids"]) for f in features)
-        self.total += int(batch["input_ids"].numel())
-        self.batches += 1
+        if features and "input_ids" in features[0] and hasattr(batch.get("input_ids"), "numel"):
+            self.real += sum(len(f["input_ids"]) for f in features)
+            self.total += int(batch["input_ids"].numel())
+            self.batches += 1
         return batch
 
     def __getattr__(self, name: str) -> Any:  # the trainer reads collator attributes (padding_free, ...)
@@ -163,14 +164,16 @@ class PaddingCount:
 
 def sampler_kwargs(config_cls: Any, group: bool) -> dict[str, Any]:
     """Length-grouped sampling under the name this transformers has: train_sampling_strategy
-    (5.2x) or group_by_length (older)."""
+    (5.2x) or group_by_length (older). Nothing when not grouping: the config class keeps its own
+    default (trl's KTOConfig needs 'sequential' for its KL pairs)."""
     import dataclasses
 
+    if not group:
+        return {}
     names = {f.name for f in dataclasses.fields(config_cls)}
     if "train_sampling_strategy" in names:
-        return {"train_sampling_strategy": "group_by_length" if group else "random"}
+        return {"train_sampling_strategy": "group_by_length"}
     if "group_by_length" in names:
-        return {"group_by_length": group}
-    if group:
-        log.warning("this transformers has no length-grouped sampler; batches are drawn at random")
+        return {"group_by_length": True}
+    log.warning("this transformers has no length-grouped sampler; batches are drawn at random")
     return {}

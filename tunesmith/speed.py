@@ -95,8 +95,9 @@ def prepare(p: Plan, trainer: Any, build: Callable[[dict[str, Any]], Any]) -> An
                 trainer = build(p.config)
     p.metrics.update({"micro_batch": micro, "gradient_accumulation_steps": accum,
                       "effective_batch_per_device": micro * accum})
-    p.padding = batching.PaddingCount(trainer.data_collator)
-    trainer.data_collator = p.padding
+    if p.objective in ("sft", "causal-lm"):  # rows of input_ids; trl's preference/RL trainers batch other columns
+        p.padding = batching.PaddingCount(trainer.data_collator)
+        trainer.data_collator = p.padding
     return trainer
 
 

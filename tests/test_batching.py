@@ -102,7 +102,7 @@ def test_compiled_training_has_the_eager_loss(section_factory):
         model = LlamaForCausalLM(cfg)
         plan = speed.plan(args, model, cuda=False, objective="causal-lm", method="full", config_cls=TrainingArguments)
         config = training_arguments(TrainingArguments, args, optim="adamw_torch", gradient_checkpointing=False,
-                                    output_dir=tempfile.mkdtemp(), cuda=False, has_eval=False, speed=plan.config)
+                                    output_dir=tempfile.mkdtemp(), cuda=False, has_eval=False, overrides=plan.config)
         assert config.torch_compile is compiled
         trainer = causal_lm.build_trainer(model, None, config, causal_lm.dataset(blocks), None, [])
         trainer.train()

@@ -177,3 +177,32 @@ def sampler_kwargs(config_cls: Any, group: bool) -> dict[str, Any]:
         return {"group_by_length": True}
     log.warning("this transformers has no length-grouped sampler; batches are drawn at random")
     return {}
+
+
+class EpochSeeded:
+    """transformers builds its LengthGroupedSampler without a generator, so the grouped order comes
+    from the global RNG as it stands when an epoch starts, which a resumed run does not reproduce
+    (tests/test_train_ddp.py saw the losses part after the resume). Here each epoch's order is a
+    function of (seed, epoch) alone; the trainer calls set_epoch at every epoch start."""
+
+    def __init__(self, sampler: Any, seed: int) -> None:
+        self.sampler, self.seed, self.epoch = sampler, int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        import torch
+
+        self.sampler.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(self.sampler)
+
+
+def seeded(sampler: Any, seed: int) -> Any:
+    """The trainer's train sampler, length-grouped ones made reproducible (EpochSeeded)."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    return EpochSeeded(sampler, seed) if isinstance(sampler, LengthGroupedSampler) else sampler

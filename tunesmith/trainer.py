@@ -41,10 +41,10 @@ def precision(args: dict[str, Any], cuda: bool) -> tuple[bool, bool]:
 
 
 def training_arguments(config_cls: Any, args: dict[str, Any], *, optim: str, gradient_checkpointing: bool,
-                       output_dir: Path, cuda: bool, has_eval: bool, speed: dict[str, Any] | None = None,
+                       output_dir: Path, cuda: bool, has_eval: bool, overrides: dict[str, Any] | None = None,
                        **objective_args: Any) -> Any:
     """The recipe's train.args (resolved: every key present) -> the objective's TrainingArguments.
-    speed: what the run's speed choices set (tunesmith.speed.Plan.config: loss kernel, sampler,
+    overrides: what the run's speed choices set (tunesmith.speed.Plan.config: loss kernel, sampler,
     compile, micro-batch), over the recipe's values."""
     if optim in EIGHT_BIT_OPTIMS:
         try:
@@ -91,7 +91,7 @@ def training_arguments(config_cls: Any, args: dict[str, Any], *, optim: str, gra
         use_liger_kernel=bool(args["use_liger_kernel"]),
         **objective_args,
     )
-    kwargs.update(speed or {})
+    kwargs.update(overrides or {})
     return config_cls(**kwargs)
 
 
@@ -136,7 +136,7 @@ def fit(job: Fit) -> Result:
     def build(overrides: dict[str, Any]) -> Any:
         config = training_arguments(config_cls, job.args, optim=job.args["optim"] or job.method.default_optim,
                                     gradient_checkpointing=gc, output_dir=job.checkpoints, cuda=job.cuda,
-                                    has_eval=job.eval_dataset is not None, speed=overrides,
+                                    has_eval=job.eval_dataset is not None, overrides=overrides,
                                     **job.objective.config_kwargs(job.args, job.settings))
         return job.objective.build_trainer(job.model, job.tokenizer, config, job.train_dataset, job.eval_dataset,
                                            [history], **job.trainer_kwargs)

@@ -21,7 +21,7 @@ from plant_helpers import planted_sample  # noqa: E402
 
 from tunesmith.data import decontaminate as decon  # noqa: E402
 from tunesmith.data import duplicates as dedupe  # noqa: E402  (the embedding near-dedupe)
-from tunesmith.recipe import section_defaults  # noqa: E402
+from tunesmith.schema import section_defaults  # noqa: E402
 
 
 def main() -> None:

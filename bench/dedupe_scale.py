@@ -41,7 +41,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tunesmith.data import duplicates as dedupe  # noqa: E402  (the embedding near-dedupe)
-from tunesmith.recipe import section_defaults  # noqa: E402
+from tunesmith.schema import section_defaults  # noqa: E402
 
 
 def real_texts(shared: Path, n: int) -> list[str]:

@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,6 +48,28 @@ CONFIGS = {  # name -> (method, packing)
     "lora+packing": ("lora", True),
     "full": ("full", False),
     "full+fsdp": ("full", False),  # train.fsdp: the child runs under accelerate launch (FSDP2, one rank)
+}
+# --suite realistic, in the order they run (the most telling first: rows past the time budget are
+# skipped). Stage rows train through the train stage; bare rows (bench/gpu_bare_qlora.py) are the
+# plain loop each stage row is compared with ("bare"); an auto row's bare loop runs at the
+# micro-batch its stage row chose.
+SUITE = {
+    "lora": dict(kind="stage", method="lora", packing=False, batch="fixed", bare="bare-lora"),
+    "bare-lora": dict(kind="bare", mode="lora", packing=False, batch="fixed"),
+    "lora+packing": dict(kind="stage", method="lora", packing=True, batch="fixed", bare="bare-lora-packed"),
+    "bare-lora-packed": dict(kind="bare", mode="lora", packing=True, batch="fixed"),
+    "full": dict(kind="stage", method="full", packing=False, batch="fixed", bare="bare-full"),
+    "bare-full": dict(kind="bare", mode="full", packing=False, batch="fixed"),
+    "qlora": dict(kind="stage", method="qlora", packing=False, batch="fixed", bare="bare-qlora"),
+    "bare-qlora": dict(kind="bare", mode="qlora", packing=False, batch="fixed"),
+    "lora-auto": dict(kind="stage", method="lora", packing=False, batch="auto", bare="bare-lora-auto"),
+    "bare-lora-auto": dict(kind="bare", mode="lora", packing=False, batch="lora-auto"),
+    "lora+packing-auto": dict(kind="stage", method="lora", packing=True, batch="auto", bare="bare-lora-packed-auto"),
+    "bare-lora-packed-auto": dict(kind="bare", mode="lora", packing=True, batch="lora+packing-auto"),
+    "full+packing-auto": dict(kind="stage", method="full", packing=True, batch="auto", bare=None),
+    "lora-logits": dict(kind="stage", method="lora", packing=False, batch="fixed", fused="off", bare="bare-lora-logits"),
+    "bare-lora-logits": dict(kind="bare", mode="lora", packing=False, batch="fixed", fused="off"),
+    "unsloth": dict(kind="stage", method="unsloth", packing=False, batch="fixed", bare="bare-qlora"),
 }
 ADAPTER_METHODS = {"lora", "qlora", "unsloth"}
 TIMING_FILE = "step_timing.json"
@@ -64,10 +88,12 @@ def write_data(folder: Path, n_eval: int = 32, source: str | None = None, base: 
     with open(source or REPO / "data/demo/reverse_words.jsonl", encoding="utf-8") as fh:
         for line in fh:
             r = json.loads(line)
-            if r.get("instruction", "").strip() and r.get("output", "").strip():
-                rows.append({"prompt": [{"role": "system", "content": "You reverse word lists."},
-                                        {"role": "user", "content": r["instruction"]}],
-                             "completion": [{"role": "assistant", "content": r["output"]}]})
+            # {instruction, output} rows, or GSM8K's own {question, answer} (no system prompt then).
+            ask, out = (r.get("instruction") or r.get("question") or ""), (r.get("output") or r.get("answer") or "")
+            if ask.strip() and out.strip():
+                system = [{"role": "system", "content": "You reverse word lists."}] if "instruction" in r else []
+                rows.append({"prompt": [*system, {"role": "user", "content": ask}],
+                             "completion": [{"role": "assistant", "content": out}]})
     if base and max_length:
         from tunesmith import contract
         from tunesmith.contract import load_tokenizer
@@ -99,6 +125,12 @@ def section(method: str, packing: bool, opts: argparse.Namespace, fsdp: bool = F
                                  "save_steps": 10_000, "learning_rate": 2e-4,
                                  "gradient_checkpointing": opts.gradient_checkpointing,
                                  "use_liger_kernel": bool(opts.liger)})
+    row = SUITE.get(getattr(opts, "row", None) or "")
+    if row:
+        sec["train"]["args"].update({"auto_batch": row["batch"] == "auto",
+                                     "fused_cross_entropy": row.get("fused", "auto")})
+        if row["batch"] == "auto":  # the effective batch the search may fill: batch x auto_accumulation
+            sec["train"]["args"]["gradient_accumulation_steps"] = opts.auto_accumulation
     if opts.pad_token:
         sec["model"]["pad_token"] = opts.pad_token
     sec["train"]["fsdp"] = fsdp
@@ -139,13 +171,14 @@ def step_timer(out_file: Path):
 
 def run_one(name: str, opts: argparse.Namespace) -> None:
     """Child process: train one configuration, write its metrics.json (+ the step timing)."""
-    if CONFIGS[name][0] == "unsloth":
+    if (SUITE[name]["method"] if name in SUITE else CONFIGS[name][0]) == "unsloth":
         # As train does, unsloth goes in before transformers (write_data's tokenizer imports it).
         import unsloth  # noqa: F401
     from tunesmith.objectives import sft
     from tunesmith.training import TrainPaths, train
 
-    method, packing = CONFIGS[name]
+    method, packing = (SUITE[name]["method"], SUITE[name]["packing"]) if name in SUITE else CONFIGS[name]
+    opts.row = name if name in SUITE else None
     work = Path(opts.workdir) / name.replace("+", "_")
     data = write_data(work / "data", source=opts.data, base=opts.base, max_length=opts.max_length)
     paths = TrainPaths(base=opts.base, model=str(work / "model"), metrics=str(work / "metrics.json"),
@@ -187,6 +220,180 @@ def steady_figures(timing: dict, warmup: int) -> dict:
             "steady_seconds_per_step": dt / (s1 - s0) if s1 > s0 else None}
 
 
+def suite_model(opts: argparse.Namespace, workdir: Path) -> str:
+    """The suite's base: --base if given, else a random-weight Llama made here (tiny for --tiny, the
+    Llama-3.2-1B shape otherwise) with a ByteLevel BPE trained on the data by tunesmith's own
+    tokenizer trainer (no hub on a GPU machine without network)."""
+    if opts.base_given:
+        return opts.base
+    import gpu_make_models
+    from transformers import AutoTokenizer
+
+    from tunesmith.pretraining import train_tokenizer
+    from tunesmith.schema import section_defaults
+
+    shape = "tiny" if opts.tiny else "llama-1b-random"
+    models = workdir / "models"
+    if (models / shape / "model.safetensors").is_file():
+        return str(models / shape)
+    corpus = workdir / "corpus.jsonl"
+    with open(opts.data, encoding="utf-8") as src, open(corpus, "w", encoding="utf-8") as dst:
+        for line in src:
+            r = json.loads(line)
+            text = " ".join(str(v) for k, v in r.items() if k in ("instruction", "output", "question", "answer"))
+            dst.write(json.dumps({"text": text}) + "\n")
+    spec = {**section_defaults("pretrain")["tokenizer"], "vocab_size": 512 if opts.tiny else 8192}
+    train_tokenizer({"source": str(corpus), "text_column": "text", "limit": None}, spec, workdir / "tokenizer",
+                    max_length=4096)
+    return str(gpu_make_models.make_model(AutoTokenizer.from_pretrained(str(workdir / "tokenizer")), models, shape))
+
+
+def run_suite(opts: argparse.Namespace) -> None:
+    """--suite realistic: one process a row, stage rows beside their bare loops, a table with
+    tokens/s, tokens/step, peak allocated memory, MFU and the stage/bare ratio per row."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if not cuda and not opts.tiny:
+        sys.exit("gpu_check --suite: no CUDA GPU visible to torch; add --tiny for the CPU smoke run")
+    started = time.time()
+    workdir = Path(opts.workdir or tempfile.mkdtemp(prefix="tunesmith-suite-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    opts.base = suite_model(opts, workdir)
+    device = torch.cuda.get_device_name(0) if cuda else "cpu"
+    peak = peak_flops(device, opts.peak_tflops) if cuda else None
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONUNBUFFERED="1")
+    head = (f"suite {opts.suite}{' (tiny, CPU smoke)' if opts.tiny else ''}: {device}; peak bf16 "
+            f"{peak / 1e12 if peak else '?'} TFLOP/s; base {opts.base}; {opts.steps} steps ({opts.warmup_steps} warm-up), "
+            f"batch {opts.batch} (auto rows: up to {opts.batch} x {opts.auto_accumulation}), max_length "
+            f"{opts.max_length}; data {opts.data}; budget {opts.budget:.0f} s")
+    print(head, flush=True)
+    have_unsloth = cuda and importlib.util.find_spec("unsloth") is not None
+    have_bnb = importlib.util.find_spec("bitsandbytes") is not None
+    results: dict[str, dict] = {}
+    out_json = workdir / "suite.json"
+    for name, row in SUITE.items():
+        if opts.rows and name not in opts.rows:
+            continue
+        left = opts.budget - (time.time() - started)
+        method = row.get("method") or row.get("mode")
+        if method == "unsloth" and not have_unsloth:
+            results[name] = {"skipped": "unsloth is not installed" if cuda else "unsloth needs CUDA"}
+            continue
+        if method == "qlora" and not have_bnb:
+            results[name] = {"skipped": "bitsandbytes is not installed"}
+            continue
+        if left < 30:
+            results[name] = {"skipped": f"time budget spent ({opts.budget:.0f} s)"}
+            continue
+        tag = name.replace("+", "_")
+        logfile = workdir / f"{tag}.log"
+        if row["kind"] == "stage":
+            cmd = [sys.executable, __file__, "--one", name, "--workdir", str(workdir), "--base", opts.base,
+                   "--steps", str(opts.steps), "--batch", str(opts.batch), "--max-length", str(opts.max_length),
+                   "--auto-accumulation", str(opts.auto_accumulation), "--data", opts.data]
+        else:
+            batch = opts.batch
+            if row["batch"] != "fixed":  # the micro-batch the auto stage row chose
+                chosen = results.get(row["batch"], {}).get("micro_batch")
+                if not chosen:
+                    results[name] = {"skipped": f"no micro-batch from row {row['batch']}"}
+                    continue
+                batch = int(chosen)
+            cmd = [sys.executable, str(REPO / "bench/gpu_bare_qlora.py"), "--base", opts.base, "--mode", row["mode"],
+                   "--batch", str(batch), "--steps", str(opts.steps), "--warmup-steps", str(opts.warmup_steps),
+                   "--max-length", str(opts.max_length), "--data", opts.data, "--fused-ce", row.get("fused", "auto"),
+                   "--device", "cuda" if cuda else "cpu", "--workdir", str(workdir / tag),
+                   "--out", str(workdir / tag / "bare.json")]
+            if row["packing"]:
+                cmd.append("--packed")
+        print(f"--- {name} (log: {logfile}; {left:.0f} s left)", flush=True)
+        t0 = time.time()
+        with open(logfile, "w") as fh:
+            try:
+                rc = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                    timeout=min(opts.row_timeout, left)).returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+        results[name] = collect(name, row, workdir / tag, logfile, rc, opts, peak)
+        results[name]["process_seconds"] = round(time.time() - t0, 1)
+        out_json.write_text(json.dumps({"head": head, "rows": results}, indent=2, default=str))
+    for name, row in SUITE.items():  # the stage/bare ratios, once both ran
+        m = results.get(name, {})
+        bare = results.get(row.get("bare") or "", {})
+        if m.get("tokens_per_second") and bare.get("tokens_per_second"):
+            m["vs_bare"] = m["tokens_per_second"] / bare["tokens_per_second"]
+            if peak and bare.get("mfu") is None and m.get("total_params"):
+                bare["mfu"] = m["flops_per_token_factor"] * m["total_params"] * bare["tokens_per_second"] / peak
+    table = suite_table(results, head, time.time() - started)
+    print(table, flush=True)
+    out_json.write_text(json.dumps({"head": head, "rows": results}, indent=2, default=str))
+    (workdir / "suite.md").write_text(table + "\n")
+    if opts.out:
+        Path(opts.out).mkdir(parents=True, exist_ok=True)
+        shutil.copy(out_json, Path(opts.out) / "suite.json")
+        shutil.copy(workdir / "suite.md", Path(opts.out) / "suite.md")
+    failed = [n for n, m in results.items() if "error" in m]
+    if failed:
+        sys.exit(f"gpu_check --suite: rows failed: {', '.join(failed)} (logs in {workdir})")
+
+
+def collect(name: str, row: dict, work: Path, logfile: Path, rc, opts: argparse.Namespace, peak: float | None) -> dict:
+    """One row's figures: steady tokens/s, tokens/step, peak allocated memory, MFU."""
+    def failure() -> dict:
+        tail = logfile.read_text(errors="replace").strip().splitlines()[-4:]
+        return {"error": f"exit {rc}: " + " | ".join(tail)[-400:]}
+
+    if row["kind"] == "bare":
+        f = work / "bare.json"
+        if rc != 0 or not f.is_file():
+            return failure()
+        b = json.loads(f.read_text())
+        return {"kind": "bare", "method": b["mode"], "packed": b["packed"], "batch": b["batch"],
+                "tokens_per_second": b["tokens_per_second"], "tokens_per_step": b["tokens_per_step"],
+                "alloc_mb": b["peak_allocated_mb"], "attn_implementation": b["attn_implementation"],
+                "loss_kernel": b["loss_kernel"], "mfu": None, "total_params": None}
+    f = work / "metrics.json"
+    if rc != 0 or not f.is_file():
+        return failure()
+    m = json.loads(f.read_text())
+    timing = json.loads((work / TIMING_FILE).read_text())
+    steady = steady_figures(timing, opts.warmup_steps)
+    k = 4 if m["method"] in ADAPTER_METHODS else 6
+    tps = steady["steady_tokens_per_second"]
+    return {"kind": "stage", "method": m["method"], "packed": bool(m.get("packing")), "batch": m.get("micro_batch"),
+            "micro_batch": m.get("micro_batch"), "gradient_accumulation_steps": m.get("gradient_accumulation_steps"),
+            "auto_batch": m.get("auto_batch"), "tokens_per_second": tps,
+            "tokens_per_step": steady["steady_tokens"] / steady["steady_steps"] if steady["steady_steps"] else None,
+            "alloc_mb": timing["max_allocated_mb"], "mfu": k * m["total_params"] * tps / peak if peak else None,
+            "flops_per_token_factor": k, "total_params": m["total_params"],
+            "attn_implementation": m.get("attn_implementation"), "loss_kernel": m.get("loss_kernel"),
+            "loss_kernel_reason": m.get("loss_kernel_reason"), "padding_share": m.get("padding_share"),
+            "train_loss_first": m.get("train_loss_first"), "train_loss_last": m.get("train_loss_last")}
+
+
+def suite_table(results: dict, head: str, seconds: float) -> str:
+    def num(x, fmt):
+        return format(x, fmt) if isinstance(x, (int, float)) else "-"
+
+    lines = [head, "", "| row | micro-batch | tok/s | tok/step | alloc GB | MFU | vs bare | padding | attention | loss |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    for name, m in results.items():
+        if "skipped" in m or "error" in m:
+            lines.append(f"| {name} | {'skipped: ' + m['skipped'] if 'skipped' in m else 'FAILED: ' + m['error'][:120]} "
+                         f"| | | | | | | | |")
+            continue
+        alloc = m["alloc_mb"] / 1024 if m.get("alloc_mb") else None
+        mfu = f"{100 * m['mfu']:.1f}%" if m.get("mfu") else "-"
+        lines.append(f"| {name} | {m.get('batch')}{' x ' + str(m['gradient_accumulation_steps']) if m.get('gradient_accumulation_steps', 1) != 1 else ''} "
+                     f"| {num(m['tokens_per_second'], ',.0f')} | {num(m.get('tokens_per_step'), ',.0f')} | {num(alloc, '.1f')} "
+                     f"| {mfu} | {num(m.get('vs_bare'), '.2f')}{'x' if m.get('vs_bare') else ''} "
+                     f"| {num(m.get('padding_share'), '.1%')} | {m.get('attn_implementation') or '-'} | {m.get('loss_kernel') or '-'} |")
+    lines.append(f"\nsuite wall time {seconds:.0f} s")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default=str(REPO / "resources/models/smollm2-135m-instruct"))
@@ -204,10 +411,39 @@ def main() -> None:
     ap.add_argument("--pad-token", default=None,
                     help="model.pad_token for the recipe (a token not in the vocabulary makes the stage add it "
                          "and grow the embeddings)")
-    ap.add_argument("--one", choices=list(CONFIGS), help=argparse.SUPPRESS)
+    ap.add_argument("--suite", choices=["realistic"], default=None,
+                    help="every method and the bare loops, padded and packed, batch --batch and the auto batch, "
+                         "one process a row, within --budget seconds (defaults: 1B shape, GSM8K, max-length 1024)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="with --suite: a tiny random Llama and tokenizer made here, on CPU where no GPU is: "
+                         "runs every row's code path in a few minutes, so a GPU session does not find a typo")
+    ap.add_argument("--budget", type=float, default=450, help="suite: seconds for all rows (rows left are skipped)")
+    ap.add_argument("--row-timeout", type=float, default=150, help="suite: seconds a row may take")
+    ap.add_argument("--auto-accumulation", type=int, default=4,
+                    help="suite auto rows: gradient_accumulation_steps, so the search may fill batch x this")
+    ap.add_argument("--out", default=None, help="suite: also copy the JSON and the table here")
+    ap.add_argument("--rows", nargs="*", choices=list(SUITE), default=None,
+                    help="suite: only these rows (an auto row's bare loop needs its stage row)")
+    ap.add_argument("--one", choices=[*CONFIGS, *SUITE], help=argparse.SUPPRESS)
     opts = ap.parse_args()
+    opts.base_given = any(a == "--base" or a.startswith("--base=") for a in sys.argv[1:])
+    if opts.suite and not opts.one:
+        given = set(a.split("=")[0] for a in sys.argv[1:])
+        # The suite's own sizes unless the command line says otherwise (--tiny: seconds on a CPU).
+        for flag, attr, real, tiny in (("--steps", "steps", 20, 6), ("--batch", "batch", 16, 4),
+                                       ("--max-length", "max_length", 1024, 128), ("--warmup-steps", "warmup_steps", 5, 2),
+                                       ("--row-timeout", "row_timeout", 150, 400), ("--budget", "budget", 450, 3000)):
+            if flag not in given:
+                setattr(opts, attr, tiny if opts.tiny else real)
+        if opts.data is None:
+            if not opts.tiny:
+                sys.exit("gpu_check --suite realistic: --data GSM8K-like JSONL ({question, answer} or {instruction, output})")
+            opts.data = str(REPO / "data/demo/reverse_words.jsonl")
     if opts.one:
         run_one(opts.one, opts)
+        return
+    if opts.suite:
+        run_suite(opts)
         return
 
     import torch

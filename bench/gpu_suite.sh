@@ -1,5 +1,15 @@
 #!/usr/bin/env bash
 # Device-side driver: bash bench/gpu_suite.sh STAGE... (run from the snapshot root; logs to $OUT).
+#
+# THE ONE LINE (issue 24): `bash bench/gpu_suite.sh realistic`, on a GPU machine with no network whose
+# image has torch, transformers, peft and accelerate, with carry [".whl", ".gpu"] prepared here by
+# `bash bench/gpu_wheels.sh`. It installs the wheels, makes a random 1B Llama (Llama-3.2-1B shape, vocab
+# 49,152) and a BPE tokenizer from the data, and runs bench/gpu_check.py --suite realistic (every method
+# and the bare loops, padded and packed, batch 16 and the auto batch, one process a row) within 450 s;
+# suite.json and suite.md land in $OUT. Smoke-test the same code on CPU first:
+#   python bench/gpu_check.py --suite realistic --tiny
+#
+# The stages below it are the older hand-run layout:
 # Layout it expects (how bench/results/gpu-h100-2026-11-22.md was made): the repo snapshot at .gpu/snap
 # (git archive HEAD) is the cwd; ../pkg/site.tar.xz = pip --target site of the carried wheels,
 # ../pkg/tok.tar.xz = SmolLM2's tokenizer saved from the GGUF; ../fix = snapshot with
@@ -19,6 +29,10 @@ stamp() { echo "=== [$(( $(date +%s) - t0 ))s] $*"; }
 for st in "$@"; do
   stamp "stage $st"
   case $st in
+    realistic) mkdir -p $OUT
+        if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1; fi
+        PYTHONPATH=/tmp/site timeout 500 python3 bench/gpu_check.py --suite realistic --data .gpu/gsm8k_train_1500.jsonl --workdir /tmp/w/suite --out $OUT 2>&1 | grep -v -i -E "warn|^\s*$" | tail -60
+        (cd /tmp/w/suite && tar -czf $OUT/logs.tgz *.log) 2>/dev/null ;;
     setup_full) [ -f /tmp/site/.full ] || { tar -xJf ../pkg/site.tar.xz -C /tmp && tar -xJf ../pkg/tok.tar.xz -C /tmp && touch /tmp/site/.full; }
                 python3 -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda, torch.backends.cudnn.version(), torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))"
                 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader

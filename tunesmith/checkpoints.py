@@ -42,7 +42,8 @@ TRAIN_KEYS: dict[str, str] = {
 # and saving, and how a step is computed without changing what it computes (memory for time, fused
 # kernels, the eval batch), which one may well change to get a timed-out or out-of-memory run going.
 ARGS_CADENCE = ("logging_steps", "eval_steps", "save_steps", "save_total_limit")
-ARGS_COMPUTE = ("per_device_eval_batch_size", "gradient_checkpointing", "use_liger_kernel", "token_metrics")
+ARGS_COMPUTE = ("per_device_eval_batch_size", "gradient_checkpointing", "use_liger_kernel", "token_metrics",
+                "fused_cross_entropy", "torch_compile", "auto_batch")
 
 STALE_KEPT = 3  # sets of stale checkpoints kept beside checkpoints/ (checkpoints.stale-N)
 

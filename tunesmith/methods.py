@@ -100,7 +100,10 @@ def _from_pretrained(base: str | Path, section: dict[str, Any], cuda: bool, toke
                      **kwargs: Any) -> Any:
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": resolve_dtype(section["model"]["dtype"], cuda),
+    from tunesmith import attention
+
+    attn = attention.resolve(section, cuda)
+    kwargs = {"dtype": resolve_dtype(section["model"]["dtype"], cuda), "attn_implementation": attn.implementation,
               "trust_remote_code": bool(section["model"]["trust_remote_code"]), "use_safetensors": True, **kwargs}
     try:
         model = AutoModelForCausalLM.from_pretrained(str(base), **kwargs)
@@ -111,6 +114,7 @@ def _from_pretrained(base: str | Path, section: dict[str, Any], cuda: bool, toke
     model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model._tunesmith_attention = attn  # read by the trainer loop (metrics, packed-row length); never saved
     return model
 
 

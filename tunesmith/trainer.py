@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from tunesmith import checkpoints, histories, ranks
+from tunesmith import checkpoints, histories, ranks, speed
 from tunesmith.errors import TunesmithError
 from tunesmith.fileio import replace_dir, write_json
 from tunesmith.result import Result
@@ -42,8 +42,11 @@ def precision(args: dict[str, Any], cuda: bool) -> tuple[bool, bool]:
 
 
 def training_arguments(config_cls: Any, args: dict[str, Any], *, optim: str, gradient_checkpointing: bool,
-                       output_dir: Path, cuda: bool, has_eval: bool, **objective_args: Any) -> Any:
-    """The recipe's train.args (resolved: every key present) -> the objective's TrainingArguments."""
+                       output_dir: Path, cuda: bool, has_eval: bool, overrides: dict[str, Any] | None = None,
+                       **objective_args: Any) -> Any:
+    """The recipe's train.args (resolved: every key present) -> the objective's TrainingArguments.
+    overrides: what the run's speed choices set (tunesmith.speed.Plan.config: loss kernel, sampler,
+    compile, micro-batch), over the recipe's values."""
     if optim in EIGHT_BIT_OPTIMS:
         try:
             import bitsandbytes  # noqa: F401  (its 8-bit optimisers step on CPU as well since 0.45)
@@ -55,7 +58,7 @@ def training_arguments(config_cls: Any, args: dict[str, Any], *, optim: str, gra
         raise TunesmithError("train.args.use_liger_kernel needs CUDA (Liger's kernels are Triton GPU kernels); "
                              "set it to false on this machine")
     eval_steps = args["eval_steps"] if has_eval else None
-    return config_cls(
+    kwargs = dict(
         output_dir=str(output_dir),
         learning_rate=args["learning_rate"],
         num_train_epochs=args["num_train_epochs"],
@@ -89,6 +92,8 @@ def training_arguments(config_cls: Any, args: dict[str, Any], *, optim: str, gra
         use_liger_kernel=bool(args["use_liger_kernel"]),
         **objective_args,
     )
+    kwargs.update(overrides or {})
+    return config_cls(**kwargs)
 
 
 @dataclass
@@ -124,15 +129,23 @@ def fit(job: Fit) -> Result:
     started = time.time()
     rank0 = ranks.world_rank() == 0
     gc = bool(job.args["gradient_checkpointing"]) and not job.method.own_gradient_checkpointing
-    config = training_arguments(job.objective.config_class(), job.args, optim=job.args["optim"] or job.method.default_optim,
-                                gradient_checkpointing=gc, output_dir=job.checkpoints, cuda=job.cuda,
-                                has_eval=job.eval_dataset is not None,
-                                **job.objective.config_kwargs(job.args, job.settings))
+    config_cls = job.objective.config_class()
+    plan = speed.plan(job.args, job.model, cuda=job.cuda, objective=job.objective.NAME, method=job.method.name,
+                      config_cls=config_cls)
     history = histories.make_history_callback()
-    trainer = job.objective.build_trainer(job.model, job.tokenizer, config, job.train_dataset, job.eval_dataset,
-                                          [history], **job.trainer_kwargs)
+
+    def build(overrides: dict[str, Any]) -> Any:
+        config = training_arguments(config_cls, job.args, optim=job.args["optim"] or job.method.default_optim,
+                                    gradient_checkpointing=gc, output_dir=job.checkpoints, cuda=job.cuda,
+                                    has_eval=job.eval_dataset is not None, overrides=overrides,
+                                    **job.objective.config_kwargs(job.args, job.settings))
+        return job.objective.build_trainer(job.model, job.tokenizer, config, job.train_dataset, job.eval_dataset,
+                                           [history], **job.trainer_kwargs)
+
+    trainer = build(plan.config)
     if job.before_train is not None:
         job.before_train(trainer)
+    trainer = speed.prepare(plan, trainer, build)  # leaky packing refused; the micro-batch found; padding counted
     # Rank 0 discards stale checkpoints and sets corrupt ones aside; the others then take the
     # newest one left, so every rank resumes from the same step.
     resume = checkpoints.prepare_checkpoints(job.checkpoints, job.fingerprint) if rank0 else None
@@ -173,6 +186,7 @@ def fit(job: Fit) -> Result:
     train_started = time.time()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     train_seconds = time.time() - train_started
+    speed_figures = speed.figures(plan)  # before the final evaluate() adds its batches
     if first_eval is not None:
         initial_eval = float(first_eval.metrics["eval_loss"])
         initial_figures = _eval_figures(first_eval.metrics, job.objective)
@@ -221,6 +235,7 @@ def fit(job: Fit) -> Result:
         **counts,
         **histories.peak_memory_mb(job.cuda),
         **job.extra_metrics,
+        **speed_figures,
         "loss_history": [{"step": s, "loss": v} for s, v in train_hist],
         "eval_history": [{"step": s, "eval_loss": v} for s, v in eval_hist],
     }

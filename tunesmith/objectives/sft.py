@@ -43,7 +43,14 @@ def build_trainer(model: Any, tokenizer: Any, config: Any, train: Any, evals: An
     from transformers import Trainer
     from trl import SFTTrainer
 
-    class Plain(SFTTrainer):
+    from tunesmith import batching
+
+    class Grouped(SFTTrainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            # train.args.group_by_length: the grouped order a function of seed and epoch, so a resume replays it.
+            return batching.seeded(super()._get_train_sampler(*args, **kwargs), self.args.seed)
+
+    class Plain(Grouped):
         """SFTTrainer with transformers' own loss (logits + cross-entropy) instead of trl's fused LM
         head, whose extra outputs (entropy, top-1 over the whole vocabulary) feed only trl's
         per-step logs, which the stage does not record. Same loss, same token normalisation."""
@@ -53,7 +60,7 @@ def build_trainer(model: Any, tokenizer: Any, config: Any, train: Any, evals: An
             return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
 
-    cls = SFTTrainer if token_metrics else Plain
+    cls = Grouped if token_metrics else Plain
     return cls(model=model, args=config, train_dataset=train, eval_dataset=evals,
                processing_class=tokenizer, callbacks=callbacks)
 

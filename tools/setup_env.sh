@@ -25,7 +25,15 @@ if [ -n "$WHEELHOUSE" ]; then
   [ -f "$WHEELHOUSE/requirements.lock" ] || { echo "setup_env.sh: $WHEELHOUSE has no requirements.lock (make it with: make wheelhouse)" >&2; exit 1; }
   [ -f "$WHEELHOUSE/image-freeze.txt" ] && venv_opts+=(--system-site-packages)
 fi
-[ -x "$VENV/bin/python" ] || "$PY" -m venv "${venv_opts[@]}" "$VENV"
+if [ ! -x "$VENV/bin/python" ]; then
+  # Images often lack ensurepip (Debian's python3-venv): then a venv without pip, which uses the
+  # image's pip (--system-site-packages) or the wheelhouse's pip wheel run in place.
+  "$PY" -m venv "${venv_opts[@]}" "$VENV" 2>/dev/null || "$PY" -m venv --without-pip "${venv_opts[@]}" "$VENV"
+  if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1 && [ -n "$WHEELHOUSE" ]; then
+    pipwhl=$(ls "$WHEELHOUSE"/pip-*.whl | head -1)
+    "$VENV/bin/python" "$pipwhl/pip" install -q --no-index --find-links "$WHEELHOUSE" pip
+  fi
+fi
 if [ -n "$WHEELHOUSE" ]; then
   # The folder and nothing else: no index, no pip.conf (which may name other find-links or indexes).
   pip() { PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= PIP_INDEX_URL= PIP_EXTRA_INDEX_URL= \

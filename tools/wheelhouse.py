@@ -377,6 +377,22 @@ def download(python: str, pins: dict[str, str], dest: Path, target: Target, tmp:
         sdist.unlink()
 
 
+def sdist_requirements(python: str, requirement: str, target: Target, tmp: Path) -> list[str]:
+    """The run-time dependencies of a package published only as an sdist (llama-cpp-python: diskcache,
+    jinja2, numpy, typing-extensions): read from its metadata here, since the target's resolution
+    takes wheels only; they join the resolution as requirements of their own."""
+    report = tmp / "sdist.json"
+    pip(python, "install", "--dry-run", "--ignore-installed", "--no-deps", "--report", str(report), requirement)
+    (item,) = json.loads(report.read_text())["install"]
+    out = []
+    for line in item["metadata"].get("requires_dist") or ():
+        req = Requirement(line)
+        if req.marker is None or req.marker.evaluate({**target.markers(), "extra": ""}):
+            req.marker = None
+            out.append(str(req))
+    return out
+
+
 def build(args: argparse.Namespace) -> None:
     dest = Path(args.dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -388,7 +404,8 @@ def build(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
         local = tmp / "built" if args.dry_run else dest  # wheels built from sdist-only packages
-        main = resolve(args.python, p.requirements + [r for r in EXTRA_ROOTS if not r.startswith(NO_DEPS)],
+        main = resolve(args.python, p.requirements + [r for r in EXTRA_ROOTS if not r.startswith(NO_DEPS)]
+                       + sdist_requirements(args.python, LLAMA_CPP_PYTHON, target, tmp),
                        p.constraints, target, tmp, local=local)
         nodeps = resolve(args.python, [r for r in EXTRA_ROOTS if r.startswith(NO_DEPS)], [], target, tmp, no_deps=True, local=local)
         builds = resolve(args.python, list(BUILD_ROOTS), [], target, tmp, local=local)
@@ -436,9 +453,11 @@ def check(args: argparse.Namespace) -> None:
         report = Path(t) / "report.json"
         pip(args.python, "install", "--dry-run", "--ignore-installed", "--no-index", "--find-links", str(dest),
             "--report", str(report), *target.pip_args(), *target_dir(target, Path(t)), *deps, "-r", str(dest / LOCK),
-            isolated=True)
+            # For this machine, llama-cpp-python too: pip reads its sdist's metadata in an isolated
+            # build environment, which proves the build requirements are in the folder as well.
+            *([] if target.cross else [LLAMA_CPP_PYTHON]), isolated=True)
         got = read_report(json.loads(report.read_text()))
-    missing = sorted(set(got) - set(pins))
+    missing = sorted(set(got) - set(pins) - {canonicalize_name(LLAMA_CPP_PYTHON.split("==")[0])})
     if missing:
         raise WheelhouseError(f"{dest / LOCK} misses dependencies: {', '.join(missing)}")
     print(f"{dest}: the lock's {len(pins)} packages resolve from the folder alone", flush=True)

@@ -304,7 +304,7 @@ def parse_lock(text: str, source: str = LOCK) -> dict[str, str]:
 # ------------------------------------------------------------------ pip
 
 def pip(python: str, *args: str, quiet: bool = True, check: bool = True,
-        isolated: bool = False) -> subprocess.CompletedProcess:
+        isolated: bool = False, show: bool = True) -> subprocess.CompletedProcess:
     """isolated: pip sees no config file and no PIP_* location (the folder alone, as offline)."""
     cmd = [python, "-m", "pip", *(("-q",) if quiet else ()), *args]
     print("+", " ".join(cmd[:12]) + (" ..." if len(cmd) > 12 else ""), flush=True)
@@ -314,7 +314,7 @@ def pip(python: str, *args: str, quiet: bool = True, check: bool = True,
         env["PIP_CONFIG_FILE"] = os.devnull
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     # A local index named in pip.conf that lacks a project warns once per name: noise here.
-    for line in (proc.stdout + proc.stderr).splitlines():
+    for line in (proc.stdout + proc.stderr).splitlines() if show else ():
         if not re.match(r"WARNING: Location '.*' is ignored", line):
             print(line, flush=True)
     if check and proc.returncode != 0:
@@ -340,11 +340,13 @@ def resolve(python: str, lines: list[str], constraints: list[str], target: Targe
         links = ["--find-links", str(local)] if local is not None and local.is_dir() else []
         proc = pip(python, "install", "--dry-run", "--ignore-installed", "--report", str(report), *target.pip_args(),
                    *target_dir(target, tmp), *(["--no-deps"] if no_deps else []), *links,
-                   "-r", str(reqs), "-c", str(cons), check=False)
+                   "-r", str(reqs), "-c", str(cons), check=False, show=False)
         if proc.returncode == 0:
             return read_report(json.loads(report.read_text()))
         m = re.search(r"No matching distribution found for (\S+)", proc.stderr)
         if not (target.cross and local is not None and m and m.group(1) not in built):
+            print("\n".join(line for line in proc.stderr.splitlines()
+                            if not re.match(r"WARNING: Location '.*' is ignored", line))[-4000:], flush=True)
             raise WheelhouseError(f"pip could not resolve {reqs.name} for the target (see its message above)")
         built.add(m.group(1))
         build_pure_wheel(python, m.group(1), local, tmp)

@@ -343,6 +343,38 @@ def stage(uri: str, outputs: dict[str, str], experiments: list[str] | None = Non
 
     # The workflow's tracking writer may not have pushed the last stages' records yet: push them
     # here (the push lock makes one run per record) so the comparison sees every stage.
-    tracking.push_waiting(experiments or [], settings.results_dir())
-    paths = write(uri, Path(outputs["md"]).parent, experiments)
+    _, waiting = tracking.push_waiting(experiments or [], settings.results_dir())
+    try:
+        paths = write(uri, Path(outputs["md"]).parent, experiments)
+    except Exception as exc:  # noqa: BLE001
+        if not waiting:  # the store took every record: a failure to read it back is a real one
+            raise
+        # The store is down (the records could not be pushed either): every stage before this one
+        # finished and its record waits in its file, so the comparison says how to make it later
+        # instead of failing the workflow.
+        paths = write_unreachable(uri, Path(outputs["md"]).parent, waiting, exc)
     return Result(summary=", ".join(f"{kind}: {path}" for kind, path in paths.items()))
+
+
+def write_unreachable(uri: str, out_dir: Path, waiting: list[Path], exc: BaseException) -> dict[str, Path]:
+    import pandas as pd
+
+    from tunesmith.fileio import write_text
+
+    from tunesmith.tracking import _tracking_folder
+
+    folders = sorted({str(_tracking_folder(p).parent) for p in waiting})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"md": out_dir / "compare.md", "csv": out_dir / "compare.csv", "png": out_dir / "compare.png"}
+    cause = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+    write_text(paths["md"], "\n".join([
+        "# tunesmith comparison", "",
+        f"MLflow at `{redact_uri(uri)}` could not be read ({cause}).",
+        f"{len(waiting)} stage record(s) wait in their files. When the server is back:", "",
+        f"    tunesmith sync-mlflow {' '.join(folders)}",
+        "    tunesmith compare --out " + str(out_dir), ""]))
+    write_text(paths["csv"], "")
+    plot(pd.DataFrame(columns=["recipe", "variant"]), paths["png"])
+    log.warning("MLflow at %s unreachable: %d record(s) wait; compare.md says how to compare later",
+                redact_uri(uri), len(waiting))
+    return paths

@@ -1,6 +1,6 @@
 """bench/gpu_workflow.py, the two GPU seed recipes through Snakemake offline: its overlay must stay a
 valid config for the recipes as they are (fast), and its --tiny run passes every check on a CPU
-(slow: ≈7 min on 2 quiet cores, ≈15 under load 10)."""
+(slow: its workflow took 22 min on the 2-core machine under load 11-17, 2026-12-04; not timed quiet)."""
 
 from __future__ import annotations
 

@@ -9,14 +9,26 @@ GPUS ?= 1
 # other worker fills that time. TEST_WORKERS=0 runs the suite in one process.
 TEST_WORKERS ?= 2
 
-.PHONY: setup run test test-fast report dag docs clean
+.PHONY: setup run test test-fast report dag docs clean wheelhouse
 
 # CUDA=1: the CUDA environment of requirements-cuda.txt (unsloth, liger-kernel, CUDA torch).
 REQUIREMENTS := $(if $(CUDA),requirements-cuda.txt,requirements.txt)
+# Offline installs (docs/offline-install.md): `make wheelhouse` downloads every file of the
+# environment into WHEELHOUSE, for the target PYTHON (a version, e.g. 3.12) and PLATFORM (e.g.
+# manylinux_2_28_x86_64), both this machine's when unset, leaving out what the `pip freeze` in
+# IMAGE_FREEZE provides; `make setup WHEELHOUSE=dir` then installs from it with no network.
+WHEELHOUSE ?=
+WHEELHOUSE_OUT = $(or $(WHEELHOUSE),wheelhouse$(if $(CUDA),-cuda))
+PLATFORM ?=
+IMAGE_FREEZE ?=
 
-$(STAMP): requirements.txt requirements-cuda.txt tools/setup_env.sh pyproject.toml
-	bash tools/setup_env.sh $(VENV) $(REQUIREMENTS)
+$(STAMP): requirements.txt requirements-cuda.txt tools/setup_env.sh pyproject.toml $(if $(WHEELHOUSE),$(WHEELHOUSE)/requirements.lock)
+	WHEELHOUSE=$(WHEELHOUSE) bash tools/setup_env.sh $(VENV) $(REQUIREMENTS)
 	touch $(STAMP)
+
+wheelhouse:
+	python3 tools/wheelhouse.py build $(REQUIREMENTS) $(WHEELHOUSE_OUT) $(if $(PYTHON),--python-version $(PYTHON)) \
+		$(if $(PLATFORM),--platform $(PLATFORM)) $(if $(IMAGE_FREEZE),--image-freeze $(IMAGE_FREEZE))
 
 setup: $(STAMP)
 

@@ -32,6 +32,7 @@ from typing import Any
 from tunesmith.fileio import pyplot, save_figure, write_text
 from tunesmith.pipeline import DATA_STAGES, STAGE_ORDER
 from tunesmith.tracking import redact_uri
+from tunesmith.tracking_writer import tracking_folder
 
 log = logging.getLogger("tunesmith.compare")
 
@@ -329,4 +330,24 @@ def write(uri: str, out_dir: str | Path, experiments: list[str] | None = None,
     write_text(paths["csv"], frame.to_csv(index=False))
     plot(frame, paths["png"])
     log.info("compared %d row(s) from %s into %s", len(frame), redact_uri(uri), out)
+    return paths
+
+
+def write_unreachable(uri: str, out_dir: Path, waiting: list[Path], exc: BaseException) -> dict[str, Path]:
+    folders = sorted({str(tracking_folder(p).parent) for p in waiting})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"md": out_dir / "compare.md", "csv": out_dir / "compare.csv", "png": out_dir / "compare.png"}
+    cause = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+    write_text(paths["md"], "\n".join([
+        "# tunesmith comparison", "",
+        f"MLflow at `{redact_uri(uri)}` could not be read ({cause}).",
+        f"{len(waiting)} stage record(s) wait in their files. When the server is back:", "",
+        f"    tunesmith sync-mlflow {' '.join(folders)}",
+        "    tunesmith compare --out " + str(out_dir), ""]))
+    write_text(paths["csv"], "")
+    import pandas as pd  # as every function here: the workflow's other jobs need not pay for it
+
+    plot(pd.DataFrame(columns=["recipe", "variant"]), paths["png"])
+    log.warning("MLflow at %s unreachable: %d record(s) wait; compare.md says how to compare later",
+                redact_uri(uri), len(waiting))
     return paths

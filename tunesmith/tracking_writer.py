@@ -65,7 +65,7 @@ def push_file(path: Path, uri: str | None = None) -> str | None:
 
     A lock per tracking folder keeps two pushers (the workflow's writer, compare, sync-mlflow) from
     making two runs of one record."""
-    lock = _tracking_folder(path) / ".push.lock"
+    lock = tracking_folder(path) / ".push.lock"
     with open(lock, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
@@ -81,7 +81,7 @@ def push_file(path: Path, uri: str | None = None) -> str | None:
 
 
 
-def _tracking_folder(path: Path) -> Path:
+def tracking_folder(path: Path) -> Path:
     for parent in path.parents:
         if parent.name == "tracking":
             return parent
@@ -119,7 +119,7 @@ def push_waiting(recipes: list[str], results_dir: str | Path = "results") -> tup
         except Exception as exc:  # noqa: BLE001 - tracking never fails the workflow
             log.warning("MLflow tracking failed for %s (%s). It waits in its file; push it later "
                         "with: tunesmith sync-mlflow %s", path, failure_text(exc, tracking_uri()),
-                        _tracking_folder(path).parent)
+                        tracking_folder(path).parent)
             return pushed, waiting[i:]
     return pushed, []
 
@@ -184,7 +184,7 @@ def stop_writer() -> None:
         print(f"MLflow: {pushed} stage run(s) logged to {redact_uri(uri)}", file=sys.stderr, flush=True)
     if left:
         print(f"MLflow: {len(left)} stage record(s) could not be pushed and wait in results/<recipe>/tracking; "
-              f"push them with: tunesmith sync-mlflow " + " ".join(sorted({str(_tracking_folder(p).parent)
+              f"push them with: tunesmith sync-mlflow " + " ".join(sorted({str(tracking_folder(p).parent)
                                                                               for p in left})),
               file=sys.stderr, flush=True)
 

@@ -99,10 +99,10 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from tunesmith import compare
+    from tunesmith import leaderboard
 
     uri = _uri(args)
-    paths = compare.write(uri, args.out, args.experiments or None, by_invocation=args.by_invocation)
+    paths = leaderboard.write(uri, args.out, args.experiments or None, by_invocation=args.by_invocation)
     for kind, path in paths.items():
         print(f"{kind:3} {path}")
     return 0

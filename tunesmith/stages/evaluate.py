@@ -12,7 +12,7 @@ from typing import Any
 from tunesmith import evaluation, fileio, scorecard
 from tunesmith.result import Result
 from tunesmith.stageio import StageIO
-from tunesmith.tasks import task_specs
+from tunesmith.tasks import short_metric, task_specs
 
 log = logging.getLogger("tunesmith.evaluate")
 
@@ -93,7 +93,7 @@ def evaluate_model(name: str, model_dir: str, outputs: dict[str, str], section: 
         dirty = "" if dirty is None else f" [training rows matching its documents: {dirty}, {c['contamination']['action']}]"
         lines.append(f"{n} ({c['metric']}, limit {c['limit']}): base {base} -> tuned {c['tuned']:.3f}{gg}{dirty}")
         for m, entry in c["metrics"].items():
-            if m != tasks.short_metric(c["metric"]) and (n, m) != (head.get("task"), head.get("metric")):
+            if m != short_metric(c["metric"]) and (n, m) != (head.get("task"), head.get("metric")):
                 lines.append(_chain_text(n, m, entry))
     for n, c in comparison["tasks"].items():
         if c.get("regressed"):

@@ -72,8 +72,8 @@ def test_dry_run_of_a_chained_recipe_plans_the_upstream_recipe(tmp_path):
     proc = snakemake(work, config, "-n", timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
-    assert "results/demo-reverse-lora/main/model/merged" in out   # the upstream merge, as the base
-    assert "results/demo-reverse-lora/main/eval/compare.json" in out  # its scores start the chain
+    assert "results/demo-reverse-sft-short/main/model/merged" in out   # the upstream merge, as the base
+    assert "results/demo-reverse-sft-short/main/eval/compare.json" in out  # its scores start the chain
     assert "results/demo-reverse-dpo/data/pairs_built.jsonl" in out
 
 

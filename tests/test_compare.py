@@ -307,3 +307,62 @@ def test_compare_stage_with_the_server_down_says_how_to_compare_later(tmp_path, 
     text = (out / "compare.md").read_text()
     assert "could not be read" in text and "tunesmith sync-mlflow" in text and "results/offline" in text
     assert (out / "compare.png").stat().st_size > 0 and (out / "compare.csv").exists()
+
+
+def test_variant_run_carries_only_key_figures(store):
+    """The variant run (what MLflow's chart view plots) holds the loss curves, the rows trained on,
+    the loss first and last, the headline and each task's tuned score: 15 charts for the default
+    recipe's shape of figures, where mirroring every stage's figures made 80-odd. Each stage keeps
+    all of its own figures on its child run."""
+    uri, tmp = store
+    results = tmp / "results"
+    train = {"train_rows": 540, "eval_rows": 60, "train_loss_mean": 0.34, "train_loss_first": 1.88,
+             "train_loss_last": 0.02, "eval_loss_initial": 1.88, "eval_loss_final": 0.05, "eval_perplexity": 1.05,
+             "steps": 30, "steps_this_run": 30, "resumed_from_step": 0, "epochs": 0.44, "tokens_this_run": 11744,
+             "tokens_per_second": 56.7, "seconds_per_step": 6.9, "steady_tokens_per_second": 60.8,
+             "steady_seconds_per_step": 6.4, "train_seconds": 207.0, "trainable_params": 4884480,
+             "total_params": 139399488, "trainable_share": 0.035, "peak_rss_mb": 2462.5, "peak_memory_mb": 2462.5,
+             "load_seconds": 2.6, "world_size": 1, "wall_seconds": 264.0}
+    merge = {"max_abs_logit_diff": 0.01, "adapter_effect_max_abs_logit_diff": 3.2, "tolerance": 0.05,
+             "reload_bf16_max_abs_logit_diff": 0.02, "reload_argmax_agreement": 1.0, "seconds": 54.0}
+    gguf = {q: {"size_bytes": 145e6, "top1_agreement": 0.92, "mean_kl": 0.01, "perplexity": 1.1,
+                "tokenization_agreement": 1.0, "k_quant_fallback_tensors": 0} for q in ("F16", "Q8_0", "Q4_K_M")}
+    metrics = {m: {"base": b, "tuned": t, "delta": t - b, "Q8_0": t, "Q4_K_M": t}
+               for m, b, t in (("exact_match", 0.0, 0.94), ("chrf", 35.7, 97.0), ("ref_logprob", -2.0, -0.05),
+                               ("ref_perplexity", 7.4, 1.05))}
+    evaluate = {"headline": {"task": "heldout", "metric": "exact_match", "base": 0.0, "tuned": 0.94, "delta": 0.94,
+                             "Q8_0": 0.94, "Q4_K_M": 0.9, "chosen_by": "data", "reason": "short references: median 3 words"},
+                "tasks": {"heldout": {"base": 0.0, "tuned": 0.94, "delta": 0.94, "Q8_0": 0.94, "Q4_K_M": 0.9,
+                                      "limit": 50, "contaminated_rows": 0, "metric": "exact_match,none",
+                                      "metrics": metrics}}}
+    records = {}
+    for stage, result in (("train", Result(metrics=train, histories={"train_loss": [(1, 1.88), (30, 0.02)],
+                                                                      "eval_loss": [(0, 1.88), (30, 0.05)]})),
+                          ("merge", Result(metrics=merge)), ("quantize", Result(figures={"gguf": gguf})),
+                          ("evaluate", Result(figures=evaluate))):
+        rec = tracking_record.StageRecord(recipe="glance", stage=stage, results_dir=str(results), variant="main")
+        rec.take(result)
+        tracking_run.finish(rec)
+        assert rec.synced
+        records[stage] = rec
+    db = sqlite3.connect(uri.removeprefix("sqlite:///"))
+    variant = db.execute("select r.run_uuid from runs r join tags t on t.run_uuid = r.run_uuid join tags g "
+                         "on g.run_uuid = r.run_uuid where t.key = 'tunesmith.role' and t.value = 'variant' and "
+                         "g.key = 'tunesmith.recipe' and g.value = 'glance'").fetchall()
+    assert len(variant) == 1
+    keys = {k for (k,) in db.execute("select key from latest_metrics where run_uuid = ?", variant[0])}
+    tags = dict(db.execute("select key, value from tags where run_uuid = ?", variant[0]))
+    per_stage = {s: {k for (k,) in db.execute("select key from latest_metrics where run_uuid = ?", (r.run_id,))}
+                 for s, r in records.items()}
+    curve = db.execute("select step, value from metrics where run_uuid = ? and key = 'train_loss' order by step",
+                       variant[0]).fetchall()
+    db.close()
+    assert keys == {"train_loss", "eval_loss", "train_rows", "eval_rows", "train_loss_first", "train_loss_last",
+                    "eval_loss_initial", "eval_loss_final", "headline.base", "headline.tuned", "headline.delta",
+                    "headline.Q8_0", "headline.Q4_K_M", "tasks.heldout.tuned"}
+    assert curve == [(1, 1.88), (30, 0.02)]  # the loss curve keeps its steps
+    assert tags["tunesmith.headline"] == "heldout exact_match" and tags["tunesmith.headline.reason"].startswith("short")
+    every = sum(len(k - {"stage_seconds"}) for k in per_stage.values())
+    assert every > 80 and len(keys) == 14  # before: every stage figure on the variant run
+    assert "seconds_per_step" in per_stage["train"] and "gguf.Q8_0.top1_agreement" in per_stage["quantize"]
+    assert "tasks.heldout.metrics.chrf.tuned" in per_stage["evaluate"]

@@ -253,6 +253,15 @@ def reference_likelihood(lm: Any, rows: list[dict[str, Any]]) -> dict[str, float
     return {"ref_logprob": mean, "ref_perplexity": math.exp(-mean), "ref_tokens": tokens}
 
 
+def heldout_rows(task_dir: str | Path, limit: int | None) -> list[dict[str, Any]]:
+    """The held-out rows lm-eval scores: its limit is the first N docs of heldout.jsonl."""
+    path = Path(task_dir) / "heldout.jsonl"
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()][: limit or None]
+
+
 def score(lm: Any, specs: list[dict[str, Any]], task_dir: str | Path, out_dir: str | Path, *, label: str,
           log_samples: bool = False) -> dict[str, Any]:
     from lm_eval.tasks import TaskManager
@@ -264,10 +273,8 @@ def score(lm: Any, specs: list[dict[str, Any]], task_dir: str | Path, out_dir: s
     out = {}
     for spec in specs:
         out[spec["name"]] = run_task(lm, spec, task_manager, out_dir, label=label, log_samples=log_samples)
-        if spec["name"] == "heldout":  # lm-eval's limit is the first N docs: score the same rows
-            lines = (Path(task_dir) / "heldout.jsonl").read_text(encoding="utf-8").splitlines()
-            rows = [json.loads(line) for line in lines if line.strip()][: out["heldout"]["limit"] or None]
-            ref = reference_likelihood(lm, rows)
+        if spec["name"] == "heldout":
+            ref = reference_likelihood(lm, heldout_rows(task_dir, out["heldout"]["limit"]))
             out["heldout"]["ref_tokens"] = ref.pop("ref_tokens", 0)
             out["heldout"]["metrics"].update(ref)
         log.info("%s %s: %s = %.4f (limit %s, %.0f s)", label, spec["name"], out[spec["name"]]["metric"],

@@ -51,8 +51,23 @@ MODEL_CARD_FILES = ("README.md", "config.json", "generation_config.json", "token
                     "chat_template.jinja", "tunesmith_lineage.json")
 
 
-# Step-independent bookkeeping that means nothing on a variant's summary run.
-_NOT_MIRRORED = {"stage_seconds", "startup_seconds"}
+# What a variant's run carries, so that its chart view reads at a glance: the loss curves (and the
+# objective's curves: GRPO's reward, DPO's margins), the rows trained on, the loss first and last,
+# and from evaluate the headline (base, tuned, delta, each GGUF) and each task's tuned score. Every
+# other figure (timings, parameter counts, GGUF agreement, each metric of each task) stays on the
+# stage's own run, one click down.
+_VARIANT_TRAIN = {"train_rows", "eval_rows", "train_loss_first", "train_loss_last", "eval_loss_initial",
+                  "eval_loss_final"}
+_VARIANT_EVALUATE = re.compile(r"^headline\.[^.]+$|^tasks\.[^.]+\.tuned$")
+
+
+def variant_metrics(stage: str, metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The few of a stage record's metrics that its variant's run repeats."""
+    if stage == "train":  # a step history (the loss curve) carries steps; the scalars none
+        return [m for m in metrics if m["step"] is not None or m["key"] in _VARIANT_TRAIN]
+    if stage == "evaluate":
+        return [m for m in metrics if _VARIANT_EVALUATE.match(m["key"])]
+    return []
 
 
 @contextlib.contextmanager
@@ -297,9 +312,14 @@ def _fill(client: Any, exp_id: str, run_id: str, variant_run: str | None, record
     _log_batches(client, run_id, params, tags, metrics)
     if record.datasets:
         client.log_inputs(run_id, datasets=_dataset_inputs(record))
-    if variant_run:  # its headline figures, so that the chart view compares variants at once
+    if variant_run:  # its key figures, so that the chart view compares variants at once
+        mirrored = variant_metrics(record.stage, record.metrics)
         _log_batches(client, variant_run, params if record.stage == "train" else (),
-                     metrics=[m for m in metrics if m.key not in _NOT_MIRRORED])
+                     metrics=[Metric(m["key"], m["value"], m["timestamp"], m["step"] or 0) for m in mirrored])
+        head = json.loads(record.tags.get("tunesmith.figures", "{}")).get("headline") if record.stage == "evaluate" else None
+        if head:  # which figure headline.* is, and why it was chosen, beside the charts
+            client.set_tag(variant_run, "tunesmith.headline", f"{head['task']} {head['metric']}")
+            client.set_tag(variant_run, "tunesmith.headline.reason", str(head.get("reason", ""))[:5000])
         if record.datasets and record.stage == "train":
             client.log_inputs(variant_run, datasets=_dataset_inputs(record))
     for path in record.artifacts:

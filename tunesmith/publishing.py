@@ -48,15 +48,20 @@ def card(*, kind: str, repo_id: str, recipe: str, variant: str, base_model: str,
 
     results = []
     for task, t in scores.items():
-        metric = str(t.get("metric", "score")).split(",")[0]
         # adapter and merged model score as the tuned model; a GGUF repo holds one score per type
         labels = [k for k in t if k == "F16" or k.startswith(("Q", "IQ"))] if kind == "gguf" else ["tuned"]
-        for label in labels:
-            if isinstance(t.get(label), (int, float)):
-                results.append(EvalResult(task_type="text-generation", dataset_type=task,
-                                          dataset_name=f"{recipe} {task}", metric_type=metric,
-                                          metric_name=f"{metric} ({label})" if kind == "gguf" else metric,
-                                          metric_value=float(t[label])))
+        primary = (str(t.get("metric", "score")).split(",")[0], t)
+        head = t.get("headline")
+        # the headline first (the Hub shows the first result): it is the figure that moved
+        pairs = [primary] if not head or head["metric"] == primary[0] else [
+            (head["metric"], {"tuned": head["tuned"], **(head.get("gguf") or {})}), primary]
+        for metric, values in pairs:
+            for label in labels:
+                if isinstance(values.get(label), (int, float)):
+                    results.append(EvalResult(task_type="text-generation", dataset_type=task,
+                                              dataset_name=f"{recipe} {task}", metric_type=metric,
+                                              metric_name=f"{metric} ({label})" if kind == "gguf" else metric,
+                                              metric_value=float(values[label])))
     data = ModelCardData(base_model=base_model, datasets=datasets or None, license=license,
                          tags=["tunesmith", kind, *tags], library_name="peft" if kind == "adapter" else
                          (None if kind == "gguf" else "transformers"),
@@ -150,9 +155,12 @@ def _hub_datasets(dataset_source: str | None) -> list[str]:
 
 def flat_scores(compare: str | None) -> dict[str, Any]:
     """compare.json's tasks as {task: {base, tuned, metric, <gguf type>..., contamination}}."""
-    scores = json.loads(Path(compare).read_text()).get("tasks", {}) if compare else {}
+    data = json.loads(Path(compare).read_text()) if compare else {}
+    head = data.get("headline") or {}
     return {t: {"tuned": c.get("tuned"), "base": c.get("base"), "metric": c.get("metric"), **(c.get("gguf") or {}),
-                "contamination": c.get("contamination"), "metrics": c.get("metrics")} for t, c in scores.items()}
+                "contamination": c.get("contamination"), "metrics": c.get("metrics"),
+                **({"headline": head} if head.get("task") == t else {})}
+            for t, c in data.get("tasks", {}).items()}
 
 
 def _merge_card_body(merged: Path) -> str:
@@ -168,7 +176,7 @@ def card_body(body: str, flat: dict[str, Any], recipe: str, variant: str, how_to
     return body.rstrip() + "\n\n" + _scores_table(flat) + _provenance(recipe, variant) + how_to_run
 
 
-SCORE_KEYS = {"base", "tuned", "metric", "contamination", "metrics"}
+SCORE_KEYS = {"base", "tuned", "metric", "contamination", "metrics", "headline"}
 
 
 def _scores_table(flat: dict[str, Any]) -> str:
@@ -177,13 +185,21 @@ def _scores_table(flat: dict[str, Any]) -> str:
     if not flat:
         return ""
     labels = ["base", "tuned", *sorted({k for t in flat.values() for k in t} - SCORE_KEYS)]
-    lines = ["## Scores (held-out)", "", "| task | metric | " + " | ".join(labels) + " | training rows matching its documents |",
+    lead = []
+    for task, t in flat.items():
+        if t.get("headline"):
+            h = t["headline"]
+            chain = " -> ".join(f"{k} {h[k]:.3f}" for k in ("base", "tuned") if isinstance(h.get(k), (int, float)))
+            chain += "".join(f" -> {q} {v:.3f}" for q, v in (h.get("gguf") or {}).items() if isinstance(v, (int, float)))
+            lead = [f"**Headline: {task} {h['metric']}** {chain} ({h.get('reason', '')})", ""]
+    lines = ["## Scores (held-out)", "", *lead, "| task | metric | " + " | ".join(labels) + " | training rows matching its documents |",
              "|---|---|" + "---|" * (len(labels) + 1)]
     for task, t in flat.items():
         # every metric the task reports (exact match says nothing about code or chat; chrF and the
         # reference log-likelihood do), the headline one first
         rows = [(name, {"base": m.get("base"), "tuned": m.get("tuned"), **(m.get("gguf") or {})})
                 for name, m in (t.get("metrics") or {}).items()] or [(str(t.get("metric")).split(",")[0], t)]
+        rows.sort(key=lambda r: r[0] != (t.get("headline") or {}).get("metric"))
         for i, (metric, values) in enumerate(rows):
             cells = [f"{values[k]:.3f}" if isinstance(values.get(k), (int, float)) else "-" for k in labels]
             lines.append(f"| {task} | {metric} | " + " | ".join(cells) + f" | {_dirty(t) if i == 0 else ''} |")

@@ -44,28 +44,62 @@ def metric_table(name: str, b: dict[str, Any] | None, t: dict[str, Any], gguf: d
 
 
 
-def headline(comparison: dict[str, Any], wanted: dict[str, str] | None) -> dict[str, Any]:
-    """The recipe's headline figure (evaluate.headline; null: the first task's primary metric),
-    from the comparison's tasks. An unknown metric names the ones the task has."""
+# Held-out references longer than this (median words per answer) are free-form: code, chat,
+# explanations. Exact match stays 0 on them however much the model learns, so the headline a recipe
+# does not name is chrF there. Short answers (a label, a number, a word list) keep exact match.
+FREE_FORM_WORDS = 10
+
+
+def auto_headline(tasks: dict[str, Any], answers: list[str] | None) -> dict[str, str]:
+    """The headline a recipe without evaluate.headline gets, and why: for heldout, exact match or
+    chrF by the median length of the scored reference answers; for any other task its primary metric."""
+    task = next(iter(tasks))
+    primary = short_metric(tasks[task]["metric"])
+    if task != "heldout" or not answers:
+        return {"task": task, "metric": primary, "chosen_by": "default",
+                "reason": f"{task}'s primary metric (the first task of evaluate.tasks)"}
+    words = sorted(len(a.split()) for a in answers)
+    median = words[len(words) // 2] if len(words) % 2 else (words[len(words) // 2 - 1] + words[len(words) // 2]) / 2
+    if median > FREE_FORM_WORDS and "chrf" in tasks[task]["metrics"]:
+        return {"task": task, "metric": "chrf", "chosen_by": "data",
+                "reason": f"free-form references: median {median:g} words per held-out answer (> {FREE_FORM_WORDS}), "
+                          f"where exact match stays near 0; chrF credits partly right answers"}
+    return {"task": task, "metric": primary, "chosen_by": "data",
+            "reason": f"short references: median {median:g} words per held-out answer (<= {FREE_FORM_WORDS}), "
+                      f"where an answer is right or wrong as a whole"}
+
+
+def headline(comparison: dict[str, Any], wanted: dict[str, str] | None,
+             answers: list[str] | None = None) -> dict[str, Any]:
+    """The recipe's headline figure (evaluate.headline; null: chosen by auto_headline from the
+    scored reference answers), from the comparison's tasks, with why it was chosen. An unknown
+    metric names the ones the task has."""
 
     tasks = comparison["tasks"]
     if not tasks:
         return {}
-    task = wanted["task"] if wanted else next(iter(tasks))
-    if task not in tasks:
-        raise TunesmithError(f"evaluate.headline.task '{task}' was not scored (tasks: {', '.join(tasks)})")
+    if wanted:
+        choice = {**wanted, "chosen_by": "recipe", "reason": "evaluate.headline in the recipe"}
+        if choice["task"] not in tasks:
+            raise TunesmithError(f"evaluate.headline.task '{choice['task']}' was not scored (tasks: {', '.join(tasks)})")
+    else:
+        choice = auto_headline(tasks, answers)
+    task, metric = choice["task"], choice["metric"]
     metrics = tasks[task]["metrics"]
-    metric = wanted["metric"] if wanted else short_metric(tasks[task]["metric"])
     if metric not in metrics:
         near = difflib.get_close_matches(metric, list(metrics), n=1)
         hint = f"did you mean '{near[0]}'? " if near else ""
         raise TunesmithError(f"evaluate.headline.metric '{metric}': task '{task}' has no such metric; "
                              f"{hint}it reports {', '.join(metrics)}")
-    return {"task": task, "metric": metric, **metrics[metric]}
+    return {"task": task, "metric": metric, **metrics[metric], "chosen_by": choice["chosen_by"],
+            "reason": choice["reason"]}
 
 
 
-def compare(base: dict[str, Any], tuned: dict[str, Any], wanted_headline: dict[str, str] | None = None) -> dict[str, Any]:
+def compare(base: dict[str, Any], tuned: dict[str, Any], wanted_headline: dict[str, str] | None = None,
+            answers: list[str] | None = None) -> dict[str, Any]:
+    """answers: the held-out reference answers that were scored (they choose a headline the
+    recipe does not name)."""
     tasks = {}
     for name, t in tuned["tasks"].items():
         b = base["tasks"].get(name)
@@ -91,7 +125,7 @@ def compare(base: dict[str, Any], tuned: dict[str, Any], wanted_headline: dict[s
         tasks[name] = entry
     out = {"base_model": base.get("model"), "tuned_model": tuned.get("model"), "tasks": tasks}
     # the headline leads the file: it is what a reader should look at first
-    return {"headline": headline(out, wanted_headline), **out}
+    return {"headline": headline(out, wanted_headline, answers), **out}
 
 
 

@@ -64,7 +64,9 @@ def evaluate_model(name: str, model_dir: str, outputs: dict[str, str], section: 
         return Result(figures={"tasks": tasks}, artifacts=artifacts, tags=tags, summary="; ".join(
             f"{n} ({t['metric']}, limit {t['limit']}): base {t['score']:.3f}" for n, t in scores["tasks"].items()))
 
-    comparison = scorecard.compare(json.loads(Path(base_scores).read_text()), scores, ev["headline"])
+    held = scores["tasks"].get("heldout")
+    answers = [r["answer"] for r in evaluation.heldout_rows(task_dir, held["limit"])] if held else None
+    comparison = scorecard.compare(json.loads(Path(base_scores).read_text()), scores, ev["headline"], answers)
     comparison.update(recipe=recipe, variant=variant)
     if contamination:
         scorecard.add_contamination(comparison, json.loads(Path(contamination).read_text()))
@@ -83,7 +85,7 @@ def evaluate_model(name: str, model_dir: str, outputs: dict[str, str], section: 
     lines = []
     if head:
         figures["headline"] = {k: v for k, v in head.items() if k != "gguf"} | dict(head.get("gguf") or {})
-        lines.append("headline " + _chain_text(head["task"], head["metric"], head))
+        lines.append("headline " + _chain_text(head["task"], head["metric"], head) + f" ({head['reason']})")
     for n, c in comparison["tasks"].items():
         gg = "".join(f" -> {q} {s:.3f}" for q, s in (c.get("gguf") or {}).items())
         base = "-" if c["base"] is None else f"{c['base']:.3f}"

@@ -238,7 +238,7 @@ def test_two_jobs_fetching_one_url_write_separate_temporary_files(server, tmp_pa
 
 
 def test_credentials_in_the_url_are_used_but_never_reported(server, tmp_path):
-    from tunesmith import tracking
+    from tunesmith import tracking_record
 
     url = f"http://{USER}:{SECRET}@{server.removeprefix('http://')}/private.jsonl?token=tok-{SECRET}"
     Handler.seen.clear()
@@ -247,7 +247,7 @@ def test_credentials_in_the_url_are_used_but_never_reported(server, tmp_path):
     assert out.info["rows"] == 50 and Handler.seen[0][1].startswith("Basic ")  # sent as basic auth
     assert out.info["origin"] == f"http://***@{server.removeprefix('http://')}/private.jsonl?token=***"
     written = "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*.json"))
-    record = tracking.StageRecord(recipe="demo", stage="download", results_dir=str(tmp_path))
+    record = tracking_record.StageRecord(recipe="demo", stage="download", results_dir=str(tmp_path))
     record.log_params({"dataset": section})
     for text in (json.dumps(out.info, default=str), written, json.dumps(record.params)):
         assert SECRET not in text

@@ -29,7 +29,7 @@ def test_hub_dataset_and_model_offline_say_what_and_how(tmp_path):
 
 
 def test_unsloth_without_cuda_names_the_method_and_the_cpu_alternative(tmp_path, tiny_llama_dir, sft_data):
-    """The unsloth recipe's resolved train section, run by hand through the train script on a CPU,
+    """The unsloth recipe's resolved train section, run by hand through the stage script (scripts/stage.py train) on a CPU,
     stops before loading anything, saying why and what runs instead (qlora runs on CPU since
     bitsandbytes 0.50: tests/test_train_sft.py trains it). That such a message reaches the terminal
     of a plain `snakemake` is tests/test_faults.py's case."""
@@ -39,7 +39,7 @@ def test_unsloth_without_cuda_names_the_method_and_the_cpu_alternative(tmp_path,
     params = tmp_path / "params.json"
     params.write_text(json.dumps({"section": {"model": recipe["model"], "train": recipe["train"]}}))
     run = tmp_path / "results/r/main"
-    cmd = [sys.executable, "-P", str(REPO / "scripts" / "train.py"), "--params", str(params),
+    cmd = [sys.executable, "-P", str(REPO / "scripts" / "stage.py"), "train", "--params", str(params),
            "--log", str(tmp_path / "train.log"), *[f"--input={k}={v}" for k, v in sft_data.items()],
            f"--input=base={tiny_llama_dir}", f"--output=model={run / 'model/trained'}",
            f"--output=metrics={run / 'train/metrics.json'}", f"--output=loss={run / 'train/loss.png'}"]

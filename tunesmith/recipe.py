@@ -13,7 +13,6 @@ from typing import Any
 
 import yaml
 
-from tunesmith.data.load import source_sections
 from tunesmith.errors import RecipeError
 from tunesmith.methods import get as get_method
 from tunesmith.schema import deep_merge, fill_defaults, load_schema, validate
@@ -153,6 +152,10 @@ def _check_semantics(recipe: dict[str, Any], source: str) -> None:
         if recipe["dataset"]["source"]:
             raise RecipeError(f"{source}: dataset.source and dataset.sources are both set: a mixture names its "
                               f"files under dataset.sources only")
+
+        # Imported here, not at the top: `tunesmith validate` from a plain `pip install tunesmith`
+        # has only the schema's libraries, and tunesmith.data.load needs pandas (tests/test_install.py).
+        from tunesmith.data.load import source_sections
 
         names = [s["name"] for s in source_sections(recipe["dataset"])]
         twice = sorted({n for n in names if names.count(n) > 1})

@@ -133,7 +133,8 @@ def test_compare_leads_with_the_headline_metric_and_names_the_metrics_a_task_has
     c = scorecard.compare(scores(0.0, 30.0, -0.9, "b"), tuned, {"task": "heldout", "metric": "chrf"})
     assert list(c)[0] == "headline"
     assert c["headline"] == {"task": "heldout", "metric": "chrf", "base": 30.0, "tuned": 41.0, "delta": 11.0,
-                             "higher_is_better": True, "gguf": {"Q8_0": 40.0}}
+                             "higher_is_better": True, "gguf": {"Q8_0": 40.0}, "chosen_by": "recipe",
+                             "reason": "evaluate.headline in the recipe"}
     m = c["tasks"]["heldout"]["metrics"]
     assert m["exact_match"]["delta"] == 0 and m["ref_logprob"]["delta"] == pytest.approx(0.3)
     assert m["ref_perplexity"]["delta"] < 0 and "gguf" not in m["ref_logprob"]  # Q8_0 had no log-likelihood here

@@ -157,8 +157,9 @@ def test_kill_9_mid_training_then_rerun_resumes(tmp_path, tiny_llama_dir, sft_da
     log3 = tmp_path / "logs/train3.log"
     proc = _stage("train", tmp_path, inputs, _outputs(run_dir), params, log3)
     assert proc.wait(timeout=600) == 0, log3.read_text()[-3000:]
-    assert "from other params or data" in log3.read_text()
+    assert "come from other optimisation params or data" in log3.read_text()
     assert json.loads((run_dir / "train/metrics.json").read_text())["resumed_from_step"] == 0
+    assert any((run_dir / "train/checkpoints.stale-1").glob("checkpoint-*"))  # set aside, not deleted
 
 
 @pytest.mark.slow

@@ -118,7 +118,7 @@ def test_the_stage_records_its_speed_choices(tiny_llama_dir, sft_data, tmp_path,
         out = tmp_path / ("packed" if packing else "padded")
         paths = TrainPaths(base=str(tiny_llama_dir), model=str(out / "model"), metrics=str(out / "metrics.json"),
                          loss=str(out / "loss.png"), **sft_data)
-        train(paths, section_factory("lora", packing=packing, max_steps=2, auto_batch=True))
+        train(paths, section_factory("lora", packing=packing, max_steps=2, auto_batch=True, group_by_length=True))
         m = json.loads((out / "metrics.json").read_text())
         assert m["attn_implementation"] == "sdpa" and "CPU" in (m["attn_reason"] if packing else "CPU")
         assert m["loss_kernel"] == "logits + cross-entropy" and m["loss_kernel_reason"].startswith("CPU")

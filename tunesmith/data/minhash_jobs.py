@@ -17,15 +17,9 @@ import numpy as np
 
 from tunesmith import fileio
 from tunesmith.data import batches, duplicates, minhash
+from tunesmith.data.accounting import stage_result
 from tunesmith.errors import DataError
 from tunesmith.result import Result
-
-
-def _result(metrics: dict[str, Any], *artifacts: str, summary: str = "") -> Result:
-    metrics.setdefault("load_seconds", 0.0)
-    metrics["seconds"] = metrics["load_seconds"] + metrics["work_seconds"]
-    metrics["peak_rss_mb"] = batches.peak_rss_mb()
-    return Result(metrics=metrics, artifacts=[str(a) for a in artifacts], summary=summary)
 
 
 def exact_keep(in_path: str, section: dict[str, Any],
@@ -52,9 +46,10 @@ def minhash_shard(in_path: str, section: dict[str, Any], shard: int, shards: int
     minhash.write_signatures(out_path, sigs, mh, start=bounds["start"], stop=bounds["stop"], total=bounds["total"])
     seconds = time.perf_counter() - started
     rows = len(sigs)
-    return _result({"rows": rows, "rows_total": bounds["total"], "shard": shard, "shards": shards,
-                    "rows_per_s": round(rows / seconds, 1) if seconds else 0.0, "work_seconds": seconds},
-                   summary=f"shard {shard + 1}/{shards}: {rows} signatures")
+    return stage_result({"rows": rows, "rows_total": bounds["total"], "shard": shard, "shards": shards,
+                         "rows_per_s": round(rows / seconds, 1) if seconds else 0.0, "load_seconds": 0.0,
+                         "work_seconds": seconds},
+                        summary=f"shard {shard + 1}/{shards}: {rows} signatures")
 
 
 def shard_bounds_of(paths: Sequence[str], total: int | None = None) -> list[tuple[int, int]]:
@@ -86,8 +81,8 @@ def minhash_buckets(in_path: str, shard_paths: Sequence[str], section: dict[str,
     bands = minhash.band_groups(mh["bands"], groups)[group]
     pairs = minhash.group_buckets(shard_paths, mh, bands, alive)
     fileio.write_npz(out_path, pairs=pairs, bands=np.array(bands), total=total)
-    return _result({"rows": total, "bands": len(bands), "candidate_pairs": int(len(pairs)), "group": group,
-                    "groups": groups, "work_seconds": time.perf_counter() - started},
+    return stage_result({"rows": total, "bands": len(bands), "candidate_pairs": int(len(pairs)), "group": group,
+                    "groups": groups, "load_seconds": 0.0, "work_seconds": time.perf_counter() - started},
                    summary=f"band group {group + 1}/{groups}: {len(pairs)} candidate pairs in {len(bands)} bands")
 
 
@@ -133,10 +128,11 @@ def minhash_cluster(in_path: str, shard_paths: Sequence[str], bucket_paths: Sequ
                      pair_jaccard=c["pair_jaccard"].astype(np.float32), examples=c["examples"],
                      example_jaccard=c["example_jaccard"])
     summary = minhash.cluster_summary(c["keep"], c["root"], c["alive"])
-    return _result({"rows": len(c["keep"]), "candidate_pairs": c["candidate_pairs"],
+    return stage_result({"rows": len(c["keep"]), "candidate_pairs": c["candidate_pairs"],
                     "verified_pairs": c["verified_pairs"], "checked_pairs": c["checked_pairs"],
                     "clusters": summary["clusters"],
-                    "near_removed": summary["near_removed"], "work_seconds": time.perf_counter() - started},
+                    "near_removed": summary["near_removed"], "load_seconds": 0.0,
+                    "work_seconds": time.perf_counter() - started},
                    summary=f"{summary['clusters']} clusters, {summary['near_removed']} rows to remove")
 
 

@@ -173,3 +173,16 @@ def test_minhash_scatters_signatures_buckets_and_one_cluster_job(tmp_path):
                                                            "minhash_cluster": 1, "dedupe": 1, "embed_shard": None}
     counts, _ = _dry_run_jobs(tmp_path / "one", 1, method="minhash")
     assert not {"minhash_shard", "minhash_buckets", "minhash_cluster"} & set(counts), counts
+
+
+def test_keep_first_rule_drops_a_row_only_for_a_kept_partner():
+    """The embedding path's rule, not connected components: in a chain 0~1~2 row 2 stays (its only
+    partner, 1, was dropped for 0, and 2 may be far from 0); a row with two kept partners is
+    dropped for the more similar one; a row outside the exact-dedupe survivors is never touched."""
+    pairs = np.array([[0, 1], [1, 2], [0, 3], [4, 5], [2, 5]])
+    jaccard = np.array([0.8, 0.8, 0.9, 0.76, 0.9])
+    c = minhash.clusters(7, pairs, np.array([True] * 6 + [False]), jaccard, 0.75)
+    assert c["keep"].tolist() == [True, False, True, False, True, False, True]
+    assert c["root"].tolist() == [0, 0, 2, 0, 4, 2, 6]
+    below = minhash.clusters(3, pairs[:2], np.ones(3, bool), np.array([0.8, 0.7]), 0.75)
+    assert below["keep"].tolist() == [True, False, True] and len(below["pairs"]) == 1

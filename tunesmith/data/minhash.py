@@ -10,9 +10,10 @@ dataset.shards > 1 (all four in the dedupe job otherwise):
 2. buckets: per group of LSH bands, rows whose band of the signature is equal share a bucket; each
    bucket gives candidate pairs (every member with the bucket's first row).
 3. clusters: candidate pairs whose signatures agree on at least `threshold` of their permutations
-   (the MinHash estimate of the shingle Jaccard similarity, datasketch's MinHash.jaccard) are
-   joined into clusters (scipy's connected components: union-find over the pairs); the first row
-   of each cluster is kept, as the embedding path keeps the first occurrence.
+   (the MinHash estimate of the shingle Jaccard similarity, datasketch's MinHash.jaccard; the
+   exact value near the threshold) are verified; rows in order, a row is dropped when a verified
+   pair links it to an earlier row that is kept: the embedding path's keep-first rule. Each kept
+   row and the rows dropped for it form a cluster.
 4. the dedupe job streams the rows once and drops the removed ones.
 
 No step holds the rows' text: signatures are read band by band (buckets) or only for the rows in
@@ -291,23 +292,28 @@ def estimated_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> np.ndarray:
 
 def clusters(n_rows: int, pairs: np.ndarray, alive: np.ndarray, jaccard: np.ndarray,
              threshold: float) -> dict[str, np.ndarray]:
-    """Union-find (scipy connected components) over the pairs whose estimate is at or above the
-    threshold; per cluster the first row is kept. Returns keep (over all rows: False for near
-    duplicates only), root (each row's kept row) and the verified pairs."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
+    """Keep-first over the pairs at or above the threshold, as duplicates.greedy_keep does for the
+    embedding path: rows in order, a row is dropped when a pair links it to an earlier row that is
+    kept, and that row (the most similar, if several) is its root. Not connected components: a
+    chain A~B~C would drop C for A while C may be far from A; at 10M synthetic rows that removed
+    15,000 rows below the threshold to their kept row (precision 0.959). Returns keep (over all
+    rows: False for near duplicates only), root (each row's kept row) and the verified pairs."""
     ok = jaccard >= threshold
-    edges = pairs[ok]
-    if n_rows == 0:
-        return {"keep": np.ones(0, bool), "root": np.zeros(0, np.int64), "pairs": edges, "pair_jaccard": jaccard[ok]}
-    graph = coo_matrix((np.ones(len(edges), np.int8), (edges[:, 0], edges[:, 1])), shape=(n_rows, n_rows))
-    _, labels = connected_components(graph, directed=False)
-    first = np.full(labels.max() + 1 if n_rows else 0, n_rows, dtype=np.int64)
-    np.minimum.at(first, labels, np.arange(n_rows))
-    root = first[labels]
-    keep = (root == np.arange(n_rows)) | ~alive
-    return {"keep": keep, "root": root, "pairs": edges, "pair_jaccard": jaccard[ok]}
+    edges, sims = np.sort(pairs[ok], axis=1), jaccard[ok]
+    root = np.arange(n_rows, dtype=np.int64)
+    order = np.lexsort((-sims, edges[:, 1]))  # by the later row, most similar first
+    dropped: dict[int, int] = {}
+    # Every pair that ends at a row comes before the pairs that start from it, so an earlier row's
+    # fate is settled when a later one asks.
+    for a, b in zip(edges[order, 0].tolist(), edges[order, 1].tolist()):
+        if b not in dropped and a not in dropped:
+            dropped[b] = a
+    keep = np.ones(n_rows, dtype=bool)
+    if dropped:
+        rows = np.fromiter(dropped.keys(), np.int64, len(dropped))
+        keep[rows] = False
+        root[rows] = np.fromiter(dropped.values(), np.int64, len(dropped))
+    return {"keep": keep | ~alive, "root": root, "pairs": edges, "pair_jaccard": sims}
 
 
 def cluster_summary(keep: np.ndarray, root: np.ndarray, alive: np.ndarray) -> dict[str, Any]:

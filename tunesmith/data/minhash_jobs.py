@@ -108,7 +108,7 @@ def cluster_arrays(in_path: str, shard_paths: Sequence[str], bucket_paths: Seque
     jaccard, checked = minhash.check_borderline(in_path, section["field"], mh, pairs,
                                                 minhash.pair_agreement(shard_paths, bounds, mh, pairs))
     out = minhash.clusters(total, pairs, alive, jaccard, mh["threshold"])
-    # examples: removed rows with the row kept for them (through a chain their estimate may be lower)
+    # examples: removed rows with the row kept for them
     examples = minhash.example_pairs(out["keep"], out["root"], alive, max(200, section["sample_pairs"]))
     ex_jaccard = minhash.pair_agreement(shard_paths, bounds, mh, examples)
     return {"keep": out["keep"], "root": out["root"], "alive": alive, "candidate_pairs": len(pairs),
@@ -171,7 +171,7 @@ def read_clusters(path: str, total: int) -> dict[str, Any]:
 def report(c: dict[str, Any], alive: np.ndarray, section: dict[str, Any], texts: dict[int, tuple[int, str, str]],
            why: str) -> dict[str, Any]:
     """The near part of dedupe_report.json: method and why, the settings' S-curve, clusters and
-    their sizes, examples (a removed row and the row kept for it, through a chain maybe) with their
+    their sizes, examples (a removed row and the row kept for it) with their
     Jaccard estimate and exact Jaccard (texts: position -> (id, shown text, field text))."""
     mh = section["minhash"]
     summary = minhash.cluster_summary(c["near_keep"], c["root_of"], alive)

@@ -4,11 +4,11 @@ steady throughput, memory and parameter figures, and their plots."""
 from __future__ import annotations
 
 import logging
-import resource
 import time
 from pathlib import Path
 from typing import Any
 
+from tunesmith.data.batches import peak_rss_mb
 from tunesmith.fileio import pyplot, save_figure
 from tunesmith.methods import cuda_available
 
@@ -26,8 +26,7 @@ log = logging.getLogger("tunesmith.train")
 def peak_memory_mb(cuda: bool) -> dict[str, float]:
     """Peak allocated CUDA memory on GPU (what the tensors needed; reserved, which includes the
     allocator's cache, beside it as the Unsloth notebooks report it); peak RSS on CPU."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
-    out = {"peak_rss_mb": round(rss, 1)}
+    out = {"peak_rss_mb": peak_rss_mb()}
     if cuda:
         import torch
 

@@ -65,6 +65,28 @@ def test_training_resumes_from_the_previous_good_checkpoint(trained, tmp_path):
     assert (run / "train/checkpoints/checkpoint-4.corrupt").is_dir()
 
 
+def test_a_rerun_of_a_finished_run_trains_no_step_past_max_steps(trained, tmp_path):
+    """The workflow reruns train when an input was rewritten unchanged: the checkpoint at max_steps
+    is the result. transformers would resume it and take a fifth step before it checks; with a
+    cosine schedule that step moves the weights."""
+    from safetensors.numpy import load_file
+
+    from tunesmith.training import TrainPaths, train
+
+    paths, section = trained
+    run = tmp_path / "run"
+    shutil.copytree(Path(paths.metrics).parent, run / "train")
+    again = TrainPaths(train=paths.train, eval=paths.eval, template=paths.template, base=paths.base,
+                     model=str(run / "model"), metrics=str(run / "train/metrics.json"), loss=str(run / "train/loss.png"))
+    train(again, section)
+    metrics = json.loads((run / "train/metrics.json").read_text())
+    assert (metrics["steps"], metrics["steps_this_run"], metrics["resumed_from_step"]) == (4, 0, 4)
+    before = load_file(str(run / "train/checkpoints/checkpoint-4/adapter_model.safetensors"))
+    after = load_file(str(run / "model/adapter_model.safetensors"))
+    assert before.keys() == after.keys() and all((before[k] == after[k]).all() for k in before)
+    assert metrics["train_loss_first"] is not None and metrics["eval_loss"] is not None
+
+
 # ------------------------------------------------ what a checkpoint must match (issue 27)
 
 def test_every_train_key_of_the_schema_is_classified():

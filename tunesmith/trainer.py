@@ -184,7 +184,10 @@ def fit(job: Fit) -> Result:
         torch.cuda.reset_peak_memory_stats()
     tokens_before = checkpoints.tokens_seen(resume) if resume is not None else 0
     train_started = time.time()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if resume is not None and first_eval is None and 0 < trainer.args.max_steps <= resumed_from:
+        result = _finished_checkpoint(trainer, resume)
+    else:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     train_seconds = time.time() - train_started
     speed_figures = speed.figures(plan)  # before the final evaluate() adds its batches
     if first_eval is not None:
@@ -274,6 +277,22 @@ def fit(job: Fit) -> Result:
                           f"{_fmt(initial_eval)} -> {_fmt(final_eval)}, {step} steps, {train_seconds:.0f} s"
                           + "".join(f", {name} {_fmt(curves[name][-1][1])}"
                                     for name in getattr(job.objective, "HEADLINE", ()) if name in curves))
+
+
+def _finished_checkpoint(trainer: Any, resume: Path) -> Any:
+    """The checkpoint of the last step (a rerun of a finished run, e.g. after an upstream file was
+    rewritten unchanged): its weights and state, with no training. trainer.train() would resume it
+    and take one step past max_steps before it checks (transformers 5.x), at the schedule's
+    last learning rate: 0 for linear, not for cosine or constant."""
+    from types import SimpleNamespace
+
+    from transformers.trainer_callback import TrainerState
+
+    trainer._load_from_checkpoint(str(resume))
+    trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+    losses = [float(e["loss"]) for e in trainer.state.log_history if "loss" in e]
+    log.info("checkpoint %s is at max_steps (%d): its weights, no step trained", resume, trainer.state.global_step)
+    return SimpleNamespace(training_loss=sum(losses) / len(losses) if losses else float("nan"))
 
 
 def _eval_figures(out: dict[str, Any], objective: Any) -> dict[str, float]:

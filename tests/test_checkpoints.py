@@ -77,7 +77,8 @@ def test_a_rerun_of_a_finished_run_trains_no_step_past_max_steps(trained, tmp_pa
     run = tmp_path / "run"
     shutil.copytree(Path(paths.metrics).parent, run / "train")
     again = TrainPaths(train=paths.train, eval=paths.eval, template=paths.template, base=paths.base,
-                     model=str(run / "model"), metrics=str(run / "train/metrics.json"), loss=str(run / "train/loss.png"))
+                       model=str(run / "model"), metrics=str(run / "train/metrics.json"),
+                       loss=str(run / "train/loss.png"))
     train(again, section)
     metrics = json.loads((run / "train/metrics.json").read_text())
     assert (metrics["steps"], metrics["steps_this_run"], metrics["resumed_from_step"]) == (4, 0, 4)

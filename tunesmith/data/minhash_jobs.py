@@ -53,21 +53,14 @@ def minhash_shard(in_path: str, section: dict[str, Any], shard: int, shards: int
 
 
 def shard_bounds_of(paths: Sequence[str], total: int | None = None) -> list[tuple[int, int]]:
-    """The (start, stop) rows of each signature shard, checked to meet end to end."""
-    bounds, at = [], 0
-    for i, path in enumerate(paths):
+    """The (start, stop) rows of each signature shard, checked to meet end to end (the shard
+    contract every scatter/gather stage shares: batches.check_shards)."""
+    bounds = []
+    for path in paths:
         with np.load(path) as f:
-            start, stop, rows_total, held = int(f["start"]), int(f["stop"]), int(f["total"]), len(f["rest"])
-        if start != at or held != stop - start or (total is not None and rows_total != total):
-            raise DataError(f"{path}: signature shard {i + 1} of {len(paths)} holds rows {start}..{stop} of "
-                            f"{rows_total} ({held} signatures), expected rows from {at} of {total}: re-run its "
-                            f"minhash_shard job")
-        bounds.append((start, stop))
-        at = stop
-    if total is not None and at != total:
-        raise DataError(f"{paths[-1] if paths else 'minhash_shard'}: the signature shards end at row {at} of "
-                        f"{total}: a minhash_shard job is missing")
-    return bounds
+            bounds.append((int(f["start"]), int(f["stop"]), int(f["total"]), len(f["rest"])))
+    batches.check_shards(list(paths), bounds, unit="signatures", job="minhash_shard", total=total)
+    return [(start, stop) for start, stop, _, _ in bounds]
 
 
 def minhash_buckets(in_path: str, shard_paths: Sequence[str], section: dict[str, Any], group: int, groups: int,

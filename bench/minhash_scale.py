@@ -119,10 +119,7 @@ def stage(name: str, work: str, shards: int, arg: int) -> dict:
     digests = None if name == "digests" else np.load(w / "digests.npz")["digests"]
     if name == "digests":  # what the filter_shard jobs hash in the workflow
         started = time.perf_counter()
-        parts = [dd.row_digests(b.column("instruction").to_pylist(), b.column("input").to_pylist(),
-                                b.column("output").to_pylist())
-                 for b in batches.iter_batches(src, ["instruction", "input", "output"])]
-        fileio.write_npz(w / "digests.npz", digests=np.concatenate(parts))
+        fileio.write_npz(w / "digests.npz", digests=dd.file_digests(src))
         return {"seconds": time.perf_counter() - started, "peak_rss_mb": batches.peak_rss_mb()}
     if name == "minhash_shard":
         return minhash_jobs.minhash_shard(src, sec, arg, shards, sigs[arg]).metrics

@@ -27,10 +27,7 @@ def exact_keep(in_path: str, section: dict[str, Any],
     """(keep, first) of exact dedupe over in_path's rows (duplicates.first_occurrences); digests: those
     the filter shard jobs hashed, else hashed here batch by batch (16 bytes a row kept)."""
     if digests is None:
-        parts = [duplicates.row_digests(b.column("instruction").to_pylist(), b.column("input").to_pylist(),
-                                        b.column("output").to_pylist())
-                 for b in batches.iter_batches(in_path, ["instruction", "input", "output"])]
-        digests = np.concatenate(parts) if parts else np.zeros((0, 2), np.uint64)
+        digests = duplicates.file_digests(in_path)
     if not section["exact"]:
         return np.ones(len(digests), dtype=bool), np.arange(len(digests))
     return duplicates.first_occurrences(digests)

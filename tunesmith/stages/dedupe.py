@@ -82,10 +82,7 @@ def _exact_dedupe_stream(in_path: str, section: dict[str, Any], out_path: str,
     same rows, pairs and report as dedupe.run with near off. digests: those of every row, hashed by
     the filter shard jobs (gather_digests); the first pass is then skipped."""
     if digests is None:
-        digests = [duplicates.row_digests(b.column("instruction").to_pylist(), b.column("input").to_pylist(),
-                                          b.column("output").to_pylist())
-                   for b in batches.iter_batches(in_path, ["instruction", "input", "output"])]
-        digests = np.concatenate(digests) if digests else np.zeros((0, 2), np.uint64)
+        digests = duplicates.file_digests(in_path)
     rows_in = len(digests)
     report: dict[str, Any] = {"rows_in": rows_in, "threshold": section["threshold"], "field": section["field"]}
     if section["exact"]:

@@ -53,6 +53,11 @@ LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|
 
 # ------------------------------------------------------------------ bases
 
+# Llama 3.2's rope scaling, the same in the tiny and the real llama3 shapes.
+LLAMA3_ROPE = dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=8192)
+
+
 def shapes(args) -> dict[str, dict]:
     if args.tiny:  # rows multiples of 256: every K-quant applies, as in the real shapes
         return {"llama2": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
@@ -61,8 +66,7 @@ def shapes(args) -> dict[str, dict]:
                 "llama3": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
                                num_key_value_heads=1, head_dim=64, rope_theta=500000.0, max_position_embeddings=131072,
                                tie_word_embeddings=True, rms_norm_eps=1e-5,
-                               rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
-                                                 high_freq_factor=4.0, original_max_position_embeddings=8192))}
+                               rope_scaling=dict(LLAMA3_ROPE))}
     hidden = args.llama2_hidden
     return {"llama2": dict(hidden_size=hidden, intermediate_size=round(hidden * 11008 / 4096 / 256) * 256,
                            num_hidden_layers=args.llama2_layers, num_attention_heads=hidden // 128,
@@ -71,8 +75,7 @@ def shapes(args) -> dict[str, dict]:
             "llama3": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                            num_key_value_heads=8, head_dim=64, rope_theta=500000.0, max_position_embeddings=131072,
                            tie_word_embeddings=True, rms_norm_eps=1e-5,
-                           rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
-                                             high_freq_factor=4.0, original_max_position_embeddings=8192))}
+                           rope_scaling=dict(LLAMA3_ROPE))}
 
 
 def find_tokenizer(given: str | None) -> Path:

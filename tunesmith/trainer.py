@@ -184,6 +184,8 @@ def fit(job: Fit) -> Result:
         torch.cuda.reset_peak_memory_stats()
     tokens_before = checkpoints.tokens_seen(resume) if resume is not None else 0
     train_started = time.time()
+    # first_eval set: the eval before training runs inside train(), so a finished checkpoint whose
+    # initial_eval.json was lost still goes through transformers' resume.
     if resume is not None and first_eval is None and 0 < trainer.args.max_steps <= resumed_from:
         result = _finished_checkpoint(trainer, resume)
     else:
